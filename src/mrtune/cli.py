@@ -1,0 +1,144 @@
+"""The `mrtune` command line: maps sub-commands to the plain functions that do the work."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from mrtune.errors import MrtuneError
+
+METRIC_ROWS = [
+    ("exact_match", "exact match"),
+    ("exact_match_unordered", "exact match (any slot order)"),
+    ("dialogue_act_accuracy", "dialogue-act accuracy"),
+    ("slot_precision", "slot precision"),
+    ("slot_recall", "slot recall"),
+    ("slot_f1", "slot F1"),
+    ("valid_mr_rate", "valid MR rate"),
+]
+
+
+def format_metrics_table(columns: dict[str, dict]) -> str:
+    """A plain-text table, one column per evaluation (e.g. base vs fine-tuned)."""
+    names = list(columns)
+    width = max(len(label) for _, label in METRIC_ROWS) + 2
+    lines = ["".ljust(width) + "".join(n.rjust(14) for n in names)]
+    lines.append("rows".ljust(width) + "".join(str(columns[n]["n"]).rjust(14) for n in names))
+    for key, label in METRIC_ROWS:
+        lines.append(label.ljust(width) + "".join(f"{100 * columns[n][key]:13.1f}%" for n in names))
+    return "\n".join(lines)
+
+
+def _train(args) -> None:
+    from mrtune.config import load_config
+    from mrtune.train import train
+
+    config = load_config(args.config, args.set)
+    run = train(config, args.output_dir, overwrite=args.overwrite)
+    info = run.info()
+    print(f"trained {info['total_steps']} steps in {info['train_seconds']:.0f} s; best validation loss "
+          f"{info.get('best_validation_loss', float('nan')):.4f} at step {info.get('best_step')}; run in {run.path}")
+
+
+def _evaluate(args) -> None:
+    from mrtune.evaluate import evaluate
+
+    metrics = evaluate(args.run, split=args.split, data=args.data, limit=args.limit, base=args.base)
+    label = "base" if args.base else "fine-tuned"
+    print(format_metrics_table({label: metrics}))
+    print(f"decoded {metrics['n']} rows in {metrics['decode_seconds']:.1f} s")
+
+
+def _predict(args) -> None:
+    from mrtune.evaluate import predict
+
+    outputs = predict(args.run, sentences=args.sentence, input_file=args.input, output_file=args.output,
+                      base=args.base)
+    if args.output:
+        print(f"wrote {len(outputs)} predictions to {args.output}")
+    else:
+        for output in outputs:
+            print(output)
+
+
+def _merge(args) -> None:
+    from mrtune.merge import merge
+
+    path = merge(args.run, args.output, overwrite=args.overwrite)
+    print(f"merged model saved to {path}")
+
+
+def _compare(args) -> None:
+    from mrtune.rundir import RunDir
+
+    run = RunDir.open(args.run)
+    columns = {}
+    for name in args.names:
+        path = run.eval_dir(name) / "metrics.json"
+        if not path.is_file():
+            raise MrtuneError(f"no evaluation {name!r} in {run.path}: run `mrtune evaluate {run.path}` first")
+        columns[name] = json.loads(path.read_text(encoding="utf-8"))
+    print(format_metrics_table(columns))
+    print(f"report: {run.path / 'report.md'}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mrtune", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    p = commands.add_parser("train", help="fine-tune a model with LoRA/QLoRA")
+    p.add_argument("--config", help="YAML config (see configs/); defaults are used for what it omits")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set train.learning_rate=3e-4 (repeatable)")
+    p.add_argument("--output-dir", required=True, help="run directory to create")
+    p.add_argument("--overwrite", action="store_true", help="replace a run already in --output-dir")
+    p.set_defaults(func=_train)
+
+    p = commands.add_parser("evaluate", help="decode a split with a run's model and score it")
+    p.add_argument("run", help="a run directory written by `mrtune train`")
+    p.add_argument("--split", default="test", choices=["test", "validation"])
+    p.add_argument("--data", help="score this JSONL/CSV file instead of a split")
+    p.add_argument("--limit", type=int, help="score only N rows, spread evenly over the split")
+    p.add_argument("--base", action="store_true", help="score the untuned base model with the same prompt")
+    p.set_defaults(func=_evaluate)
+
+    p = commands.add_parser("predict", help="write the meaning representation of sentences")
+    p.add_argument("run")
+    p.add_argument("sentence", nargs="*", help="sentences to parse (or use --input)")
+    p.add_argument("--input", help="JSONL/CSV file of rows with the input field (default `target`)")
+    p.add_argument("--output", help="JSONL file to write; rows gain the output field")
+    p.add_argument("--base", action="store_true", help="use the untuned base model")
+    p.set_defaults(func=_predict)
+
+    p = commands.add_parser("merge", help="save base + adapter as one standalone model")
+    p.add_argument("run")
+    p.add_argument("--output", required=True, help="directory for the merged model")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=_merge)
+
+    p = commands.add_parser("compare", help="print evaluations of a run side by side")
+    p.add_argument("run")
+    p.add_argument("names", nargs="+", help="evaluation names, e.g. test-base test")
+    p.set_defaults(func=_compare)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        args.func(args)
+    except MrtuneError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

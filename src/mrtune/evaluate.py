@@ -1,0 +1,100 @@
+"""`mrtune evaluate` and `mrtune predict`: decode meaning representations with a run's model and score them."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from mrtune.data import Example, load_split, spread_sample
+from mrtune.errors import MrtuneError
+from mrtune.generation import generate
+from mrtune.models import load_tokenizer
+from mrtune.modeling import default_device, load_trained_model
+from mrtune.mr import score
+from mrtune.prompts import build_prompt
+from mrtune.rundir import RunDir, write_json, write_text_atomic
+
+
+def _load(run: RunDir, base: bool):
+    config = run.config()
+    adapter = None if base else run.require_adapter()
+    tokenizer = load_tokenizer(str(run.tokenizer))
+    model = load_trained_model(config.model, adapter, default_device())
+    return config, tokenizer, model
+
+
+def _decode(run: RunDir, config, tokenizer, model, sentences: list[str], progress: bool) -> list[str]:
+    prompts = [build_prompt(config.data.prompt_style, s) for s in sentences]
+    return generate(model, tokenizer, prompts, batch_size=config.eval.batch_size,
+                    max_new_tokens=config.eval.max_new_tokens, progress=progress)
+
+
+def evaluate(
+    run_dir: str | Path,
+    *,
+    split: str = "test",
+    data: str | None = None,
+    limit: int | None = None,
+    base: bool = False,
+    progress: bool = True,
+) -> dict:
+    """Decode a split (or any data file), score it, and write eval/<name>/{metrics.json,predictions.jsonl}."""
+    run = RunDir.open(run_dir)
+    config = run.config()
+    if split not in ("test", "validation", "train"):
+        raise MrtuneError(f"unknown split {split!r}: use test or validation (or --data FILE)")
+    spec = data or getattr(config.data, split)
+    examples = spread_sample(load_split(spec, config.data.input_field, config.data.output_field),
+                             limit if limit is not None else config.eval.limit)
+    config, tokenizer, model = _load(run, base)
+    started = time.perf_counter()
+    predictions = _decode(run, config, tokenizer, model, [e.sentence for e in examples], progress)
+    seconds = time.perf_counter() - started
+    references = [e.meaning_representation for e in examples]
+    metrics = score(predictions, references)
+    metrics.update(split=split if data is None else str(data), model="base" if base else "fine-tuned",
+                   decode_seconds=round(seconds, 2), rows_per_s=round(len(examples) / seconds, 2))
+    name = (Path(data).stem if data else split) + ("-base" if base else "")
+    out = run.eval_dir(name)
+    write_text_atomic(out / "predictions.jsonl", "".join(
+        json.dumps({"target": e.sentence, "reference": e.meaning_representation, "prediction": p,
+                    "exact_match": p.strip() == e.meaning_representation.strip()}, ensure_ascii=False) + "\n"
+        for e, p in zip(examples, predictions)))
+    write_json(out / "metrics.json", metrics)
+    from mrtune.report import write_report
+
+    write_report(run)
+    return metrics
+
+
+def predict(
+    run_dir: str | Path,
+    *,
+    sentences: list[str] | None = None,
+    input_file: str | None = None,
+    output_file: str | None = None,
+    base: bool = False,
+    progress: bool = True,
+) -> list[str]:
+    """Meaning representations for sentences given directly or as a JSONL/CSV file of rows with the input field."""
+    run = RunDir.open(run_dir)
+    config = run.config()
+    if input_file is not None:
+        if output_file is None:
+            raise MrtuneError("--input needs --output FILE.jsonl to write the predictions to")
+        if Path(output_file).resolve() == Path(input_file).resolve():
+            raise MrtuneError("--output is the same file as --input: choose another output path")
+        examples = load_split(input_file, config.data.input_field, output_field=None)
+    elif sentences:
+        examples = [Example(s, None) for s in sentences]
+    else:
+        raise MrtuneError('give a sentence (mrtune predict RUN "some sentence") or --input FILE.jsonl')
+    config, tokenizer, model = _load(run, base)
+    predictions = _decode(run, config, tokenizer, model, [e.sentence for e in examples],
+                          progress and input_file is not None)
+    if output_file is not None:
+        write_text_atomic(Path(output_file), "".join(
+            json.dumps({config.data.input_field: e.sentence, config.data.output_field: p}, ensure_ascii=False)
+            + "\n" for e, p in zip(examples, predictions)))
+    return predictions

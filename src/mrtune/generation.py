@@ -1,0 +1,64 @@
+"""Batched greedy decoding of meaning representations."""
+
+from __future__ import annotations
+
+import torch
+from tqdm.auto import tqdm
+
+from mrtune.batching import encode_prompts
+
+
+@torch.inference_mode()
+def generate(
+    model,
+    tokenizer,
+    prompts: list[str],
+    *,
+    batch_size: int = 32,
+    max_new_tokens: int = 160,
+    logits_processor_factory=None,
+    progress: bool = True,
+) -> list[str]:
+    """Greedy completions of `prompts`, in input order.
+
+    Prompts are sorted by length so each batch holds similar lengths (little left padding), and each batch stops
+    as soon as every row in it has written EOS.
+    """
+    from transformers import GenerationConfig
+
+    prompt_ids = encode_prompts(tokenizer, prompts)
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompt_ids[i]))
+    device = next(model.parameters()).device
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    generation_config = GenerationConfig(
+        max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos, pad_token_id=pad, use_cache=True
+    )
+    outputs: list[str] = [""] * len(prompts)
+    bar = tqdm(total=len(prompts), desc="generating", unit="row", disable=not progress, leave=False)
+    for start in range(0, len(order), batch_size):
+        indices = order[start:start + batch_size]
+        longest = max(len(prompt_ids[i]) for i in indices)
+        # Left padding: every row's last prompt token sits at the same position, where generation starts.
+        input_ids = torch.full((len(indices), longest), pad, dtype=torch.long)
+        attention_mask = torch.zeros((len(indices), longest), dtype=torch.long)
+        for row, i in enumerate(indices):
+            ids = prompt_ids[i]
+            input_ids[row, longest - len(ids):] = torch.tensor(ids)
+            attention_mask[row, longest - len(ids):] = 1
+        extra = {}
+        if logits_processor_factory is not None:
+            extra["logits_processor"] = logits_processor_factory(longest)
+        generated = model.generate(
+            input_ids=input_ids.to(device),
+            attention_mask=attention_mask.to(device),
+            generation_config=generation_config,
+            **extra,
+        )
+        for row, i in enumerate(indices):
+            new_tokens = generated[row, longest:].tolist()
+            if eos in new_tokens:
+                new_tokens = new_tokens[: new_tokens.index(eos)]
+            outputs[i] = tokenizer.decode(new_tokens, skip_special_tokens=True).strip()
+        bar.update(len(indices))
+    bar.close()
+    return outputs

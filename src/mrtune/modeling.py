@@ -1,0 +1,113 @@
+"""Building the model of a run: the frozen base (bf16, or 4-bit NF4 on CUDA) with LoRA adapters on top."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from mrtune.config import LoraSettings, ModelSettings
+from mrtune.errors import MrtuneError
+from mrtune.models import resolve_model_path
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def quantization_config(settings: ModelSettings):
+    """The seed recipe's 4-bit set-up: NF4 with double quantization and bf16 compute.
+
+    `bnb_4bit_quant_storage` matches the compute dtype so that FSDP can shard the packed 4-bit weights together
+    with the bf16 ones (it needs one dtype per flattened parameter group).
+    """
+    if not torch.cuda.is_available():
+        raise MrtuneError(
+            "model.quantization=nf4 needs a CUDA GPU (bitsandbytes 4-bit): on this machine set "
+            "--set model.quantization=none (bf16 LoRA), or run on a GPU"
+        )
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise MrtuneError(
+            "model.quantization=nf4 needs bitsandbytes: pip install bitsandbytes, or set model.quantization=none"
+        ) from None
+    from transformers import BitsAndBytesConfig
+
+    dtype = DTYPES[settings.dtype]
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=dtype,
+        bnb_4bit_quant_storage=dtype,
+    )
+
+
+def load_base_model(settings: ModelSettings, device: torch.device, model_path: str | None = None):
+    """The frozen base model on `device`, in `settings.dtype` or 4-bit."""
+    from transformers import AutoModelForCausalLM
+
+    model_path = model_path or resolve_model_path(settings.name)
+    kwargs = {"dtype": DTYPES[settings.dtype], "attn_implementation": settings.attn_implementation}
+    if settings.quantization == "nf4":
+        kwargs["quantization_config"] = quantization_config(settings)
+        kwargs["device_map"] = {"": device}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(model_path, **kwargs)
+    except OSError as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise MrtuneError(
+            f"cannot load model {settings.name!r} ({first[:200]}): pass a local directory with "
+            f"--set model.name=/path/to/model, or the embedded model {ModelSettings.name}"
+        ) from None
+    if settings.quantization != "nf4":
+        model.to(device)
+    model.config.use_cache = False  # the KV cache is useless in training and breaks packed-row attention
+    return model
+
+
+def attach_lora(model, lora: LoraSettings, settings: ModelSettings):
+    """Freeze the base and add trainable LoRA adapters (kept in fp32: bf16 weights swallow small updates)."""
+    from peft import LoraConfig, get_peft_model
+
+    if settings.gradient_checkpointing:
+        # Non-reentrant checkpointing works with frozen inputs (no enable_input_require_grads hack needed).
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    targets = lora.target_modules
+    peft_config = LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules="all-linear" if targets == ["all-linear"] else targets,
+        task_type="CAUSAL_LM",
+    )
+    try:
+        model = get_peft_model(model, peft_config)  # autocast_adapter_dtype=True: adapters in fp32
+    except ValueError as error:
+        raise MrtuneError(f"cannot attach LoRA adapters ({str(error)[:200]}): check lora.target_modules") from None
+    for parameter in model.parameters():
+        if parameter.requires_grad:
+            parameter.data = parameter.data.float()
+    # Gradient checkpointing acts only in train mode, and from_pretrained returns the model in eval mode.
+    model.train()
+    return model
+
+
+def load_trained_model(
+    settings: ModelSettings, adapter_dir: Path | None, device: torch.device, *, merge: bool = True
+):
+    """Base model plus a run's adapter, ready for generation (merged into the weights when not quantized,
+    so decoding pays nothing for the adapter)."""
+    model = load_base_model(settings, device)
+    if adapter_dir is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(adapter_dir))
+        if merge and settings.quantization == "none":
+            model = model.merge_and_unload()
+    model.config.use_cache = True
+    model.eval()
+    return model
