@@ -10,7 +10,7 @@
       history.jsonl       one line per logged step: train loss, lr, tokens/s, validation loss
       tensorboard/        the same curves for TensorBoard
       eval/<name>/        metrics.json and predictions.jsonl of each `mrtune evaluate` (name: split, -base)
-      report.md           the report, with loss_curve.png and dialogue_acts.png beside it
+      report.md           the report, with loss_curve.png, dialogue_acts_<name>.png, confusion_<name>.png
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ def write_text_atomic(path: Path, text: str) -> None:
             handle.write(text)
             handle.flush()
             os.fsync(handle.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes files private (0600); these are ordinary results
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -148,6 +148,8 @@ def train(config: Config, output_dir: str | Path, *, overwrite: bool = False, pr
             epoch += 1
 
     def evaluate_and_keep_best(step: int, best: float) -> float:
+        nonlocal eval_seconds
+        eval_started = time.perf_counter()
         loss = validation_loss(model, validation_rows, tokenizer.pad_token_id, settings.batch_size, device,
                                accelerator)
         record = {"step": step, "validation_loss": loss}
@@ -160,7 +162,9 @@ def train(config: Config, output_dir: str | Path, *, overwrite: bool = False, pr
             if loss < best:
                 best = loss
                 tmp = run.path / "adapter.tmp"
-                accelerator.unwrap_model(model).save_pretrained(tmp)
+                # save_embedding_layers=False: with lm_head adapted, peft would also save the frozen head
+                # (262 MB for Mistral-7B); the base model already has it.
+                accelerator.unwrap_model(model).save_pretrained(tmp, save_embedding_layers=False)
                 replace_dir(tmp, run.adapter)
                 run.update_info(best_step=step, best_validation_loss=loss)
             sample = validation_examples[0]
@@ -173,12 +177,14 @@ def train(config: Config, output_dir: str | Path, *, overwrite: bool = False, pr
                        f"  sentence:  {sample.sentence}\n  expected:  {sample.meaning_representation}\n"
                        f"  generated: {output}")
         accelerator.wait_for_everyone()
+        eval_seconds += time.perf_counter() - eval_started
         return best
 
     # 6. The loop.
     stream = micro_batches()
     best, bad_in_a_row, skipped = math.inf, 0, 0
     useful_tokens = padded_tokens = 0
+    eval_seconds = 0.0  # kept out of the training throughput
     started = time.perf_counter()
     bar = tqdm(total=total_steps, desc="training", unit="step", disable=not (progress and is_main))
     model.train()
@@ -223,11 +229,12 @@ def train(config: Config, output_dir: str | Path, *, overwrite: bool = False, pr
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         bar.update(1)
-        elapsed = time.perf_counter() - started
+        elapsed = time.perf_counter() - started - eval_seconds
         if is_main and (step % settings.log_every == 0 or step == total_steps):
             record = {"step": step, "epoch": round(epoch + 0.0, 3), "train_loss": step_loss.item(),
                       "learning_rate": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
-                      "useful_tokens_per_s": round(useful_tokens * world / elapsed, 1), "elapsed_s": round(elapsed, 1)}
+                      "useful_tokens": useful_tokens * world, "padded_tokens": padded_tokens * world,
+                      "useful_tokens_per_s": round(useful_tokens * world / elapsed, 1), "elapsed_s": round(elapsed, 3)}
             run.append_history(record)
             bar.set_postfix(loss=f"{record['train_loss']:.4f}", tok_s=f"{record['useful_tokens_per_s']:.0f}")
             if writer:
@@ -238,10 +245,11 @@ def train(config: Config, output_dir: str | Path, *, overwrite: bool = False, pr
         if step % settings.eval_every == 0 or step == total_steps:
             best = evaluate_and_keep_best(step, best)
     bar.close()
-    train_seconds = time.perf_counter() - started
+    train_seconds = time.perf_counter() - started - eval_seconds
     if is_main:
         run.update_info(
             status="finished", finished=time.strftime("%Y-%m-%d %H:%M:%S"), train_seconds=round(train_seconds, 1),
+            eval_seconds=round(eval_seconds, 1),
             useful_tokens=useful_tokens * world, padded_tokens=padded_tokens * world, skipped_steps=skipped,
             useful_tokens_per_s=round(useful_tokens * world / train_seconds, 1),
             peak_memory_bytes=torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,

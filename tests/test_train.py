@@ -1,0 +1,143 @@
+"""Integration tests on a tiny random-init Mistral: train, evaluate, predict, merge, through the real libraries."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from mrtune.batching import collate, tokenize_examples
+from mrtune.cli import main
+from mrtune.config import load_config
+from mrtune.data import load_split
+from mrtune.evaluate import evaluate, predict
+from mrtune.merge import merge
+from mrtune.modeling import attach_lora, load_base_model
+from mrtune.train import train
+
+EXPECTED_RUN_FILES = {
+    "run.json", "config.yaml", "prompt.txt", "vocabulary.json", "history.jsonl", "report.md", "loss_curve.png",
+    "adapter/adapter_config.json", "adapter/adapter_model.safetensors", "adapter/README.md",
+    "tokenizer/tokenizer.json", "tokenizer/tokenizer_config.json",
+}
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory, tiny_model_dir):
+    """One tiny training run shared by the tests that only read it."""
+    from conftest import viggo_rows, write_jsonl
+
+    base = tmp_path_factory.mktemp("run")
+    data = {split: write_jsonl(base / f"{split}.jsonl", viggo_rows(split, n))
+            for split, n in (("train", 48), ("validation", 8), ("test", 6))}
+    overrides = [
+        f"model.name={tiny_model_dir}", "model.dtype=float32",
+        f"data.train={data['train']}", f"data.validation={data['validation']}", f"data.test={data['test']}",
+        "lora.r=4", "lora.alpha=8", "lora.dropout=0.0",
+        # lm_head too (as in the seed recipe): a random-init head keeps logits near uniform otherwise.
+        "lora.target_modules=q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj,lm_head",
+        "train.batch_size=8", "train.max_steps=8", "train.eval_every=4", "train.log_every=1",
+        "train.learning_rate=3e-2", "train.warmup_ratio=0.0", "eval.batch_size=4", "eval.max_new_tokens=24",
+    ]
+    config = load_config(None, overrides)
+    run = train(config, base / "run", progress=False)
+    return run, config
+
+
+def test_every_lora_parameter_changes_and_loss_falls(trained_run):
+    run, config = trained_run
+    torch.manual_seed(config.train.seed)
+    from accelerate.utils import set_seed
+
+    set_seed(config.train.seed)
+    initial = attach_lora(load_base_model(config.model, torch.device("cpu")), config.lora, config.model)
+    initial = {name: p.detach().clone() for name, p in initial.named_parameters() if p.requires_grad}
+    trained = load_file(run.adapter / "adapter_model.safetensors")
+    assert len(trained) == len(initial) == 2 * (7 * 2 + 1)  # A and B; 7 linear layers a block, 2 blocks, lm_head
+    for name, tensor in trained.items():
+        start = next(v for k, v in initial.items() if k.replace(".default", "") == name)
+        assert not torch.allclose(start, tensor.float()), f"{name} did not change"
+    history = run.read_history()
+    losses = [r["train_loss"] for r in history if "train_loss" in r]
+    assert len(losses) == 8
+    assert losses[-1] < 0.8 * losses[0]
+    validation = [r["validation_loss"] for r in history if "validation_loss" in r]
+    assert len(validation) == 2 and validation[1] < validation[0]
+
+
+def test_run_directory_holds_exactly_the_expected_files(trained_run):
+    run, _ = trained_run
+    files = {str(p.relative_to(run.path)) for p in run.path.rglob("*") if p.is_file()}
+    files = {f for f in files if not f.startswith("tensorboard/")}
+    tokenizer_extra = {f for f in files if f.startswith("tokenizer/")} - EXPECTED_RUN_FILES
+    assert files - tokenizer_extra == EXPECTED_RUN_FILES
+    info = run.info()
+    assert info["status"] == "finished" and info["best_step"] in (4, 8) and info["total_steps"] == 8
+    assert any((run.path / "tensorboard").iterdir())
+
+
+def test_evaluate_predict_and_merge(trained_run, tmp_path):
+    run, config = trained_run
+    metrics = evaluate(run.path, progress=False)
+    assert metrics["n"] == 6 and set(metrics) >= {
+        "exact_match", "exact_match_unordered", "dialogue_act_accuracy", "slot_precision", "slot_recall",
+        "slot_f1", "valid_mr_rate", "n"}
+    predictions = [json.loads(line) for line in (run.eval_dir("test") / "predictions.jsonl").read_text().splitlines()]
+    assert len(predictions) == 6 and set(predictions[0]) == {"target", "reference", "prediction", "exact_match"}
+    base_metrics = evaluate(run.path, base=True, limit=3, progress=False)
+    assert base_metrics["n"] == 3 and (run.eval_dir("test-base") / "metrics.json").is_file()
+
+    out = tmp_path / "predictions.jsonl"
+    outputs = predict(run.path, input_file=str(config.data.test), output_file=str(out), progress=False)
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["meaning_representation"] for r in rows] == outputs and len(rows) == 6
+    single = predict(run.path, sentences=[rows[0]["target"]], progress=False)
+    assert single == [outputs[0]]  # batched and alone decode the same
+
+    merged_dir = merge(run.path, tmp_path / "merged")
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32).eval()
+    adapter = PeftModel.from_pretrained(load_base_model(config.model, torch.device("cpu")), str(run.adapter)).eval()
+    ids = torch.tensor([[5, 17, 42, 99, 3, 250, 7]])
+    with torch.no_grad():
+        assert torch.allclose(merged(ids).logits, adapter(ids).logits, atol=1e-4)
+
+
+def test_packed_rows_do_not_see_each_other(tiny_model_dir):
+    """A packed row's logits equal the same row run alone: position ids restart, no attention across rows."""
+    config = load_config(None, [f"model.name={tiny_model_dir}", "model.dtype=float32"])
+    from mrtune.models import load_tokenizer
+
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    examples = load_split("viggo:validation")[:3]
+    rows, _ = tokenize_examples(examples, tokenizer, "compact")
+    model = load_base_model(config.model, torch.device("cpu")).eval()
+    packed = collate(rows, tokenizer.pad_token_id, packing=True)
+    with torch.no_grad():
+        packed_logits = model(input_ids=packed["input_ids"], position_ids=packed["position_ids"],
+                              use_cache=False).logits[0]
+        start = 0
+        for row in rows:
+            alone = model(input_ids=torch.tensor([row.input_ids]), use_cache=False).logits[0]
+            assert torch.allclose(packed_logits[start:start + len(row)], alone, atol=1e-5)
+            start += len(row)
+
+
+def test_cli_reports_bad_input_in_one_line(tmp_path, capsys, tiny_overrides):
+    assert main(["train", "--set", "train.nonsense=1", "--output-dir", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "unknown config key 'train.nonsense'" in err
+    assert not (tmp_path / "r").exists()
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"target": "hi"}\n{not json\n', encoding="utf-8")
+    assert main(["train", "--set", f"data.train={bad}", "--output-dir", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "bad.jsonl:1: missing field 'meaning_representation'" in err and "bad.jsonl:2: not valid JSON" in err
+
+    assert main(["evaluate", str(tmp_path)]) == 2
+    assert "is not an mrtune run directory" in capsys.readouterr().err
