@@ -18,8 +18,8 @@ from typing import Any
 import yaml
 
 from mrtune.errors import MrtuneError
+from mrtune.models import EMBEDDED_MODEL
 
-EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
 PROMPT_STYLES = ("compact", "seed")
 
 

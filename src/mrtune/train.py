@@ -15,7 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from mrtune import __version__
-from mrtune.batching import collate, count_targets, plan_batches, tokenize_examples
+from mrtune.batching import IGNORE_INDEX, collate, count_targets, plan_batches, tokenize_examples
 from mrtune.config import Config
 from mrtune.data import load_split, spread_sample
 from mrtune.errors import MrtuneError
@@ -51,6 +51,24 @@ def make_scheduler(optimizer, config: Config, total_steps: int):
     return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
 
 
+def target_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """Summed cross-entropy over the batch's target tokens, and their count.
+
+    Logits are computed only at positions whose next token is a target (`logits_to_keep`): with the loss on the
+    completion only, that skips the prompt's positions, which saves the largest activation of the step
+    (positions x vocabulary in fp32, ~0.8 GB per 4,096 tokens with a 49k vocabulary) and its matmul.
+    """
+    next_labels = batch["labels"][:, 1:]  # position t predicts token t + 1
+    keep = (next_labels != IGNORE_INDEX).any(0).nonzero().squeeze(-1)  # (K,) positions, shared by the rows
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    logits = model(**inputs, use_cache=False, logits_to_keep=keep).logits  # (B, K, vocab)
+    targets = next_labels[:, keep]
+    loss = torch.nn.functional.cross_entropy(
+        logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
+    return loss, int((targets != IGNORE_INDEX).sum())
+
+
 @torch.no_grad()
 def validation_loss(model, rows, pad_token_id, batch_size, device, accelerator) -> float:
     """Mean loss per target token over the validation rows (gathered across ranks)."""
@@ -61,9 +79,8 @@ def validation_loss(model, rows, pad_token_id, batch_size, device, accelerator) 
     for start in range(0, len(mine), batch_size):
         batch = collate([rows[i] for i in mine[start:start + batch_size]], pad_token_id)
         batch = {k: v.to(device) for k, v in batch.items()}
-        loss = model(**batch, use_cache=False).loss
-        n = count_targets(batch)
-        total += torch.stack([loss.float() * n, torch.tensor(float(n), device=device)])
+        loss, n = target_loss(model, batch)
+        total += torch.stack([loss.float(), torch.tensor(float(n), device=device)])
     total = accelerator.reduce(total, reduction="sum")
     model.train()
     return (total[0] / total[1]).item()
@@ -200,9 +217,9 @@ def train(config: Config, output_dir: str | Path, *, overwrite: bool = False, pr
             batch = {k: v.to(device) for k, v in batch.items()}
             sync = accelerator.no_sync(model) if i < len(mine) - 1 else contextlib.nullcontext()
             with sync:
-                # The model returns the mean over this micro-batch's target tokens; weight it so the step's
-                # gradient is the mean over all of the step's target tokens (DDP averages over ranks: x world).
-                loss = model(**batch, use_cache=False).loss * (count_targets(batch) / step_targets)
+                # Divide by the whole step's target count, so the step's gradient is the mean over all of its
+                # target tokens whatever their split into micro-batches (DDP averages over ranks: x world).
+                loss = target_loss(model, batch)[0] / step_targets
                 accelerator.backward(loss * world)
             step_loss += loss.detach()
             useful_tokens += int(batch["labels"].numel() if settings.packing else batch["attention_mask"].sum())

@@ -1,0 +1,356 @@
+"""The GPU benchmark: the seed recipe and the project's, side by side, in one run on one card.
+
+    python -m bench.run --out DIR                 # everything: SmolLM2-135M and the Mistral-7B shape
+    python -m bench.run --out DIR --only smollm2  # one part
+    python -m bench.run --publish DIR/results.json   # write BENCHMARKS.md's GPU section + bench/results/latest.json
+
+Every measurement runs in its own process (a clean CUDA context, so peak memory is that measurement's own) and
+writes one JSON file; a failed measurement (out of memory, say) is recorded as such and the rest go on.
+
+No Mistral-7B weights can be had here: the 7B figures come from a random-init model of Mistral-7B's shape
+(`MistralConfig()` defaults, but SmolLM2's 49,152-token vocabulary so that real ViGGO text can be tokenized),
+loaded in 4-bit NF4. Speed and memory do not depend on the weights' values; accuracy does, so none is reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SEED_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj,lm_head"
+MISTRAL_SHAPE_LABEL = "random-init Mistral-7B shape (4-bit NF4)"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Measurements (each runs in a child process: `python -m bench.run measure ...`)
+# --------------------------------------------------------------------------------------------------------------
+
+
+def steady_rate(history: list[dict], warm: int) -> dict:
+    """Throughput between the end of step `warm` and the last step (first steps pay for compilation, allocator)."""
+    steps = [r for r in history if "train_loss" in r]
+    if len(steps) <= warm:
+        warm = 0
+        first = {"elapsed_s": 0.0, "useful_tokens": 0, "padded_tokens": 0, "step": 0}
+    else:
+        first = steps[warm - 1] if warm else {"elapsed_s": 0.0, "useful_tokens": 0, "padded_tokens": 0, "step": 0}
+    last = steps[-1]
+    seconds = last["elapsed_s"] - first["elapsed_s"]
+    n = last["step"] - first["step"]
+    return {
+        "step_s": seconds / n,
+        "useful_tokens_per_s": (last["useful_tokens"] - first["useful_tokens"]) / seconds,
+        "padded_tokens_per_s": (last["padded_tokens"] - first["padded_tokens"]) / seconds,
+        "steps_timed": n,
+    }
+
+
+def measure_project(config_path: str | None, overrides: list[str], warm: int) -> dict:
+    import torch
+
+    from mrtune.config import load_config
+    from mrtune.train import train
+
+    config = load_config(config_path, overrides)
+    run_dir = Path(os.environ.get("BENCH_TMP", "/tmp")) / f"bench-run-{os.getpid()}"
+    torch.cuda.reset_peak_memory_stats()
+    started = time.perf_counter()
+    run = train(config, run_dir, overwrite=True, progress=False)
+    info = run.info()
+    result = steady_rate(run.read_history(), warm)
+    result.update(
+        peak_memory_gb=info["peak_memory_bytes"] / 1e9, train_seconds=info["train_seconds"],
+        wall_seconds=time.perf_counter() - started, total_steps=info["total_steps"], run_dir=str(run.path),
+    )
+    return result
+
+
+def measure_evaluate(run_dir: str, limit: int | None) -> dict:
+    from mrtune.evaluate import evaluate
+
+    started = time.perf_counter()
+    metrics = evaluate(run_dir, limit=limit, progress=False)
+    metrics["wall_seconds"] = time.perf_counter() - started
+    return metrics
+
+
+def epoch_tokens(tokenizer_dir: str, prompt_style: str) -> int:
+    """Tokens in one epoch of ViGGO's training split (prompt + MR + EOS), as the project tokenizes it."""
+    from mrtune.batching import tokenize_examples
+    from mrtune.data import load_split
+    from mrtune.models import load_tokenizer
+
+    rows, _ = tokenize_examples(load_split("viggo:train"), load_tokenizer(tokenizer_dir), prompt_style)
+    return sum(len(r) for r in rows)
+
+
+def make_mistral_shape(path: Path, tokenizer_dir: str) -> None:
+    """Save a random-init Mistral-7B-shaped model (bf16) with SmolLM2's tokenizer beside it."""
+    import torch
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from mrtune.models import load_tokenizer
+
+    tokenizer = load_tokenizer(tokenizer_dir)
+    config = MistralConfig(vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id,
+                           pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id)
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = MistralForCausalLM(config).to(torch.bfloat16)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+
+
+def child(name: str, out_dir: Path, args: list[str], timeout: int) -> dict:
+    """Run one measurement in a fresh process; its JSON result, or the reason it failed."""
+    out = out_dir / f"{name}.json"
+    log = out_dir / f"{name}.log"
+    command = [sys.executable, "-m", "bench.run", "measure", "--result", str(out), *args]
+    print(f"[{time.strftime('%H:%M:%S')}] {name}: {' '.join(args)}", flush=True)
+    started = time.perf_counter()
+    with open(log, "w") as handle:
+        try:
+            code = subprocess.run(command, stdout=handle, stderr=subprocess.STDOUT, timeout=timeout, cwd=ROOT).returncode
+        except subprocess.TimeoutExpired:
+            code = "timeout"
+    if code == 0 and out.is_file():
+        result = json.loads(out.read_text())
+    else:
+        tail = log.read_text(errors="replace").strip().splitlines()[-3:]
+        result = {"failed": True, "exit": code, "reason": " | ".join(tail)[-400:]}
+    result["child_seconds"] = round(time.perf_counter() - started, 1)
+    print(f"    -> {json.dumps({k: v for k, v in result.items() if not isinstance(v, dict)})[:400]}", flush=True)
+    return result
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The plan
+# --------------------------------------------------------------------------------------------------------------
+
+
+def bench_smollm2(out_dir: Path, results: dict, tokenizer_dir: str) -> None:
+    part = results.setdefault("smollm2", {})
+    part["project"] = child("smollm2-project", out_dir, ["project", "--config", "configs/smollm2-gpu.yaml",
+                                                          "--warm", "3"], timeout=400)
+    if not part["project"].get("failed"):
+        part["evaluate"] = child("smollm2-evaluate", out_dir, ["evaluate", part["project"]["run_dir"]], timeout=300)
+    seed_model = str(Path(tokenizer_dir))
+    part["seed"] = child("smollm2-seed", out_dir, ["seed", seed_model, "--steps", "8"], timeout=300)
+    part["epoch_tokens_seed_prompt"] = epoch_tokens(tokenizer_dir, "seed")
+    part["epoch_tokens_compact_prompt"] = epoch_tokens(tokenizer_dir, "compact")
+
+
+SEVEN_B_COMMON = [
+    "model.quantization=nf4", "data.prompt_style=seed", "lora.r=8", "lora.alpha=16", "lora.dropout=0.05",
+    f"lora.target_modules={SEED_TARGETS}", "train.eval_every=100000", "train.eval_rows=8", "train.log_every=1",
+    "eval.max_new_tokens=8", "data.train_limit=1200",
+]
+SEVEN_B_SETTINGS = {
+    # name: (overrides, steps)
+    "packed-2048-ckpt": (["train.packing=true", "train.batch_tokens=2048", "model.gradient_checkpointing=true"], 14),
+    "packed-4096-ckpt": (["train.packing=true", "train.batch_tokens=4096", "model.gradient_checkpointing=true"], 10),
+    "packed-8192-ckpt": (["train.packing=true", "train.batch_tokens=8192", "model.gradient_checkpointing=true"], 8),
+    "packed-8192": (["train.packing=true", "train.batch_tokens=8192"], 8),
+    "packed-16384": (["train.packing=true", "train.batch_tokens=16384"], 6),
+}
+
+
+def bench_mistral(out_dir: Path, results: dict, tokenizer_dir: str, model_dir: Path, quick: bool) -> None:
+    part = results.setdefault("mistral7b_shape", {"label": MISTRAL_SHAPE_LABEL})
+    if not (model_dir / "config.json").is_file():
+        started = time.perf_counter()
+        make_mistral_shape(model_dir, tokenizer_dir)
+        part["make_model_seconds"] = round(time.perf_counter() - started, 1)
+    part["seed"] = child("mistral-seed", out_dir, ["seed", str(model_dir), "--steps", "6"], timeout=400)
+    common = [f"model.name={model_dir}", *SEVEN_B_COMMON]
+    settings = part.setdefault("settings", {})
+    for name, (overrides, steps) in SEVEN_B_SETTINGS.items():
+        if quick and name not in ("packed-4096-ckpt", "packed-8192"):
+            continue
+        settings[name] = child(f"mistral-{name}", out_dir, ["project", "--warm", "2", "--set", *common, *overrides,
+                                                            f"train.max_steps={steps}"], timeout=400)
+    # The project's default 7B recipe (configs/mistral-7b-qlora.yaml) on the same model, for the epoch time.
+    part["default_recipe"] = child("mistral-default", out_dir, [
+        "project", "--config", "configs/mistral-7b-qlora.yaml", "--warm", "2", "--set", f"model.name={model_dir}",
+        "train.max_steps=10", "train.eval_every=100000", "train.eval_rows=8", "eval.max_new_tokens=8",
+        "data.train_limit=1200"], timeout=400)
+    part["epoch_tokens_seed_prompt"] = epoch_tokens(tokenizer_dir, "seed")
+    part["epoch_tokens_compact_prompt"] = epoch_tokens(tokenizer_dir, "compact")
+
+
+def summarise(results: dict) -> dict:
+    """The headline figures of bench/results/latest.json (project / seed ratios, from this run only)."""
+    summary = {"card": results["card"], "date": results["date"]}
+    seven = results.get("mistral7b_shape", {})
+    seed = seven.get("seed", {})
+    ok = {k: v for k, v in seven.get("settings", {}).items() if not v.get("failed")}
+    if seed and not seed.get("failed") and ok:
+        within_seed = {k: v for k, v in ok.items() if v["peak_memory_gb"] <= seed["peak_memory_gb"]}
+        saving = max(within_seed.items(), key=lambda kv: kv[1]["useful_tokens_per_s"]) if within_seed else \
+            min(ok.items(), key=lambda kv: kv[1]["peak_memory_gb"])
+        fits = {k: v for k, v in ok.items() if v["peak_memory_gb"] <= 80}
+        fastest = max(fits.items(), key=lambda kv: kv[1]["useful_tokens_per_s"])
+        summary.update(
+            memory_saving_setting_7b=saving[0],
+            speedup_useful_tokens_per_s_7b=saving[1]["useful_tokens_per_s"] / seed["useful_tokens_per_s"],
+            peak_memory_ratio_7b=saving[1]["peak_memory_gb"] / seed["peak_memory_gb"],
+            fastest_setting_7b=fastest[0],
+            speedup_max_useful_tokens_per_s_7b=fastest[1]["useful_tokens_per_s"] / seed["useful_tokens_per_s"],
+        )
+        default = seven.get("default_recipe", {})
+        if not default.get("failed") and default:
+            seed_epoch = 5103 / 8 * seed["step_s"]  # the seed trains 8 rows per optimizer step
+            project_epoch = seven["epoch_tokens_compact_prompt"] / default["useful_tokens_per_s"]
+            summary.update(seed_epoch_s_7b=seed_epoch, project_epoch_s_7b=project_epoch,
+                           speedup_epoch_time_7b=seed_epoch / project_epoch)
+    small = results.get("smollm2", {})
+    if small.get("project") and not small["project"].get("failed"):
+        summary["smollm2_train_s"] = small["project"]["train_seconds"]
+    evaluation = small.get("evaluate", {})
+    if evaluation and not evaluation.get("failed"):
+        summary.update(smollm2_test_exact_match=evaluation["exact_match"], smollm2_eval_s=evaluation["decode_seconds"],
+                       smollm2_test_slot_f1=evaluation["slot_f1"], smollm2_valid_mr_rate=evaluation["valid_mr_rate"])
+    return summary
+
+
+# --------------------------------------------------------------------------------------------------------------
+# BENCHMARKS.md
+# --------------------------------------------------------------------------------------------------------------
+
+START, END = "<!-- gpu-bench:start -->", "<!-- gpu-bench:end -->"
+
+
+def _row(name: str, r: dict, seed: dict | None) -> str:
+    if r.get("failed"):
+        return f"| {name} | failed: {r.get('reason', '')[:120]} | | | | |"
+    ratio = f"{r['useful_tokens_per_s'] / seed['useful_tokens_per_s']:.1f}x" if seed and not seed.get("failed") else ""
+    return (f"| {name} | {r['step_s']:.3f} | {r['useful_tokens_per_s']:,.0f} | {r['padded_tokens_per_s']:,.0f} | "
+            f"{r['peak_memory_gb']:.1f} | {ratio} |")
+
+
+def markdown(results: dict) -> str:
+    summary = summarise(results)
+    lines = [START, f"## GPU benchmark ({results['card']}, {results['date']})", "",
+             f"One run of `python -m bench.run` on one {results['card']}; every ratio compares figures of this run. "
+             "Useful tokens exclude padding; peak memory is `torch.cuda.max_memory_allocated`.", ""]
+    header = ["| setting | s / optimizer step | useful tokens/s | padded tokens/s | peak GB | vs seed |",
+              "| --- | --- | --- | --- | --- | --- |"]
+    seven = results.get("mistral7b_shape")
+    if seven:
+        seed = seven.get("seed", {})
+        lines += [f"### {MISTRAL_SHAPE_LABEL}: seed prompt, seed adapters (r=8 on all linear + lm_head)", ""]
+        lines += header + [_row("seed recipe (HF Trainer, padded to 512, batch 2 x GA 4)", seed, None)]
+        lines += [_row(f"mrtune {k}", v, seed) for k, v in seven.get("settings", {}).items()]
+        if seven.get("default_recipe"):
+            lines.append(_row("mrtune default recipe (configs/mistral-7b-qlora.yaml, compact prompt)",
+                              seven["default_recipe"], seed))
+        lines.append("")
+    small = results.get("smollm2")
+    if small:
+        seed = small.get("seed", {})
+        lines += ["### SmolLM2-135M-Instruct (the embedded model)", ""]
+        lines += header + [_row("seed recipe", seed, None)]
+        if small.get("project"):
+            lines.append(_row("mrtune configs/smollm2-gpu.yaml (2 epochs)", small["project"], seed))
+        ev = small.get("evaluate", {})
+        if ev and not ev.get("failed"):
+            lines += ["", f"Test split ({ev['n']} rows), after {small['project']['train_seconds']:.0f} s of training: "
+                      f"exact match {100 * ev['exact_match']:.1f}%, slot F1 {100 * ev['slot_f1']:.1f}%, dialogue-act "
+                      f"accuracy {100 * ev['dialogue_act_accuracy']:.1f}%, valid MR {100 * ev['valid_mr_rate']:.1f}%; "
+                      f"`mrtune evaluate` decoded it in {ev['decode_seconds']:.1f} s."]
+        lines.append("")
+    lines += ["### Headline figures (bench/results/latest.json)", "", "| key | value |", "| --- | --- |"]
+    lines += [f"| {k} | {v:.3g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in summary.items()]
+    lines += ["", END]
+    return "\n".join(lines)
+
+
+def publish(results_path: Path) -> None:
+    results = json.loads(results_path.read_text())
+    (ROOT / "bench" / "results").mkdir(exist_ok=True)
+    (ROOT / "bench" / "results" / "latest.json").write_text(json.dumps(summarise(results), indent=2) + "\n")
+    (ROOT / "bench" / "results" / f"raw-{results['date']}.json").write_text(json.dumps(results, indent=2) + "\n")
+    path = ROOT / "BENCHMARKS.md"
+    text = path.read_text() if path.is_file() else "# Benchmarks\n"
+    block = markdown(results)
+    if START in text and END in text:
+        text = text[: text.index(START)] + block + text[text.index(END) + len(END):]
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    path.write_text(text)
+
+
+# --------------------------------------------------------------------------------------------------------------
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path)
+    parser.add_argument("--only", choices=["smollm2", "mistral"])
+    parser.add_argument("--quick", action="store_true", help="fewer 7B settings")
+    parser.add_argument("--publish", type=Path, help="results.json of a finished run to write into the repo")
+    parser.add_argument("--model-dir", type=Path, default=Path("/tmp/mistral-7b-shape"))
+    if len(sys.argv) > 1 and sys.argv[1] == "measure":
+        return measure_main(sys.argv[2:])
+    args = parser.parse_args()
+    if args.publish:
+        return publish(args.publish)
+    import torch
+
+    from mrtune.models import resolve_model_path
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    results = {"card": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d"),
+               "torch": torch.__version__}
+    import transformers
+
+    results["transformers"] = transformers.__version__
+    tokenizer_dir = resolve_model_path("embedded:smollm2-135m-instruct")
+    save = lambda: (args.out / "results.json").write_text(json.dumps(results, indent=2))  # noqa: E731
+    if args.only in (None, "smollm2"):
+        bench_smollm2(args.out, results, tokenizer_dir)
+        save()
+    if args.only in (None, "mistral"):
+        bench_mistral(args.out, results, tokenizer_dir, args.model_dir, args.quick)
+        save()
+    (args.out / "BENCHMARKS-gpu.md").write_text(markdown(results))
+    print(markdown(results))
+
+
+def measure_main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--result", type=Path, required=True)
+    sub = parser.add_subparsers(dest="kind", required=True)
+    p = sub.add_parser("project")
+    p.add_argument("--config")
+    p.add_argument("--set", nargs="*", default=[])
+    p.add_argument("--warm", type=int, default=2)
+    p = sub.add_parser("evaluate")
+    p.add_argument("run_dir")
+    p.add_argument("--limit", type=int)
+    p = sub.add_parser("seed")
+    p.add_argument("model_dir")
+    p.add_argument("--steps", type=int, default=8)
+    args = parser.parse_args(argv)
+    if args.kind == "project":
+        result = measure_project(args.config, args.set, args.warm)
+    elif args.kind == "evaluate":
+        result = measure_evaluate(args.run_dir, args.limit)
+    else:
+        from bench.seed_recipe import run_seed
+
+        data = ROOT / "src" / "mrtune" / "data" / "train.jsonl"
+        rows = [json.loads(line) for line in data.read_text().splitlines()][: args.steps * 8 + 16]
+        result = run_seed(args.model_dir, args.model_dir, rows, args.steps)
+    args.result.write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
