@@ -96,6 +96,12 @@ class TrainSettings:
     eval_rows: int | None = 200
     """Validation rows used for the validation loss (an evenly spread sample); None for all."""
     log_every: int = 10
+    checkpoint_every: int = 100
+    """Optimizer steps between resumable checkpoints in RUN/checkpoint/ (`mrtune train --resume RUN`); one is
+    also saved when SIGINT/SIGTERM stops the run. It holds the adapter and 2x its size of optimizer state."""
+    max_skipped_in_a_row: int = 10
+    """Steps with a non-finite loss or gradient are skipped (the adapter is left as it was); after this many in a
+    row the run stops as diverged."""
     seed: int = 0
     wandb_project: str | None = None
     """Also log to Weights & Biases under this project (needs `pip install wandb`)."""
@@ -247,6 +253,8 @@ def validate(config: Config) -> list[str]:
         "train.gradient_accumulation": config.train.gradient_accumulation,
         "train.eval_every": config.train.eval_every,
         "train.log_every": config.train.log_every,
+        "train.checkpoint_every": config.train.checkpoint_every,
+        "train.max_skipped_in_a_row": config.train.max_skipped_in_a_row,
         "data.max_length": config.data.max_length,
         "eval.batch_size": config.eval.batch_size,
         "eval.max_new_tokens": config.eval.max_new_tokens,

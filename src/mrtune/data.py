@@ -15,7 +15,9 @@ A split is named by a spec: `viggo:train` (bundled), a `.jsonl`/`.json`/`.csv` p
 
 from __future__ import annotations
 
+import codecs
 import csv
+import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,38 +53,88 @@ def _read_rows(spec: str) -> tuple[list[tuple[str, dict]], list[str]]:
 def _read_file(path: Path) -> tuple[list[tuple[str, dict]], list[str]]:
     if not path.is_file():
         raise MrtuneError(f"data file {path} does not exist: check the path (or use viggo:train|validation|test)")
+    suffix = path.suffix.lower()
+    if suffix not in (".jsonl", ".json", ".csv"):
+        raise MrtuneError(f"data file {path} has an unknown format: use .jsonl (one JSON object a line) or .csv")
     try:
-        text = path.read_text(encoding="utf-8-sig")  # -sig: ViGGO's own CSV subsets start with a BOM
-    except UnicodeDecodeError as error:
-        raise MrtuneError(
-            f"data file {path} is not UTF-8 (byte {error.start}): re-save it as UTF-8"
-        ) from None
+        raw = path.read_bytes()
     except OSError as error:
         raise MrtuneError(f"data file {path} cannot be read ({error.strerror}): check its permissions") from None
-    rows: list[tuple[str, dict]] = []
+    raw = raw.removeprefix(codecs.BOM_UTF8)  # ViGGO's own CSV subsets start with a BOM
     problems: list[str] = []
-    if path.suffix.lower() == ".csv":
-        reader = csv.DictReader(text.splitlines())
-        for index, record in enumerate(reader, start=2):  # line 1 is the header
-            if None in record:
-                problems.append(f"{path.name}:{index}: more fields than the header names")
-                continue
-            rows.append((f"{path.name}:{index}", record))
-    elif path.suffix.lower() in (".jsonl", ".json"):
-        for index, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                problems.append(f"{path.name}:{index}: not valid JSON ({error.msg})")
-                continue
-            if not isinstance(record, dict):
-                problems.append(f"{path.name}:{index}: expected a JSON object, got {type(record).__name__}")
-                continue
-            rows.append((f"{path.name}:{index}", record))
-    else:
-        raise MrtuneError(f"data file {path} has an unknown format: use .jsonl (one JSON object a line) or .csv")
+    lines = raw.split(b"\n")  # not str.splitlines(): that also splits inside JSON strings at U+2028 and friends
+    bad_lines: set[int] = set()
+    for number, line in enumerate(lines, start=1):
+        try:
+            line.decode("utf-8")
+        except UnicodeDecodeError as error:
+            bad_lines.add(number)
+            problems.append(f"{path.name}:{number}: the line is not UTF-8 (its byte {error.start + 1}): re-save "
+                            "the file as UTF-8")
+    text = raw.decode("utf-8", errors="replace")  # the bad lines are reported above; read on for the others
+    if suffix == ".csv":
+        return _read_csv(path, text, bad_lines, problems)
+    if suffix == ".json" and text.lstrip().startswith("["):
+        return _read_json_array(path, text, problems)
+    rows: list[tuple[str, dict]] = []
+    for number, line in enumerate(text.split("\n"), start=1):
+        if not line.strip() or number in bad_lines:
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            problems.append(f"{path.name}:{number}: not valid JSON ({error.msg}, column {error.colno})")
+            continue
+        if not isinstance(record, dict):
+            problems.append(f"{path.name}:{number}: expected a JSON object, got {type(record).__name__}")
+            continue
+        rows.append((f"{path.name}:{number}", record))
+    return rows, problems
+
+
+def _read_csv(path: Path, text: str, bad_lines: set[int], problems: list[str]):
+    """Rows of a CSV file, located by the line their record starts on (a quoted field may span lines)."""
+    reader = csv.reader(io.StringIO(text, newline=""))
+    try:
+        header = next(reader)
+    except StopIteration:
+        return [], problems
+    except csv.Error as error:
+        return [], problems + [f"{path.name}:1: bad CSV header ({error})"]
+    rows: list[tuple[str, dict]] = []
+    start = reader.line_num + 1
+    while True:
+        try:
+            values = next(reader)
+        except StopIteration:
+            break
+        except csv.Error as error:
+            problems.append(f"{path.name}:{start}: bad CSV ({error})")
+            start = reader.line_num + 1
+            continue
+        location, first, start = f"{path.name}:{start}", start, reader.line_num + 1
+        if not values or bad_lines & set(range(first, start)):
+            continue  # a blank line, or bytes already reported as not UTF-8
+        if len(values) != len(header):
+            problems.append(f"{location}: {len(values)} fields where the header names {len(header)}")
+            continue
+        rows.append((location, dict(zip(header, values))))
+    return rows, problems
+
+
+def _read_json_array(path: Path, text: str, problems: list[str]):
+    """A `.json` file holding one array of objects (rows are located by their index in it)."""
+    try:
+        items = json.loads(text)
+    except json.JSONDecodeError as error:
+        return [], problems + [f"{path.name}:{error.lineno}: not valid JSON ({error.msg}, column {error.colno})"]
+    rows: list[tuple[str, dict]] = []
+    for index, record in enumerate(items):
+        location = f"{path.name}[{index}]"
+        if isinstance(record, dict):
+            rows.append((location, record))
+        else:
+            problems.append(f"{location}: expected a JSON object, got {type(record).__name__}")
     return rows, problems
 
 
@@ -114,6 +166,11 @@ def load_split(
     from mrtune.mr import try_parse_mr
 
     rows, problems = _read_rows(spec)
+    for field_name in (input_field, output_field):
+        if field_name is not None and len(rows) > 1 and all(field_name not in record for _, record in rows):
+            found = sorted({key for _, record in rows for key in record})
+            problems.insert(0, f"no row has the field '{field_name}' (fields found: {', '.join(found[:8])})")
+            rows = []  # one line says it all: the rows' own 'missing field' problems would only repeat it
     examples = []
     for location, record in rows:
         sentence = record.get(input_field)
@@ -148,6 +205,50 @@ def load_split(
     if not examples:
         raise MrtuneError(f"{spec}: the split is empty: give a file with at least one row")
     return examples
+
+
+def load_splits(
+    specs: dict[str, str], input_field: str = "target", output_field: str = "meaning_representation"
+) -> dict[str, list[Example]]:
+    """Every named split read and checked, with the problems of all of them reported in one error."""
+    splits: dict[str, list[Example]] = {}
+    errors: list[str] = []
+    for name, spec in specs.items():
+        try:
+            splits[name] = load_split(spec, input_field, output_field)
+        except MrtuneError as error:
+            errors.append(f"[data.{name}] {error}")
+    if len(errors) == 1:
+        raise MrtuneError(errors[0])
+    if errors:
+        raise MrtuneError(f"{len(errors)} data splits have problems: " + " ".join(errors))
+    return splits
+
+
+def _normalized(sentence: str) -> str:
+    return " ".join(sentence.casefold().split())
+
+
+def find_duplicates(splits: dict[str, list[Example]], reference: str = "train") -> list[str]:
+    """Warnings for the sentences of each other split that also occur in `reference` (case and spacing ignored).
+
+    Such rows were seen in training, so they inflate the score measured on their split.
+    """
+    seen: dict[str, str] = {}
+    for example in splits.get(reference, []):
+        seen.setdefault(_normalized(example.sentence), example.source)
+    warnings = []
+    for name, examples in splits.items():
+        if name == reference:
+            continue
+        hits = [(e.source, seen[key]) for e in examples if (key := _normalized(e.sentence)) in seen]
+        if hits:
+            where, first = hits[0]
+            warnings.append(
+                f"{len(hits)} of {len(examples)} {name} sentence(s) also occur in {reference} (first: {where} = "
+                f"{first}): they inflate the {name} score; remove them from one of the splits"
+            )
+    return warnings
 
 
 def spread_sample(items: list, limit: int | None) -> list:

