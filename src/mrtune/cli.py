@@ -46,7 +46,8 @@ def _train(args) -> None:
 def _evaluate(args) -> None:
     from mrtune.evaluate import evaluate
 
-    metrics = evaluate(args.run, split=args.split, data=args.data, limit=args.limit, base=args.base)
+    metrics = evaluate(args.run, split=args.split, data=args.data, limit=args.limit, base=args.base,
+                       constrained=args.constrained)
     label = "base" if args.base else "fine-tuned"
     print(format_metrics_table({label: metrics}))
     print(f"decoded {metrics['n']} rows in {metrics['decode_seconds']:.1f} s")
@@ -56,7 +57,7 @@ def _predict(args) -> None:
     from mrtune.evaluate import predict
 
     outputs = predict(args.run, sentences=args.sentence, input_file=args.input, output_file=args.output,
-                      base=args.base)
+                      base=args.base, constrained=args.constrained)
     if args.output:
         print(f"wrote {len(outputs)} predictions to {args.output}")
     else:
@@ -103,6 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="score this JSONL/CSV file instead of a split")
     p.add_argument("--limit", type=int, help="score only N rows, spread evenly over the split")
     p.add_argument("--base", action="store_true", help="score the untuned base model with the same prompt")
+    p.add_argument("--no-constrained", dest="constrained", action="store_false", default=None,
+                   help="decode freely instead of only valid MRs of the run's vocabulary (eval.constrained)")
     p.set_defaults(func=_evaluate)
 
     p = commands.add_parser("predict", help="write the meaning representation of sentences")
@@ -111,6 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", help="JSONL/CSV file of rows with the input field (default `target`)")
     p.add_argument("--output", help="JSONL file to write; rows gain the output field")
     p.add_argument("--base", action="store_true", help="use the untuned base model")
+    p.add_argument("--no-constrained", dest="constrained", action="store_false", default=None,
+                   help="decode freely instead of only valid MRs of the run's vocabulary (eval.constrained)")
     p.set_defaults(func=_predict)
 
     p = commands.add_parser("merge", help="save base + adapter as one standalone model")

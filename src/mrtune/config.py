@@ -114,6 +114,9 @@ class EvalSettings:
     """Generation budget per row; ViGGO's longest meaning representation is ~110 tokens with SmolLM2's tokenizer."""
     limit: int | None = None
     """Score only this many rows (an evenly spread sample, so every dialogue act is represented)."""
+    constrained: bool = True
+    """Decode only valid MRs: acts and attributes of the run's vocabulary.json, no attribute twice, closed within
+    max_new_tokens (`mrtune.constrained`). `--no-constrained` on evaluate/predict turns it off for one command."""
 
 
 @dataclass

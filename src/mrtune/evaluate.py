@@ -11,7 +11,7 @@ from mrtune.errors import MrtuneError
 from mrtune.generation import generate
 from mrtune.models import load_tokenizer
 from mrtune.modeling import default_device, load_trained_model
-from mrtune.mr import score
+from mrtune.mr import Vocabulary, score
 from mrtune.prompts import build_prompt
 from mrtune.rundir import RunDir, write_json, write_text_atomic
 
@@ -24,10 +24,27 @@ def _load(run: RunDir, base: bool):
     return config, tokenizer, model
 
 
-def _decode(run: RunDir, config, tokenizer, model, sentences: list[str], progress: bool) -> list[str]:
+def _constraint(run: RunDir, tokenizer):
+    """The decoding constraint for this run's vocabulary (acts and attributes of its training split)."""
+    from mrtune.constrained import MRConstraint
+
+    if not run.vocabulary.is_file():
+        raise MrtuneError(f"{run.vocabulary} is missing, so constrained decoding has no vocabulary: "
+                          "pass --no-constrained")
+    vocabulary = Vocabulary.from_dict(json.loads(run.vocabulary.read_text(encoding="utf-8")))
+    return MRConstraint(tokenizer, vocabulary)
+
+
+def _decode(run: RunDir, config, tokenizer, model, sentences: list[str], progress: bool,
+            constrained: bool) -> tuple[list[str], dict]:
+    """Predictions for `sentences`, and the decoding's `generated_tokens` and `seconds`."""
     prompts = [build_prompt(config.data.prompt_style, s) for s in sentences]
-    return generate(model, tokenizer, prompts, batch_size=config.eval.batch_size,
-                    max_new_tokens=config.eval.max_new_tokens, progress=progress)
+    stats: dict = {}
+    predictions = generate(model, tokenizer, prompts, batch_size=config.eval.batch_size,
+                           max_new_tokens=config.eval.max_new_tokens,
+                           constraint=_constraint(run, tokenizer) if constrained else None,
+                           progress=progress, stats=stats)
+    return predictions, stats
 
 
 def evaluate(
@@ -37,9 +54,13 @@ def evaluate(
     data: str | None = None,
     limit: int | None = None,
     base: bool = False,
+    constrained: bool | None = None,
     progress: bool = True,
 ) -> dict:
-    """Decode a split (or any data file), score it, and write eval/<name>/{metrics.json,predictions.jsonl}."""
+    """Decode a split (or any data file), score it, and write eval/<name>/{metrics.json,predictions.jsonl}.
+
+    `constrained` (default: the run's eval.constrained) decodes only valid MRs of the run's vocabulary.
+    """
     run = RunDir.open(run_dir)
     config = run.config()
     if split not in ("test", "validation", "train"):
@@ -48,13 +69,17 @@ def evaluate(
     examples = spread_sample(load_split(spec, config.data.input_field, config.data.output_field),
                              limit if limit is not None else config.eval.limit)
     config, tokenizer, model = _load(run, base)
+    constrained = config.eval.constrained if constrained is None else constrained
     started = time.perf_counter()
-    predictions = _decode(run, config, tokenizer, model, [e.sentence for e in examples], progress)
+    predictions, stats = _decode(run, config, tokenizer, model, [e.sentence for e in examples], progress,
+                                 constrained)
     seconds = time.perf_counter() - started
     references = [e.meaning_representation for e in examples]
     metrics = score(predictions, references)
     metrics.update(split=split if data is None else str(data), model="base" if base else "fine-tuned",
-                   decode_seconds=round(seconds, 2), rows_per_s=round(len(examples) / seconds, 2))
+                   decode_seconds=round(seconds, 2), rows_per_s=round(len(examples) / seconds, 2),
+                   constrained=constrained, generated_tokens=stats["generated_tokens"],
+                   tokens_per_s=round(stats["generated_tokens"] / seconds, 1))
     name = (Path(data).stem if data else split) + ("-base" if base else "")
     out = run.eval_dir(name)
     write_text_atomic(out / "predictions.jsonl", "".join(
@@ -75,9 +100,13 @@ def predict(
     input_file: str | None = None,
     output_file: str | None = None,
     base: bool = False,
+    constrained: bool | None = None,
     progress: bool = True,
 ) -> list[str]:
-    """Meaning representations for sentences given directly or as a JSONL/CSV file of rows with the input field."""
+    """Meaning representations for sentences given directly or as a JSONL/CSV file of rows with the input field.
+
+    `constrained` (default: the run's eval.constrained) decodes only valid MRs of the run's vocabulary.
+    """
     run = RunDir.open(run_dir)
     config = run.config()
     if input_file is not None:
@@ -91,8 +120,9 @@ def predict(
     else:
         raise MrtuneError('give a sentence (mrtune predict RUN "some sentence") or --input FILE.jsonl')
     config, tokenizer, model = _load(run, base)
-    predictions = _decode(run, config, tokenizer, model, [e.sentence for e in examples],
-                          progress and input_file is not None)
+    constrained = config.eval.constrained if constrained is None else constrained
+    predictions, _ = _decode(run, config, tokenizer, model, [e.sentence for e in examples],
+                             progress and input_file is not None, constrained)
     if output_file is not None:
         write_text_atomic(Path(output_file), "".join(
             json.dumps({config.data.input_field: e.sentence, config.data.output_field: p}, ensure_ascii=False)

@@ -1,0 +1,518 @@
+"""Constrained decoding: every generated meaning representation parses, uses the run's vocabulary, and stops.
+
+The grammar, stated once here and implemented once, byte by byte, in `MRGrammar.step`::
+
+    output := " "? act "(" slot (", " slot)* ")" EOS
+    act    := a dialogue act of the vocabulary                  e.g. verify_attribute
+    slot   := attribute "[" value "]"                           an attribute of the vocabulary not used
+                                                                before in this MR
+    value  := "" | word (" " word)*                             e.g. esrb[], name[Eidos Montréal]
+    word   := char+
+    char   := a UTF-8 character other than "[", "]", " " and control characters
+
+and one rule on length: with `left` tokens left of the generation budget, a token is allowed only if the MR can
+still be closed and EOS written in the `left - 1` tokens that remain after it (`MRConstraint.finish_cost`).
+Every string the grammar allows is accepted by `mr.parse_mr` and is already in the canonical form the
+references are written in (single spaces, no space at either end of a value: exact match compares strings).
+The optional leading space is for SentencePiece tokenizers (Mistral), whose completions start with "▁inform";
+generation strips it.
+
+Why no library. Checked on this machine (Python 3.11, torch 2.13 CPU, transformers 5.24) with the embedded
+SmolLM2 tokenizer: xgrammar 0.2.8 (EBNF; needs triton and apache-tvm-ffi) and llguidance 1.9.1 (Lark; one abi3
+wheel, no dependencies) both install from wheels and load the tokenizer. Neither can state two of the rules:
+- "no attribute twice" is not context-free in any useful size: a CFG needs one nonterminal per subset of the 14
+  ViGGO attributes (2^14). llguidance's regex `&` and `~` can state it as one lexeme, but its lexer stops at the
+  first value with "lexer error: too many expressions constructed".
+- closing before the budget runs out needs the shortest completion of the current parse state; none of them
+  (nor transformers-cfg, lm-format-enforcer or outlines, which take CFGs or regexes too) knows the budget.
+Working around both would mean tracking the parse state ourselves anyway, which is all this module does.
+
+How it stays cheap: the grammar is a small deterministic automaton whose state is hashable (`State`), and the
+mask of allowed tokens is computed once per state and kept (`MRConstraint` outlives batches and calls). A mask is
+found by walking the sorted token strings as a trie, pruned by the automaton, except inside a value, where almost
+every token is allowed: there the mask is a precomputed "plain value token" mask plus the few tokens that contain
+"]" or continue a UTF-8 character. Each batch row keeps its own state; one gather from a bank of masks on the
+model's device applies them all.
+"""
+
+from __future__ import annotations
+
+import bisect
+import functools
+import json
+import re
+from typing import NamedTuple
+
+import torch
+from transformers import LogitsProcessor
+
+from mrtune.errors import MrtuneError
+from mrtune.mr import Vocabulary
+
+__all__ = ["MRConstraint", "MRGrammar", "State", "token_bytes"]
+
+# Phases of the automaton. ACT with an empty prefix is the start.
+ACT, ATTR, VALUE, AFTER_VALUE, COMMA, DONE, FINISHED = range(7)
+_PHASE_NAMES = ("act", "attribute", "value", "after value", "after ','", "done", "finished")
+
+_SPACE, _OPEN, _CLOSE, _LBRACKET, _RBRACKET, _COMMA = b" ()[],"
+
+
+class State(NamedTuple):
+    """Where the automaton is. Hashable: it keys the mask cache."""
+
+    phase: int
+    prefix: str = ""  # ACT/ATTR: the name written so far
+    used: int = 0  # attributes written so far, one bit per attribute (MRGrammar.attributes order)
+    empty: bool = True  # VALUE: nothing written yet
+    space: bool = False  # VALUE: the last byte was a space; ACT: the optional leading space was written
+    pending: int = 0  # VALUE: UTF-8 continuation bytes still owed
+    lead: int = 0  # VALUE: the lead byte, when it narrows the range of the next continuation byte (E0 ED F0 F4)
+
+    def describe(self) -> str:
+        return f"{_PHASE_NAMES[self.phase]} {self.prefix!r}" if self.prefix else _PHASE_NAMES[self.phase]
+
+
+# Lead bytes whose first continuation byte has a narrower range than 80..BF (no overlong forms, no surrogates,
+# nothing past U+10FFFF), as in the Unicode standard's table of well-formed UTF-8.
+_FIRST_CONTINUATION = {0xE0: (0xA0, 0xBF), 0xED: (0x80, 0x9F), 0xF0: (0x90, 0xBF), 0xF4: (0x80, 0x8F)}
+
+
+def _utf8_continuations(byte: int) -> int | None:
+    """How many continuation bytes follow a UTF-8 lead byte; None for a byte that cannot start a character."""
+    if byte < 0x80:
+        return 0
+    if 0xC2 <= byte <= 0xDF:
+        return 1
+    if 0xE0 <= byte <= 0xEF:
+        return 2
+    if 0xF0 <= byte <= 0xF4:
+        return 3
+    return None
+
+
+def _is_value_byte(byte: int) -> bool:
+    """A byte that may stand anywhere in a value (space has rules of its own)."""
+    return byte > _SPACE and byte not in (_LBRACKET, _RBRACKET, 0x7F)
+
+
+class MRGrammar:
+    """The automaton of the module docstring's grammar, over bytes, for one vocabulary."""
+
+    def __init__(self, vocabulary: Vocabulary):
+        if not vocabulary.dialogue_acts or not vocabulary.attributes:
+            raise MrtuneError("constrained decoding needs a vocabulary with at least one dialogue act and attribute")
+        self.dialogue_acts = vocabulary.dialogue_acts
+        self.attributes = vocabulary.attributes
+        self.bit = {attribute: 1 << i for i, attribute in enumerate(self.attributes)}
+        self.all_used = (1 << len(self.attributes)) - 1
+        self.act_prefixes = {act[:i] for act in self.dialogue_acts for i in range(len(act) + 1)}
+        self.attribute_prefixes: dict[str, int] = {}  # prefix -> bits of the attributes that start with it
+        for attribute in self.attributes:
+            for i in range(len(attribute) + 1):
+                self.attribute_prefixes[attribute[:i]] = self.attribute_prefixes.get(attribute[:i], 0) | self.bit[
+                    attribute]
+        self.start = State(ACT)
+
+    def step(self, state: State, byte: int) -> State | None:
+        """The state after one more byte, or None when the grammar does not allow it."""
+        phase = state.phase
+        if phase == VALUE:
+            if state.pending:
+                low, high = _FIRST_CONTINUATION.get(state.lead, (0x80, 0xBF))
+                return state._replace(pending=state.pending - 1, lead=0) if low <= byte <= high else None
+            if byte == _RBRACKET:
+                return None if state.space else State(AFTER_VALUE, used=state.used)
+            if byte == _SPACE:
+                return None if state.empty or state.space else state._replace(space=True)
+            if not _is_value_byte(byte):
+                return None
+            pending = _utf8_continuations(byte)
+            if pending is None:
+                return None
+            lead = byte if byte in _FIRST_CONTINUATION else 0
+            return state._replace(empty=False, space=False, pending=pending, lead=lead)
+        if phase == ACT:
+            if byte == _OPEN:
+                return State(ATTR) if state.prefix in self.dialogue_acts else None
+            if byte == _SPACE:
+                return state._replace(space=True) if not state.prefix and not state.space else None
+            prefix = state.prefix + chr(byte)
+            return state._replace(prefix=prefix) if prefix in self.act_prefixes else None
+        if phase == ATTR:
+            if byte == _LBRACKET:
+                bit = self.bit.get(state.prefix, 0)
+                return State(VALUE, used=state.used | bit) if bit and not bit & state.used else None
+            prefix = state.prefix + chr(byte)
+            return state._replace(prefix=prefix) if self.attribute_prefixes.get(prefix, 0) & ~state.used else None
+        if phase == AFTER_VALUE:
+            if byte == _CLOSE:
+                return State(DONE, used=state.used)
+            # A comma only while an attribute is left to write after it.
+            return State(COMMA, used=state.used) if byte == _COMMA and state.used != self.all_used else None
+        if phase == COMMA:
+            return State(ATTR, used=state.used) if byte == _SPACE else None
+        return None  # DONE, FINISHED: only EOS
+
+    def advance(self, state: State | None, data: bytes) -> State | None:
+        for byte in data:
+            if state is None:
+                return None
+            state = self.step(state, byte)
+        return state
+
+    def accepts(self, text: str) -> bool:
+        """Whether `text` is a complete output (without the EOS), e.g. ``accepts("inform(name[Tetris])")``."""
+        state = self.advance(self.start, text.encode("utf-8"))
+        return state is not None and state.phase == DONE
+
+    def closings(self, state: State) -> list[bytes]:
+        """Strings that take `state` to DONE, among them the shortest for each way out.
+
+        Every suffix of a returned string that starts at a token boundary is again among the closings of the state
+        reached there, which is what makes `MRConstraint.finish_cost` an achievable bound.
+        """
+        phase = state.phase
+        unused = [a for a in self.attributes if not self.bit[a] & state.used]
+        if phase == ACT:
+            endings = [f"({attribute}[])" for attribute in self.attributes]
+            strings = [act[len(state.prefix):] + ending for act in self.dialogue_acts
+                       if act.startswith(state.prefix) for ending in endings]
+            if not state.prefix and not state.space:
+                strings += [" " + s for s in strings]
+            return [s.encode() for s in strings]
+        if phase == ATTR:
+            return [(a[len(state.prefix):] + "[])").encode() for a in unused if a.startswith(state.prefix)]
+        if phase == VALUE:
+            if state.pending:
+                first = _FIRST_CONTINUATION.get(state.lead, (0x80, 0xBF))[0]
+                return [bytes([first]) + b"\x80" * (state.pending - 1) + b"])"]
+            if state.space:
+                return [bytes([c]) + b"])" for c in b"abcdefghijklmnopqrstuvwxyz0123456789"]
+            return [b"])"]
+        if phase == AFTER_VALUE:
+            return [b")"]
+        if phase == COMMA:
+            return [f" {a}[])".encode() for a in unused]
+        return [b""]
+
+
+# GPT-2's byte <-> printable-character table, used by every byte-level BPE tokenizer (SmolLM2, Llama 3, Qwen).
+@functools.lru_cache(maxsize=1)
+def _byte_level_decoder() -> dict[str, int]:
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(
+        range(ord("®"), ord("ÿ") + 1))
+    chars, extra = {}, 0
+    for byte in range(256):
+        if byte in printable:
+            chars[chr(byte)] = byte
+        else:
+            chars[chr(256 + extra)] = byte
+            extra += 1
+    return chars
+
+
+_BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+def _decoder_types(node) -> set[str]:
+    if isinstance(node, dict):
+        return {node.get("type", "")} | {t for value in node.values() for t in _decoder_types(value)}
+    if isinstance(node, list):
+        return {t for value in node for t in _decoder_types(value)}
+    return set()
+
+
+def token_bytes(tokenizer) -> list[bytes | None]:
+    """The bytes each token id appends to the text; None for added tokens (EOS, pad, chat markers).
+
+    Byte-level BPE vocabularies spell bytes with GPT-2's printable table; SentencePiece ones (Mistral, Llama 2)
+    write spaces as "▁" and unknown bytes as "<0x0A>". Decoding each token alone would lose the partial UTF-8
+    characters that byte-level tokens carry.
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        raise MrtuneError(f"constrained decoding needs a fast (tokenizers) tokenizer, got {type(tokenizer).__name__}:"
+                          " pass --no-constrained")
+    decoders = _decoder_types(json.loads(backend.to_str()).get("decoder"))
+    pieces = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+    added = set(tokenizer.added_tokens_decoder)
+    result: list[bytes | None] = []
+    if "ByteLevel" in decoders:
+        table = _byte_level_decoder()
+        for token_id, piece in enumerate(pieces):
+            ok = piece is not None and token_id not in added and all(c in table for c in piece)
+            result.append(bytes(table[c] for c in piece) if ok else None)
+    elif decoders & {"Metaspace", "ByteFallback", "Replace"}:
+        for token_id, piece in enumerate(pieces):
+            if piece is None or token_id in added:
+                result.append(None)
+            elif match := _BYTE_FALLBACK.fullmatch(piece):
+                result.append(bytes([int(match.group(1), 16)]))
+            else:
+                result.append(piece.replace("\u2581", " ").encode("utf-8"))
+    else:
+        raise MrtuneError(f"constrained decoding supports byte-level BPE and SentencePiece tokenizers; this one "
+                          f"decodes with {sorted(decoders) or 'no decoder'}: pass --no-constrained")
+    return result
+
+
+class _Entry(NamedTuple):
+    """What is known about one automaton state."""
+
+    mask: int  # row of the mask bank
+    transitions: dict[int, State]  # allowed token id -> next state (plain value tokens excepted)
+    plain: int | None  # VALUE: key of the plain-token mask that is also allowed (see MRConstraint._plain_key)
+
+
+class MRConstraint:
+    """Masks for every decoding step of MRs over one tokenizer and vocabulary; reusable across batches.
+
+    ``MRConstraint(tokenizer, vocabulary).logits_processor(prompt_length, max_new_tokens)`` gives the
+    transformers `LogitsProcessor` for one `model.generate` call on a left-padded batch.
+    """
+
+    # Below this many tokens, a prefix range of the sorted vocabulary is checked token by token instead of
+    # being split further by its next byte.
+    _SCAN_BELOW = 24
+
+    def __init__(self, tokenizer, vocabulary: Vocabulary):
+        self.grammar = MRGrammar(vocabulary)
+        self.eos = tokenizer.eos_token_id
+        if self.eos is None:
+            raise MrtuneError("constrained decoding needs a tokenizer with an EOS token")
+        self.tokens = token_bytes(tokenizer)
+        self.vocab_size = len(self.tokens)
+        ordered = sorted((data, token_id) for token_id, data in enumerate(self.tokens) if data)
+        self._sorted = [data for data, _ in ordered]  # token strings in byte order: a trie, walked with bisect
+        self._sorted_ids = [token_id for _, token_id in ordered]
+        self._spellable = set(self._sorted)
+        self._longest = max(map(len, self._sorted))
+        self._index_value_tokens()
+        self._entries: dict[State, _Entry] = {}
+        self._spell_costs: dict[bytes, float] = {}
+        self._finish_costs: dict[State, float] = {}
+        self._budget_masks: dict[tuple[State, int], int] = {}
+        self._max_next_cost: dict[State, int] = {}
+        self._masks: list[torch.Tensor] = []  # the bank, on the CPU, one bool row per distinct mask
+        self._mask_rows: dict[bytes, int] = {}  # mask bytes -> bank row, so equal masks share a row
+        self._device_bank: torch.Tensor | None = None
+        eos_only = torch.zeros(self.vocab_size, dtype=torch.bool)
+        eos_only[self.eos] = True
+        self._eos_only = self._bank(eos_only)
+        self.states_seen = 0
+
+    # ---- precomputed token tables -----------------------------------------------------------------------------
+
+    def _index_value_tokens(self) -> None:
+        """Sort tokens for the inside of a value: plain ones (a mask by flags), and the few needing a walk."""
+        plain = [False] * self.vocab_size
+        starts_space = [False] * self.vocab_size
+        # A plain token leaves the value in one of a few states (ends in a space? inside a character?), whatever
+        # the attributes written so far: the distinct ones, with used=0, and each plain token's index among them.
+        exit_states: dict[State, int] = {}
+        exit_index = [0] * self.vocab_size
+        walk: list[int] = []  # tokens that contain "]" or start inside a UTF-8 character
+        for token_id, data in enumerate(self.tokens):
+            if not data:
+                continue
+            if _RBRACKET in data or 0x80 <= data[0] <= 0xBF:
+                walk.append(token_id)
+                continue
+            state = self.grammar.advance(State(VALUE, empty=False), data)
+            if state is None or state.phase != VALUE:
+                continue  # "[", a control character, a doubled space or broken UTF-8: never in a value
+            plain[token_id] = True
+            starts_space[token_id] = data[0] == _SPACE
+            exit_index[token_id] = exit_states.setdefault(state, len(exit_states))
+        plain_mask, leading_space = torch.tensor(plain), torch.tensor(starts_space)
+        self._plain = {
+            # (empty, space) of the value so far -> plain tokens allowed next: a space may not lead or double.
+            (True, False): plain_mask & ~leading_space,
+            (False, False): plain_mask,
+            (False, True): plain_mask & ~leading_space,
+        }
+        self._exit_states = list(exit_states)
+        self._exit_index = torch.tensor(exit_index)
+        self._value_walk = walk
+
+    @staticmethod
+    def _plain_key(state: State) -> tuple[bool, bool] | None:
+        if state.phase != VALUE or state.pending:
+            return None
+        return state.empty, state.space
+
+    # ---- costs ------------------------------------------------------------------------------------------------
+
+    def _spell_cost(self, data: bytes) -> float:
+        """Fewest tokens whose strings concatenate to `data` (inf when none do)."""
+        cached = self._spell_costs.get(data)
+        if cached is not None:
+            return cached
+        best = [0.0] + [float("inf")] * len(data)
+        for start in range(len(data)):
+            if best[start] == float("inf"):
+                continue
+            for end in range(start + 1, min(len(data), start + self._longest) + 1):
+                if data[start:end] in self._spellable and best[start] + 1 < best[end]:
+                    best[end] = best[start] + 1
+        self._spell_costs[data] = best[-1]
+        return best[-1]
+
+    def finish_cost(self, state: State) -> float:
+        """Tokens needed to close the MR from `state` and write EOS: an upper bound that is always achievable."""
+        cost = self._finish_costs.get(state)
+        if cost is None:
+            cost = 0 if state.phase == FINISHED else 1 + min(map(self._spell_cost, self.grammar.closings(state)))
+            self._finish_costs[state] = cost
+        return cost
+
+    @property
+    def min_new_tokens(self) -> int:
+        """The smallest generation budget that fits a whole MR."""
+        return int(self.finish_cost(self.grammar.start))
+
+    # ---- masks ------------------------------------------------------------------------------------------------
+
+    def _bank(self, mask: torch.Tensor) -> int:
+        key = mask.numpy().tobytes()
+        row = self._mask_rows.get(key)
+        if row is None:
+            row = self._mask_rows[key] = len(self._masks)
+            self._masks.append(mask)
+        return row
+
+    def _walk(self, state: State, lo: int, hi: int, depth: int, out: dict[int, State]) -> None:
+        """Allowed tokens among self._sorted[lo:hi], which share their first `depth` bytes, reaching `state`."""
+        strings, ids = self._sorted, self._sorted_ids
+        if hi - lo <= self._SCAN_BELOW:
+            for i in range(lo, hi):
+                reached = self.grammar.advance(state, strings[i][depth:])
+                if reached is not None:
+                    out[ids[i]] = reached
+            return
+        if len(strings[lo]) == depth:  # the token that is exactly the shared prefix sorts first
+            out[ids[lo]] = state
+            lo += 1
+        prefix = strings[lo][:depth]
+        for byte in range(256):
+            reached = self.grammar.step(state, byte)
+            if reached is None:
+                continue
+            key = prefix + bytes([byte])
+            start = bisect.bisect_left(strings, key, lo, hi)
+            end = bisect.bisect_left(strings, key + b"\xff" * (self._longest + 1), start, hi)  # past key's range
+            if start < end:
+                self._walk(reached, start, end, depth + 1, out)
+
+    def _entry(self, state: State) -> _Entry:
+        entry = self._entries.get(state)
+        if entry is not None:
+            return entry
+        self.states_seen += 1
+        transitions: dict[int, State] = {}
+        plain_key = self._plain_key(state)
+        if state.phase in (DONE, FINISHED):
+            row = self._eos_only
+        else:
+            if state.phase == VALUE:
+                for token_id in self._value_walk:
+                    reached = self.grammar.advance(state, self.tokens[token_id])
+                    if reached is not None:
+                        transitions[token_id] = reached
+                mask = self._plain[plain_key].clone() if plain_key else torch.zeros(self.vocab_size, dtype=torch.bool)
+            else:
+                self._walk(state, 0, len(self._sorted), 0, transitions)
+                mask = torch.zeros(self.vocab_size, dtype=torch.bool)
+            mask[list(transitions)] = True
+            row = self._bank(mask)
+        entry = self._entries[state] = _Entry(row, transitions, plain_key)
+        return entry
+
+    @functools.cached_property
+    def _exit_costs(self) -> list[float]:
+        """finish_cost after a plain value token, by the index of its exit state."""
+        return [self.finish_cost(state) for state in self._exit_states]
+
+    def _mask_row(self, state: State, left: int) -> int:
+        """Bank row of the tokens allowed in `state` with `left` tokens of budget, this one included."""
+        entry = self._entry(state)
+        if state.phase in (DONE, FINISHED):
+            return entry.mask
+        worst = self._max_next_cost.get(state)
+        if worst is None:
+            costs = [self.finish_cost(s) for s in entry.transitions.values()]
+            if entry.plain is not None:
+                costs += self._exit_costs
+            worst = self._max_next_cost[state] = max(costs)
+        if left - 1 >= worst:
+            return entry.mask
+        key = (state, left)
+        row = self._budget_masks.get(key)
+        if row is None:
+            mask = torch.zeros(self.vocab_size, dtype=torch.bool)
+            fits = [t for t, s in entry.transitions.items() if self.finish_cost(s) <= left - 1]
+            mask[fits] = True
+            if entry.plain is not None:
+                exit_fits = torch.tensor([cost <= left - 1 for cost in self._exit_costs])
+                mask |= self._plain[entry.plain] & exit_fits[self._exit_index]
+            row = self._budget_masks[key] = self._bank(mask)
+        return row
+
+    def allowed_tokens(self, state: State, left: int) -> torch.Tensor:
+        """(vocabulary size,) bool mask of the tokens allowed in `state` with `left` tokens of budget, this one
+        included (EOS only once the MR is closed)."""
+        return self._masks[self._mask_row(state, left)]
+
+    def next_state(self, state: State, token_id: int) -> State:
+        """The state after `token_id`, which must be one the mask of `state` allowed."""
+        if state.phase in (DONE, FINISHED):
+            return State(FINISHED)
+        entry = self._entry(state)
+        reached = entry.transitions.get(token_id)
+        if reached is not None:
+            return reached
+        if entry.plain is not None and token_id < self.vocab_size and self._plain[entry.plain][token_id]:
+            return self._exit_states[self._exit_index[token_id]]._replace(used=state.used)
+        raise ValueError(f"token {token_id} is not allowed in state {state}")
+
+    def masks(self, rows: list[int], device: torch.device, width: int) -> torch.Tensor:
+        """(len(rows), width) bool masks from the bank, on `device`; ids past the tokenizer's vocabulary are off."""
+        bank = self._device_bank
+        if bank is None or bank.device != device or bank.shape[0] < len(self._masks) or bank.shape[1] != width:
+            have = 0 if bank is None or bank.device != device or bank.shape[1] != width else bank.shape[0]
+            new = torch.zeros((len(self._masks) - have, width), dtype=torch.bool)
+            new[:, : self.vocab_size] = torch.stack(self._masks[have:])
+            bank = new.to(device) if have == 0 else torch.cat([bank, new.to(device)])
+            self._device_bank = bank
+        return bank[torch.tensor(rows, device=device)]
+
+    def logits_processor(self, prompt_length: int, max_new_tokens: int) -> MRLogitsProcessor:
+        if max_new_tokens < self.min_new_tokens:
+            raise MrtuneError(f"eval.max_new_tokens={max_new_tokens} is too small for any meaning representation "
+                              f"with this tokenizer (it needs at least {self.min_new_tokens}): raise it, or pass "
+                              f"--no-constrained")
+        return MRLogitsProcessor(self, prompt_length, max_new_tokens)
+
+
+class MRLogitsProcessor(LogitsProcessor):
+    """Sets the score of every token the grammar does not allow to -inf, row by row, for one `generate` call."""
+
+    def __init__(self, constraint: MRConstraint, prompt_length: int, max_new_tokens: int):
+        self.constraint = constraint
+        self.prompt_length = prompt_length
+        self.max_new_tokens = max_new_tokens
+        self.states: list[State] | None = None
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        generated = input_ids.shape[1] - self.prompt_length
+        constraint = self.constraint
+        if self.states is None:
+            self.states = [constraint.grammar.start] * input_ids.shape[0]
+        elif generated > 0:
+            last = input_ids[:, -1].tolist()
+            self.states = [constraint.next_state(s, t) for s, t in zip(self.states, last)]
+        left = self.max_new_tokens - generated  # tokens still to come, this one included
+        rows = [constraint._mask_row(s, left) for s in self.states]
+        allowed = constraint.masks(rows, scores.device, scores.shape[-1])
+        return scores.masked_fill(~allowed, float("-inf"))
