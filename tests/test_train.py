@@ -141,3 +141,23 @@ def test_cli_reports_bad_input_in_one_line(tmp_path, capsys, tiny_overrides):
 
     assert main(["evaluate", str(tmp_path)]) == 2
     assert "is not an mrtune run directory" in capsys.readouterr().err
+
+
+def test_bf16_base_with_fp32_adapters_trains(tmp_path, tiny_overrides):
+    """The default dtype: bf16 frozen weights, fp32 adapters, bf16 compute under autocast (no fp32 input copies)."""
+    overrides = [o for o in tiny_overrides if not o.startswith("model.dtype")] + [
+        "model.dtype=bfloat16", "train.max_steps=2", "train.eval_every=2"]
+    run = train(load_config(None, overrides), tmp_path / "run", progress=False)
+    adapter = load_file(run.adapter / "adapter_model.safetensors")
+    assert {t.dtype for t in adapter.values()} == {torch.float32}
+    assert all(torch.isfinite(torch.tensor(r["train_loss"])) for r in run.read_history() if "train_loss" in r)
+
+
+def test_packed_collate_pads_to_a_fixed_length():
+    from mrtune.batching import IGNORE_INDEX, TokenizedRow
+
+    rows = [TokenizedRow([5, 6, 7], [IGNORE_INDEX, 6, 7]), TokenizedRow([8, 9], [IGNORE_INDEX, 9])]
+    batch = collate(rows, pad_token_id=0, packing=True, pad_to=8)
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 8, 9, 0, 0, 0]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1, 0, 1, 2]]
+    assert batch["labels"].tolist() == [[IGNORE_INDEX, 6, 7, IGNORE_INDEX, 9] + [IGNORE_INDEX] * 3]

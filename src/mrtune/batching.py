@@ -123,14 +123,17 @@ def plan_batches(
     return batches
 
 
-def collate(rows: list[TokenizedRow], pad_token_id: int, packing: bool = False) -> dict[str, torch.Tensor]:
+def collate(
+    rows: list[TokenizedRow], pad_token_id: int, packing: bool = False, pad_to: int | None = None
+) -> dict[str, torch.Tensor]:
     """Tensors for one micro-batch.
 
     Padded: input_ids/attention_mask/labels of shape (B, T_longest), right-padded.
     Packed: one sequence (1, sum of lengths) with position_ids restarting at 0 for each row and no attention mask:
     transformers then derives per-row (block-diagonal causal) attention from the position ids, so rows do not see
     each other, and no compute is spent on padding. The first label of each row is ignored, so no row is trained
-    to predict its start from the previous row's end.
+    to predict its start from the previous row's end. `pad_to` appends one padding row (no labels) up to that
+    length, so that every micro-batch has the same shape (for torch.compile).
     """
     if packing:
         input_ids, labels, position_ids = [], [], []
@@ -138,6 +141,11 @@ def collate(rows: list[TokenizedRow], pad_token_id: int, packing: bool = False) 
             input_ids += row.input_ids
             labels += [IGNORE_INDEX] + row.labels[1:]
             position_ids += range(len(row))
+        if pad_to is not None and len(input_ids) < pad_to:
+            padding = pad_to - len(input_ids)
+            input_ids += [pad_token_id] * padding
+            labels += [IGNORE_INDEX] * padding
+            position_ids += range(padding)
         return {
             "input_ids": torch.tensor([input_ids]),
             "labels": torch.tensor([labels]),

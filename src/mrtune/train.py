@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import contextlib
 import math
+import shutil
+import signal
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -17,16 +20,18 @@ from tqdm.auto import tqdm
 from mrtune import __version__
 from mrtune.batching import IGNORE_INDEX, collate, count_targets, plan_batches, tokenize_examples
 from mrtune.config import Config
-from mrtune.data import load_split, spread_sample
-from mrtune.errors import MrtuneError
+from mrtune.checkpoint import (
+    StopSignals, data_fingerprint, is_disk_full, load_checkpoint, read_checkpoint_state, recover_run,
+    save_checkpoint,
+)
+from mrtune.data import find_duplicates, load_splits, spread_sample
+from mrtune.errors import MrtuneError, TrainingInterrupted
 from mrtune.generation import generate
 from mrtune.models import load_tokenizer, resolve_model_path
-from mrtune.modeling import attach_lora, load_base_model
+from mrtune.modeling import attach_lora, load_base_model, quantization_config
 from mrtune.mr import Vocabulary
 from mrtune.prompts import build_prompt, template
-from mrtune.rundir import RunDir, replace_dir, write_json, write_text_atomic
-
-MAX_BAD_STEPS_IN_A_ROW = 10  # non-finite losses tolerated in a row before the run is stopped as diverged
+from mrtune.rundir import RunDir, write_dir_atomic, write_json, write_text_atomic
 
 
 def make_optimizer(model, config: Config) -> torch.optim.Optimizer:
@@ -51,22 +56,39 @@ def make_scheduler(optimizer, config: Config, total_steps: int):
     return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
 
 
-def target_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """Summed cross-entropy over the batch's target tokens, and their count.
+def compute_autocast(model):
+    """bf16/fp16 compute for the fp32 adapters (see modeling.attach_lora), off for an fp32 model.
 
-    Logits are computed only at positions whose next token is a target (`logits_to_keep`): with the loss on the
-    completion only, that skips the prompt's positions, which saves the largest activation of the step
-    (positions x vocabulary in fp32, ~0.8 GB per 4,096 tokens with a 49k vocabulary) and its matmul.
+    The compute dtype is the embeddings' (never quantized): the dtype the base model was loaded in.
     """
-    next_labels = batch["labels"][:, 1:]  # position t predicts token t + 1
-    keep = (next_labels != IGNORE_INDEX).any(0).nonzero().squeeze(-1)  # (K,) positions, shared by the rows
+    dtype = model.get_input_embeddings().weight.dtype
+    device_type = model.get_input_embeddings().weight.device.type
+    return torch.autocast(device_type=device_type, dtype=dtype, enabled=dtype != torch.float32)
+
+
+def target_positions(labels: torch.Tensor) -> torch.Tensor:
+    """Positions whose next token is a target (position t predicts token t + 1), shared by the batch's rows.
+
+    Computed on the CPU copy of the labels: on the GPU, `nonzero` would make the host wait for the device at every
+    micro-batch, and a small model's step is bound by how far ahead the host can queue kernels.
+    """
+    return (labels[:, 1:] != IGNORE_INDEX).any(0).nonzero().squeeze(-1)
+
+
+def target_loss(model, batch: dict[str, torch.Tensor], keep: torch.Tensor) -> torch.Tensor:
+    """Summed cross-entropy over the batch's target tokens (`keep` from `target_positions`).
+
+    Logits are computed only at the kept positions (`logits_to_keep`): with the loss on the completion only, that
+    skips the prompt's positions, which saves the largest activation of the step (positions x vocabulary in fp32,
+    ~0.8 GB per 4,096 tokens with a 49k vocabulary) and its matmul.
+    """
     inputs = {k: v for k, v in batch.items() if k != "labels"}
-    logits = model(**inputs, use_cache=False, logits_to_keep=keep).logits  # (B, K, vocab)
-    targets = next_labels[:, keep]
-    loss = torch.nn.functional.cross_entropy(
+    with compute_autocast(model):
+        logits = model(**inputs, use_cache=False, logits_to_keep=keep).logits  # (B, K, vocab)
+    targets = batch["labels"][:, 1:][:, keep]  # (B, K)
+    return torch.nn.functional.cross_entropy(
         logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
     )
-    return loss, int((targets != IGNORE_INDEX).sum())
 
 
 @torch.no_grad()
@@ -78,15 +100,139 @@ def validation_loss(model, rows, pad_token_id, batch_size, device, accelerator) 
     mine.sort(key=lambda i: len(rows[i]))  # similar lengths together: little padding
     for start in range(0, len(mine), batch_size):
         batch = collate([rows[i] for i in mine[start:start + batch_size]], pad_token_id)
+        keep, n = target_positions(batch["labels"]).to(device), count_targets(batch)
         batch = {k: v.to(device) for k, v in batch.items()}
-        loss, n = target_loss(model, batch)
+        loss = target_loss(model, batch, keep)
         total += torch.stack([loss.float(), torch.tensor(float(n), device=device)])
     total = accelerator.reduce(total, reduction="sum")
     model.train()
     return (total[0] / total[1]).item()
 
 
-def train(config: Config, output_dir: str | Path, *, overwrite: bool = False, progress: bool = True) -> RunDir:
+def check_hardware(config: Config) -> None:
+    """Settings this machine cannot run, all reported before anything is loaded or written."""
+    problems = []
+    if config.model.quantization == "nf4":
+        try:
+            quantization_config(config.model)  # says what to change without a CUDA GPU or bitsandbytes
+        except MrtuneError as error:
+            problems.append(str(error))
+    if config.train.optimizer == "paged_adamw_8bit" and not torch.cuda.is_available():
+        problems.append("train.optimizer=paged_adamw_8bit needs a CUDA GPU (bitsandbytes): on this machine set "
+                        "--set train.optimizer=adamw")
+    if problems:
+        raise MrtuneError("; ".join(problems))
+
+
+def out_of_memory_message(config: Config, error: BaseException) -> str:
+    """What to change when a step does not fit in GPU memory, leaving out what is already set."""
+    first = (str(error).strip().splitlines() or [type(error).__name__])[0][:160]
+    if config.train.batch_tokens:
+        advice = [f"lower train.batch_tokens (now {config.train.batch_tokens})"]
+    else:
+        advice = [f"lower train.batch_size (now {config.train.batch_size}; raise train.gradient_accumulation to "
+                  "keep the step size) or set train.batch_tokens to cap the tokens of a micro-batch"]
+    if not config.model.gradient_checkpointing:
+        advice.append("set model.gradient_checkpointing=true (~1/3 more compute, a fraction of the activations)")
+    if config.model.quantization != "nf4":
+        advice.append("set model.quantization=nf4 (4-bit base weights, CUDA)")
+    return f"out of GPU memory ({first}): start the run again with lower memory settings: " + "; ".join(advice)
+
+
+@dataclass
+class _RunInProgress:
+    """What `train`'s failure handling knows of the run being trained."""
+    locked: RunDir | None = None  # the run directory this process holds the lock of
+    run: RunDir | None = None  # set once the run is ours to mark failed (created, or checked for a resume)
+    checkpoint_step: int | None = None  # the step of the last checkpoint on disk
+
+
+def train(
+    config: Config, output_dir: str | Path, *, overwrite: bool = False, progress: bool = True, resume: bool = False
+) -> RunDir:
+    """Fine-tune into `output_dir`; with `resume`, continue the stopped run there from its last checkpoint.
+
+    However a run stops, the files it saved stay whole (see checkpoint.py) and run.json says why: status
+    `interrupted` (SIGINT/SIGTERM, after a checkpoint), `diverged`, or `failed` with the error.
+    """
+    progress_state = _RunInProgress()
+    try:
+        with StopSignals() as stop:
+            return _train(config, Path(output_dir), progress_state, stop, overwrite=overwrite, progress=progress,
+                          resume=resume)
+    except TrainingInterrupted:
+        raise
+    except BaseException as error:
+        message = None
+        if isinstance(error, torch.OutOfMemoryError):
+            message = out_of_memory_message(config, error)
+        elif is_disk_full(error):
+            message = _disk_full_message(progress_state, error)
+        _mark_failed(progress_state, message or str(error) or type(error).__name__)
+        if message:
+            raise MrtuneError(message) from None
+        raise
+    finally:
+        if progress_state.locked is not None:
+            progress_state.locked.unlock()
+
+
+def _disk_full_message(progress_state: _RunInProgress, error: OSError) -> str:
+    where = f" ({error.filename})" if error.filename else ""
+    run = progress_state.run
+    if run is None:
+        return f"the disk is full{where}: free some space and start again"
+    if progress_state.checkpoint_step is None:
+        saved = "no checkpoint was written yet, so start the run again with --overwrite"
+    else:
+        saved = (f"then `mrtune train --resume {run.path}` continues from the checkpoint of step "
+                 f"{progress_state.checkpoint_step}")
+    return (f"the disk filled up while writing to {run.path}{where}: the files saved before are intact (a save "
+            f"in progress was dropped); free some space, {saved}")
+
+
+def _mark_failed(progress_state: _RunInProgress, message: str) -> None:
+    """Record in run.json why the run stopped, unless it says so already (diverged, interrupted)."""
+    run = progress_state.run
+    if run is None:
+        return
+    try:
+        if run.info().get("status") == "running":
+            run.update_info(status="failed", error=message[:500])
+    except (OSError, MrtuneError):  # a full disk may refuse even this small write; the error is still raised
+        pass
+
+
+def _refuse_unresumable(run: RunDir) -> None:
+    """Runs that `--resume` must not continue, refused before anything is loaded."""
+    info = run.info()
+    status = info.get("status")
+    if status == "finished":
+        raise MrtuneError(
+            f"run {run.path} already finished ({info.get('total_steps')} steps): there is nothing to resume; "
+            f"evaluate it with `mrtune evaluate {run.path}`, or train a new run in another --output-dir"
+        )
+    if status == "diverged":
+        raise MrtuneError(
+            f"run {run.path} diverged at step {info.get('diverged_at_step')}: resuming would replay the same "
+            "steps into the same divergence; start a new run with a lower train.learning_rate"
+        )
+
+
+def _checkpoint_to_resume(run: RunDir, progress_state: _RunInProgress, accelerator) -> dict:
+    """Take the run's lock, put back what a kill mid-save left, and read the state of its last checkpoint."""
+    if accelerator.is_main_process:
+        run.lock()
+        progress_state.locked = run
+        recover_run(run)
+    accelerator.wait_for_everyone()
+    return read_checkpoint_state(run)
+
+
+def _train(
+    config: Config, output_dir: Path, progress_state: _RunInProgress, stop: StopSignals, *, overwrite: bool,
+    progress: bool, resume: bool,
+) -> RunDir:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
@@ -94,19 +240,23 @@ def train(config: Config, output_dir: str | Path, *, overwrite: bool = False, pr
     is_main = accelerator.is_main_process
     world = accelerator.num_processes
     settings = config.train
+    if resume:
+        _refuse_unresumable(RunDir.open(output_dir))
 
-    # 1. Data first, so that bad data fails in a second, before any model is loaded.
-    train_examples = spread_sample(
-        load_split(config.data.train, config.data.input_field, config.data.output_field), config.data.train_limit
-    )
-    validation_examples = spread_sample(
-        load_split(config.data.validation, config.data.input_field, config.data.output_field), settings.eval_rows
-    )
+    # 1. Data first, so that bad data fails in a second, before any model is loaded: the problems of every split
+    #    (train, validation and test) in one error; then what this machine cannot run.
+    splits = load_splits({"train": config.data.train, "validation": config.data.validation,
+                          "test": config.data.test}, config.data.input_field, config.data.output_field)
+    train_examples = spread_sample(splits["train"], config.data.train_limit)
+    validation_examples = spread_sample(splits["validation"], settings.eval_rows)
+    data_warnings = find_duplicates({**splits, "train": train_examples})
+    if is_main:
+        for warning in data_warnings:
+            tqdm.write(f"warning: {warning}")
     template(config.data.prompt_style)  # unknown style: fail now
-    run = RunDir.create(output_dir, overwrite) if is_main else RunDir(Path(output_dir))
-    accelerator.wait_for_everyone()
+    check_hardware(config)
 
-    # 2. Tokenizer and tokenized rows.
+    # 2. Tokenizer and tokenized rows (the run directory is still untouched if the model cannot be had).
     model_path = resolve_model_path(config.model.name) if is_main else None
     accelerator.wait_for_everyone()
     model_path = model_path or resolve_model_path(config.model.name)  # other ranks reuse the main rank's cache
@@ -114,22 +264,53 @@ def train(config: Config, output_dir: str | Path, *, overwrite: bool = False, pr
     limit = min(config.data.max_length, getattr(tokenizer, "model_max_length", 10**9) or 10**9)
     tokenize = dict(completion_only=config.data.completion_only, max_length=limit, too_long=config.data.too_long)
     train_rows, report = tokenize_examples(train_examples, tokenizer, config.data.prompt_style, **tokenize)
-    validation_rows, _ = tokenize_examples(validation_examples, tokenizer, config.data.prompt_style, **tokenize)
-    if report.too_long and is_main:
-        verb = "skipped" if report.action == "skip" else "truncated"
-        tqdm.write(f"{report.too_long} training row(s) longer than {limit} tokens were {verb}")
-    if not train_rows:
-        raise MrtuneError(f"no training rows left after data.too_long={report.action}: raise data.max_length")
+    validation_rows, validation_report = tokenize_examples(validation_examples, tokenizer,
+                                                           config.data.prompt_style, **tokenize)
+    for split, split_report in (("training", report), ("validation", validation_report)):
+        if split_report.too_long:
+            verb = "skipped" if split_report.action == "skip" else "truncated"
+            data_warnings.append(f"{split_report.too_long} {split} row(s) longer than {limit} tokens were {verb} "
+                                 f"(data.too_long={split_report.action})")
+            if is_main:
+                tqdm.write(f"warning: {data_warnings[-1]}")
+    if not train_rows or not validation_rows:
+        split = "training" if not train_rows else "validation"
+        raise MrtuneError(f"no {split} rows left after data.too_long={report.action}: raise data.max_length")
 
-    # 3. Model: frozen base + fp32 LoRA adapters.
+    # 3. The run directory: a new one, or the stopped run to resume (its checkpoint checked before any model
+    #    is loaded, against the data it was trained on).
+    fingerprint = data_fingerprint(train_rows)
+    if resume:
+        run = RunDir.open(output_dir)
+        checkpoint = _checkpoint_to_resume(run, progress_state, accelerator)
+        if checkpoint["data_fingerprint"] != fingerprint or checkpoint["processes"] != world:
+            changed = "the training data or tokenizer changed" if checkpoint["data_fingerprint"] != fingerprint \
+                else f"it ran on {checkpoint['processes']} process(es), this resume on {world}"
+            raise MrtuneError(
+                f"cannot resume {run.path} exactly: {changed} since its checkpoint (step {checkpoint['step']}); "
+                "restore the original set-up, or start a new run"
+            )
+        progress_state.checkpoint_step = checkpoint["step"]
+    else:
+        checkpoint = None
+        run = RunDir.create(output_dir, overwrite) if is_main else RunDir(output_dir)
+        if is_main:
+            run.lock()
+            progress_state.locked = run
+    progress_state.run = run
+    accelerator.wait_for_everyone()
+
+    # 4. Model: frozen base + fp32 LoRA adapters.
     set_seed(settings.seed)
     device = accelerator.device
     model = load_base_model(config.model, device, model_path)
     model = attach_lora(model, config.lora, config.model)
+    if settings.compile:
+        model.compile()  # in place: the module keeps its type, so peft's and accelerate's APIs still apply
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total_parameters = sum(p.numel() for p in model.parameters())
 
-    # 4. Steps: an optimizer step consumes gradient_accumulation micro-batches on each rank.
+    # 5. Steps: an optimizer step consumes gradient_accumulation micro-batches on each rank.
     lengths = [len(r) for r in train_rows]
     plan = dict(batch_size=settings.batch_size, batch_tokens=settings.batch_tokens, packing=settings.packing,
                 group_by_length=settings.group_by_length, seed=settings.seed)
@@ -139,9 +320,21 @@ def train(config: Config, output_dir: str | Path, *, overwrite: bool = False, pr
     optimizer = make_optimizer(model, config)
     scheduler = make_scheduler(optimizer, config, total_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
+    start_step = 0
+    if checkpoint is not None:
+        if checkpoint["total_steps"] != total_steps:
+            raise MrtuneError(
+                f"cannot resume {run.path}: {run.config_file} now gives {total_steps} steps, its checkpoint "
+                f"{checkpoint['total_steps']}; restore the original config.yaml"
+            )
+        load_checkpoint(run, accelerator, model, optimizer, scheduler)
+        start_step = checkpoint["step"]
 
-    # 5. The run directory describes itself before the first step.
-    if is_main:
+    # 6. The run directory describes itself before the first step.
+    if is_main and checkpoint is not None:
+        run.truncate_history(start_step)  # the steps after the checkpoint are replayed and logged again
+        run.update_info(status="running", resumed_at_steps=run.info().get("resumed_at_steps", []) + [start_step])
+    elif is_main:
         run.save_config(config)
         write_text_atomic(run.path / "prompt.txt", template(config.data.prompt_style))
         tokenizer.save_pretrained(run.tokenizer)
@@ -152,8 +345,9 @@ def train(config: Config, output_dir: str | Path, *, overwrite: bool = False, pr
             processes=world, train_rows=len(train_rows), validation_rows=len(validation_rows),
             rows_too_long=report.too_long, trainable_parameters=trainable, total_parameters=total_parameters,
             total_steps=total_steps, steps_per_epoch=steps_per_epoch, started=time.strftime("%Y-%m-%d %H:%M:%S"),
+            data_warnings=data_warnings,
         )
-    writer = _tensorboard(run) if is_main else None
+    writer = _tensorboard(run, purge_step=start_step + 1 if checkpoint else None) if is_main else None
     wandb_run = _wandb(config, run) if is_main and settings.wandb_project else None
 
     def micro_batches():
@@ -178,17 +372,17 @@ def train(config: Config, output_dir: str | Path, *, overwrite: bool = False, pr
                 wandb_run.log(record, step=step)
             if loss < best:
                 best = loss
-                tmp = run.path / "adapter.tmp"
                 # save_embedding_layers=False: with lm_head adapted, peft would also save the frozen head
                 # (262 MB for Mistral-7B); the base model already has it.
-                accelerator.unwrap_model(model).save_pretrained(tmp, save_embedding_layers=False)
-                replace_dir(tmp, run.adapter)
+                write_dir_atomic(run.adapter, lambda directory: accelerator.unwrap_model(model).save_pretrained(
+                    directory, save_embedding_layers=False))
                 run.update_info(best_step=step, best_validation_loss=loss)
             sample = validation_examples[0]
             model.eval()
-            output = generate(accelerator.unwrap_model(model), tokenizer,
-                              [build_prompt(config.data.prompt_style, sample.sentence)],
-                              max_new_tokens=config.eval.max_new_tokens, progress=False)[0]
+            with compute_autocast(accelerator.unwrap_model(model)):
+                output = generate(accelerator.unwrap_model(model), tokenizer,
+                                  [build_prompt(config.data.prompt_style, sample.sentence)],
+                                  max_new_tokens=config.eval.max_new_tokens, progress=False)[0]
             model.train()
             tqdm.write(f"step {step}: validation loss {loss:.4f}{' (best)' if loss == best else ''}\n"
                        f"  sentence:  {sample.sentence}\n  expected:  {sample.meaning_representation}\n"
@@ -197,33 +391,77 @@ def train(config: Config, output_dir: str | Path, *, overwrite: bool = False, pr
         eval_seconds += time.perf_counter() - eval_started
         return best
 
-    # 6. The loop.
+    def checkpoint_and_maybe_stop(done: int, signum: int | None) -> None:
+        """Save RUN/checkpoint/ after `done` steps; then, if a signal asked for it, stop with a way to resume."""
+        state = {
+            "step": done, "total_steps": total_steps, "processes": world, "data_fingerprint": fingerprint,
+            "best_validation_loss": None if math.isinf(best) else best, "bad_in_a_row": bad_in_a_row,
+            "skipped_steps": skipped, "useful_tokens": useful_tokens, "padded_tokens": padded_tokens,
+            "train_seconds": time.perf_counter() - started - eval_seconds, "eval_seconds": eval_seconds,
+            "mrtune_version": __version__,
+        }
+        save_checkpoint(run, accelerator, model, optimizer, scheduler, state)
+        progress_state.checkpoint_step = done
+        if writer:
+            writer.flush()  # its events up to the checkpoint must survive a kill (it flushes every 2 min otherwise)
+        if signum is None:
+            return
+        bar.close()
+        if is_main:
+            run.update_info(status="interrupted", interrupted_at_step=done)
+            if writer:
+                writer.close()
+            if wandb_run:
+                wandb_run.finish()
+        raise TrainingInterrupted(
+            f"interrupted at step {done} of {total_steps} ({signal.Signals(signum).name}): resume with "
+            f"`mrtune train --resume {run.path}`", signum
+        )
+
+    # 7. The loop.
     stream = micro_batches()
     best, bad_in_a_row, skipped = math.inf, 0, 0
     useful_tokens = padded_tokens = 0
-    eval_seconds = 0.0  # kept out of the training throughput
-    started = time.perf_counter()
-    bar = tqdm(total=total_steps, desc="training", unit="step", disable=not (progress and is_main))
+    eval_seconds = train_seconds_before = 0.0  # evaluation is kept out of the training throughput
+    if checkpoint is not None:  # the counters as they were at the checkpoint, the data stream at its position
+        best = checkpoint["best_validation_loss"] if checkpoint["best_validation_loss"] is not None else math.inf
+        bad_in_a_row, skipped = checkpoint["bad_in_a_row"], checkpoint["skipped_steps"]
+        useful_tokens, padded_tokens = checkpoint["useful_tokens"], checkpoint["padded_tokens"]
+        eval_seconds, train_seconds_before = checkpoint["eval_seconds"], checkpoint["train_seconds"]
+        for _ in range(start_step * micro_per_step):
+            next(stream)
+    started = time.perf_counter() - train_seconds_before - eval_seconds
+    bar = tqdm(total=total_steps, initial=start_step, desc="training", unit="step",
+               disable=not (progress and is_main))
     model.train()
-    for step in range(1, total_steps + 1):
+    for step in range(start_step + 1, total_steps + 1):
+        # Between two steps, the only moment the adapter, optimizer and data position agree: the periodic
+        # checkpoint, and the clean stop that SIGINT/SIGTERM asked for.
+        signum = stop.requested(accelerator)
+        if signum or (step - 1 > start_step and (step - 1) % settings.checkpoint_every == 0):
+            checkpoint_and_maybe_stop(step - 1, signum)
         group = [next(stream) for _ in range(micro_per_step)]
         epoch = group[-1][0]
-        batches = [collate([train_rows[i] for i in indices], tokenizer.pad_token_id, settings.packing)
+        # Compiled, a packed micro-batch is padded to the token budget: one shape, so one compilation.
+        pad_to = settings.batch_tokens if settings.compile and settings.packing else None
+        batches = [collate([train_rows[i] for i in indices], tokenizer.pad_token_id, settings.packing, pad_to)
                    for _, indices in group]
+        row_tokens = [sum(len(train_rows[i]) for i in indices) for _, indices in group]
         step_targets = sum(count_targets(b) for b in batches)  # over all ranks: every rank divides by the same
         mine = batches[accelerator.process_index::world]
         step_loss = torch.zeros((), device=device)
-        for i, batch in enumerate(mine):
-            batch = {k: v.to(device) for k, v in batch.items()}
+        for i, (batch, useful) in enumerate(zip(mine, row_tokens[accelerator.process_index::world])):
+            keep = target_positions(batch["labels"]).to(device, non_blocking=True)
+            useful_tokens += useful
+            padded_tokens += batch["input_ids"].numel()
+            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             sync = accelerator.no_sync(model) if i < len(mine) - 1 else contextlib.nullcontext()
             with sync:
                 # Divide by the whole step's target count, so the step's gradient is the mean over all of its
                 # target tokens whatever their split into micro-batches (DDP averages over ranks: x world).
-                loss = target_loss(model, batch)[0] / step_targets
+                loss = target_loss(model, batch, keep) / step_targets
                 accelerator.backward(loss * world)
             step_loss += loss.detach()
-            useful_tokens += int(batch["labels"].numel() if settings.packing else batch["attention_mask"].sum())
-            padded_tokens += batch["input_ids"].numel()
         step_loss = accelerator.reduce(step_loss, reduction="sum")
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), settings.max_grad_norm)
         if not (torch.isfinite(step_loss) and torch.isfinite(grad_norm)):
@@ -232,7 +470,7 @@ def train(config: Config, output_dir: str | Path, *, overwrite: bool = False, pr
             scheduler.step()
             skipped += 1
             bad_in_a_row += 1
-            if bad_in_a_row >= MAX_BAD_STEPS_IN_A_ROW:
+            if bad_in_a_row >= settings.max_skipped_in_a_row:
                 if is_main:
                     run.update_info(status="diverged", diverged_at_step=step, skipped_steps=skipped)
                 raise MrtuneError(
@@ -275,6 +513,9 @@ def train(config: Config, output_dir: str | Path, *, overwrite: bool = False, pr
             writer.close()
         if wandb_run:
             wandb_run.finish()
+        # A finished run cannot be resumed: its checkpoint (adapter + 2x its size of optimizer state) would be
+        # dead weight.
+        shutil.rmtree(run.checkpoint, ignore_errors=True)
         from mrtune.report import write_report
 
         write_report(run)
@@ -282,12 +523,13 @@ def train(config: Config, output_dir: str | Path, *, overwrite: bool = False, pr
     return run
 
 
-def _tensorboard(run: RunDir):
+def _tensorboard(run: RunDir, purge_step: int | None = None):
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:  # tensorboard is an install dependency; tolerate a trimmed environment
         return None
-    return SummaryWriter(log_dir=str(run.path / "tensorboard"))
+    # purge_step: on resume, TensorBoard drops the events logged after the checkpoint, which are replayed.
+    return SummaryWriter(log_dir=str(run.path / "tensorboard"), purge_step=purge_step)
 
 
 def _wandb(config: Config, run: RunDir):
