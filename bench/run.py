@@ -72,11 +72,11 @@ def measure_project(config_path: str | None, overrides: list[str], warm: int) ->
     return result
 
 
-def measure_evaluate(run_dir: str, limit: int | None) -> dict:
+def measure_evaluate(run_dir: str, limit: int | None, split: str = "test") -> dict:
     from mrtune.evaluate import evaluate
 
     started = time.perf_counter()
-    metrics = evaluate(run_dir, limit=limit, progress=False)
+    metrics = evaluate(run_dir, split=split, limit=limit, progress=False)
     metrics["wall_seconds"] = time.perf_counter() - started
     return metrics
 
@@ -109,9 +109,13 @@ def make_mistral_shape(path: Path, tokenizer_dir: str) -> None:
 
 
 def child(name: str, out_dir: Path, args: list[str], timeout: int) -> dict:
-    """Run one measurement in a fresh process; its JSON result, or the reason it failed."""
-    out = out_dir / f"{name}.json"
-    log = out_dir / f"{name}.log"
+    """Run one measurement in a fresh process; its JSON result, or the reason it failed.
+
+    Its files go to $BENCH_TMP (the device tool brings back only 8 files from $OUT)."""
+    scratch = Path(os.environ.get("BENCH_TMP", "/tmp")) / "bench-children"
+    scratch.mkdir(parents=True, exist_ok=True)
+    out = scratch / f"{name}.json"
+    log = scratch / f"{name}.log"
     command = [sys.executable, "-m", "bench.run", "measure", "--result", str(out), *args]
     print(f"[{time.strftime('%H:%M:%S')}] {name}: {' '.join(args)}", flush=True)
     started = time.perf_counter()
@@ -127,7 +131,12 @@ def child(name: str, out_dir: Path, args: list[str], timeout: int) -> dict:
         result = {"failed": True, "exit": code, "reason": " | ".join(tail)[-400:]}
     result["child_seconds"] = round(time.perf_counter() - started, 1)
     print(f"    -> {json.dumps({k: v for k, v in result.items() if not isinstance(v, dict)})[:400]}", flush=True)
+    if SAVE is not None:
+        SAVE()
     return result
+
+
+SAVE = None  # set by main(): writes results.json after every measurement, so a cut-off run keeps what it measured
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -152,13 +161,28 @@ SEVEN_B_COMMON = [
     f"lora.target_modules={SEED_TARGETS}", "train.eval_every=100000", "train.eval_rows=8", "train.log_every=1",
     "eval.max_new_tokens=8", "data.train_limit=1200",
 ]
+FLEX_PACKED = ["train.packing=true", "model.attn_implementation=flex_attention"]
 SEVEN_B_SETTINGS = {
-    # name: (overrides, steps)
-    "packed-2048-ckpt": (["train.packing=true", "train.batch_tokens=2048", "model.gradient_checkpointing=true"], 14),
-    "packed-4096-ckpt": (["train.packing=true", "train.batch_tokens=4096", "model.gradient_checkpointing=true"], 10),
-    "packed-8192-ckpt": (["train.packing=true", "train.batch_tokens=8192", "model.gradient_checkpointing=true"], 8),
-    "packed-8192": (["train.packing=true", "train.batch_tokens=8192"], 8),
-    "packed-16384": (["train.packing=true", "train.batch_tokens=16384"], 6),
+    # name: (overrides, steps). Same prompt (seed) and adapters as the seed recipe; the memory/speed dial.
+    "packed-2048-ckpt": ([*FLEX_PACKED, "train.batch_tokens=2048", "model.gradient_checkpointing=true"], 14),
+    "packed-4096-ckpt": ([*FLEX_PACKED, "train.batch_tokens=4096", "model.gradient_checkpointing=true"], 10),
+    "packed-8192-ckpt": ([*FLEX_PACKED, "train.batch_tokens=8192", "model.gradient_checkpointing=true"], 8),
+    "packed-8192": ([*FLEX_PACKED, "train.batch_tokens=8192"], 8),
+    "packed-16384": ([*FLEX_PACKED, "train.batch_tokens=16384"], 6),
+}
+# Each speed lever on its own, against a baseline that is the seed's recipe in mrtune's loop: 8 rows a step padded
+# to the longest, loss on the prompt too, SDPA, checkpointing on, batches in random order.
+LEVER_BASE = ["train.batch_size=8", "data.completion_only=false", "train.group_by_length=false",
+              "model.gradient_checkpointing=true", "model.attn_implementation=sdpa"]
+LEVERS = {
+    "baseline (8 rows padded to the longest, prompt loss, sdpa, ckpt)": ([], 8),
+    "+ completion-only loss": (["data.completion_only=true"], 8),
+    "+ length-grouped batches": (["train.group_by_length=true"], 8),
+    "+ packing (2,048 tokens, no padding)": (["train.packing=true", "train.batch_tokens=2048"], 8),
+    "+ packing + flex attention": (["train.packing=true", "train.batch_tokens=2048",
+                                    "model.attn_implementation=flex_attention"], 8),
+    "+ no gradient checkpointing": (["model.gradient_checkpointing=false"], 8),
+    "+ compact prompt": (["data.prompt_style=compact"], 8),
 }
 
 
@@ -168,6 +192,8 @@ def bench_mistral(out_dir: Path, results: dict, tokenizer_dir: str, model_dir: P
         started = time.perf_counter()
         make_mistral_shape(model_dir, tokenizer_dir)
         part["make_model_seconds"] = round(time.perf_counter() - started, 1)
+    part["epoch_tokens_seed_prompt"] = epoch_tokens(tokenizer_dir, "seed")
+    part["epoch_tokens_compact_prompt"] = epoch_tokens(tokenizer_dir, "compact")
     part["seed"] = child("mistral-seed", out_dir, ["seed", str(model_dir), "--steps", "6"], timeout=400)
     common = [f"model.name={model_dir}", *SEVEN_B_COMMON]
     settings = part.setdefault("settings", {})
@@ -181,8 +207,52 @@ def bench_mistral(out_dir: Path, results: dict, tokenizer_dir: str, model_dir: P
         "project", "--config", "configs/mistral-7b-qlora.yaml", "--warm", "2", "--set", f"model.name={model_dir}",
         "train.max_steps=10", "train.eval_every=100000", "train.eval_rows=8", "eval.max_new_tokens=8",
         "data.train_limit=1200"], timeout=400)
-    part["epoch_tokens_seed_prompt"] = epoch_tokens(tokenizer_dir, "seed")
-    part["epoch_tokens_compact_prompt"] = epoch_tokens(tokenizer_dir, "compact")
+    if quick:
+        return
+    levers = part.setdefault("levers", {})
+    for index, (name, (overrides, steps)) in enumerate(LEVERS.items()):
+        levers[name] = child(f"mistral-lever-{index}", out_dir, ["project", "--warm", "2", "--set", *common,
+                                                                  *LEVER_BASE, *overrides,
+                                                                  f"train.max_steps={steps}"], timeout=400)
+
+
+SEARCH = {
+    # name: overrides of configs/smollm2-gpu.yaml. Chosen by validation exact match; test is scored once, after.
+    "tokens4096-lr1e-3-ep2": ["train.batch_tokens=4096", "train.learning_rate=1e-3", "train.epochs=2"],
+    "tokens4096-lr2e-3-ep3": ["train.batch_tokens=4096", "train.learning_rate=2e-3", "train.epochs=3"],
+    "tokens2048-lr1e-3-ep2": ["train.batch_tokens=2048", "train.learning_rate=1e-3", "train.epochs=2"],
+    "tokens2048-lr1e-3-ep3": ["train.batch_tokens=2048", "train.learning_rate=1e-3", "train.epochs=3"],
+    "tokens2048-lr2e-3-ep3": ["train.batch_tokens=2048", "train.learning_rate=2e-3", "train.epochs=3"],
+    "tokens1024-lr5e-4-ep2": ["train.batch_tokens=1024", "train.learning_rate=5e-4", "train.epochs=2"],
+    "tokens1024-lr1e-3-ep2": ["train.batch_tokens=1024", "train.learning_rate=1e-3", "train.epochs=2"],
+    "tokens2048-lr1e-3-ep3-r64": ["train.batch_tokens=2048", "train.learning_rate=1e-3", "train.epochs=3",
+                                  "lora.r=64", "lora.alpha=128"],
+}
+
+
+def bench_search(out_dir: Path, results: dict, variants: dict[str, list[str]], parallel: int) -> None:
+    """Recipe search for the embedded model: train each variant, score it on the validation split.
+
+    Variants run `parallel` at a time on the one GPU: a 135M model leaves it mostly idle, so this buys search
+    breadth; the timings of this part are therefore not speed figures (the other parts are, run alone).
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    part = results.setdefault("search", {})
+
+    def one(item):
+        index, (name, overrides) = item
+        trained = child(f"search-{index}", out_dir, ["project", "--config", "configs/smollm2-gpu.yaml", "--warm",
+                                                     "3", "--set", "train.eval_rows=100", *overrides], timeout=560)
+        entry = {"overrides": overrides, "train": trained}
+        if not trained.get("failed"):
+            entry["validation"] = child(f"search-{index}-eval", out_dir,
+                                        ["evaluate", trained["run_dir"], "--split", "validation"], timeout=200)
+        part[name] = entry
+        SAVE()
+
+    with ThreadPoolExecutor(parallel) as pool:
+        list(pool.map(one, enumerate(variants.items())))
 
 
 def summarise(results: dict) -> dict:
@@ -266,6 +336,33 @@ def markdown(results: dict) -> str:
                       f"accuracy {100 * ev['dialogue_act_accuracy']:.1f}%, valid MR {100 * ev['valid_mr_rate']:.1f}%; "
                       f"`mrtune evaluate` decoded it in {ev['decode_seconds']:.1f} s."]
         lines.append("")
+    if seven and seven.get("levers"):
+        levers = seven["levers"]
+        base = next(iter(levers.values()))
+        lines += ["### Speed levers, each alone (random-init Mistral-7B shape, 4-bit, seed prompt and adapters)", "",
+                  "| lever | s / step | useful tokens/s | peak GB | gain over the baseline |", "| --- | --- | --- | --- | --- |"]
+        for name, r in levers.items():
+            if r.get("failed"):
+                lines.append(f"| {name} | failed: {r.get('reason', '')[:100]} | | | |")
+                continue
+            gain = "" if base.get("failed") else f"{r['useful_tokens_per_s'] / base['useful_tokens_per_s']:.2f}x"
+            lines.append(f"| {name} | {r['step_s']:.3f} | {r['useful_tokens_per_s']:,.0f} | "
+                         f"{r['peak_memory_gb']:.1f} | {gain} |")
+        lines.append("")
+    search = results.get("search")
+    if search:
+        lines += ["### Recipe search, SmolLM2-135M (variants of configs/smollm2-gpu.yaml, chosen on validation)", "",
+                  "Variants ran 8 at a time on the one GPU, so their times are not speed figures.", "",
+                  "| variant | overrides | steps | validation exact match | slot F1 | valid MR |",
+                  "| --- | --- | --- | --- | --- | --- |"]
+        for name, entry in search.items():
+            v, t = entry.get("validation", {}), entry.get("train", {})
+            if t.get("failed") or not v or v.get("failed"):
+                lines.append(f"| {name} | {' '.join(entry['overrides'])} | failed | | | |")
+                continue
+            lines.append(f"| {name} | `{' '.join(entry['overrides'])}` | {t['total_steps']} | "
+                         f"{100 * v['exact_match']:.1f}% | {100 * v['slot_f1']:.1f}% | {100 * v['valid_mr_rate']:.1f}% |")
+        lines.append("")
     lines += ["### Headline figures (bench/results/latest.json)", "", "| key | value |", "| --- | --- |"]
     lines += [f"| {k} | {v:.3g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in summary.items()]
     lines += ["", END]
@@ -293,7 +390,8 @@ def publish(results_path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path)
-    parser.add_argument("--only", choices=["smollm2", "mistral"])
+    parser.add_argument("--only", choices=["smollm2", "mistral", "search"])
+    parser.add_argument("--parallel", type=int, default=8, help="search variants run at once")
     parser.add_argument("--quick", action="store_true", help="fewer 7B settings")
     parser.add_argument("--publish", type=Path, help="results.json of a finished run to write into the repo")
     parser.add_argument("--model-dir", type=Path, default=Path("/tmp/mistral-7b-shape"))
@@ -313,7 +411,12 @@ def main() -> None:
 
     results["transformers"] = transformers.__version__
     tokenizer_dir = resolve_model_path("embedded:smollm2-135m-instruct")
-    save = lambda: (args.out / "results.json").write_text(json.dumps(results, indent=2))  # noqa: E731
+    global SAVE
+    SAVE = lambda: (args.out / "results.json").write_text(json.dumps(results, indent=2))  # noqa: E731
+    save = SAVE
+    if args.only == "search":
+        bench_search(args.out, results, SEARCH, args.parallel)
+        save()
     if args.only in (None, "smollm2"):
         bench_smollm2(args.out, results, tokenizer_dir)
         save()
@@ -335,6 +438,7 @@ def measure_main(argv: list[str]) -> None:
     p = sub.add_parser("evaluate")
     p.add_argument("run_dir")
     p.add_argument("--limit", type=int)
+    p.add_argument("--split", default="test")
     p = sub.add_parser("seed")
     p.add_argument("model_dir")
     p.add_argument("--steps", type=int, default=8)
@@ -342,7 +446,7 @@ def measure_main(argv: list[str]) -> None:
     if args.kind == "project":
         result = measure_project(args.config, args.set, args.warm)
     elif args.kind == "evaluate":
-        result = measure_evaluate(args.run_dir, args.limit)
+        result = measure_evaluate(args.run_dir, args.limit, args.split)
     else:
         from bench.seed_recipe import run_seed
 
