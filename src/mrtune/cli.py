@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from mrtune.errors import MrtuneError
+from mrtune.errors import MrtuneError, TrainingInterrupted
 
 METRIC_ROWS = [
     ("exact_match", "exact match"),
@@ -36,8 +36,18 @@ def _train(args) -> None:
     from mrtune.config import load_config
     from mrtune.train import train
 
-    config = load_config(args.config, args.set)
-    run = train(config, args.output_dir, overwrite=args.overwrite)
+    if args.resume:
+        if args.config or args.set or args.output_dir or args.overwrite:
+            raise MrtuneError("--resume RUN continues RUN with its own config.yaml: drop --config, --set, "
+                              "--output-dir and --overwrite")
+        from mrtune.rundir import RunDir
+
+        run = train(RunDir.open(args.resume).config(), args.resume, resume=True)
+    elif not args.output_dir:
+        raise MrtuneError("give --output-dir DIR for a new run, or --resume RUN to continue a stopped one")
+    else:
+        config = load_config(args.config, args.set)
+        run = train(config, args.output_dir, overwrite=args.overwrite)
     info = run.info()
     print(f"trained {info['total_steps']} steps in {info['train_seconds']:.0f} s; best validation loss "
           f"{info.get('best_validation_loss', float('nan')):.4f} at step {info.get('best_step')}; run in {run.path}")
@@ -94,8 +104,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="YAML config (see configs/); defaults are used for what it omits")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set train.learning_rate=3e-4 (repeatable)")
-    p.add_argument("--output-dir", required=True, help="run directory to create")
+    p.add_argument("--output-dir", help="run directory to create")
     p.add_argument("--overwrite", action="store_true", help="replace a run already in --output-dir")
+    p.add_argument("--resume", metavar="RUN", help="continue a stopped run (Ctrl-C, SIGTERM, a kill, a crash) "
+                   "from its last checkpoint, with its own config")
     p.set_defaults(func=_train)
 
     p = commands.add_parser("evaluate", help="decode a split with a run's model and score it")
@@ -136,6 +148,9 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         args.func(args)
+    except TrainingInterrupted as stop:  # a clean stop, checkpoint saved: not an error, but not a success
+        print(stop, file=sys.stderr)
+        return 128 + stop.signal_number
     except MrtuneError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -166,11 +166,12 @@ def load_split(
     from mrtune.mr import try_parse_mr
 
     rows, problems = _read_rows(spec)
-    for field_name in (input_field, output_field):
-        if field_name is not None and len(rows) > 1 and all(field_name not in record for _, record in rows):
-            found = sorted({key for _, record in rows for key in record})
-            problems.insert(0, f"no row has the field '{field_name}' (fields found: {', '.join(found[:8])})")
-            rows = []  # one line says it all: the rows' own 'missing field' problems would only repeat it
+    absent = [name for name in (input_field, output_field)
+              if name is not None and len(rows) > 1 and all(name not in record for _, record in rows)]
+    if absent:
+        found = ", ".join(sorted({key for _, record in rows for key in record})[:8])
+        problems[:0] = [f"no row has the field '{name}' (fields found: {found})" for name in absent]
+        rows = []  # one line per field says it all: each row's own 'missing field' would only repeat it
     examples = []
     for location, record in rows:
         sentence = record.get(input_field)

@@ -63,6 +63,13 @@ def evaluate(
     """
     run = RunDir.open(run_dir)
     config = run.config()
+    info = run.info()
+    if info.get("status") == "diverged" and not base:
+        raise MrtuneError(
+            f"run {run.path} diverged at step {info.get('diverged_at_step')} (a non-finite loss or gradient "
+            f"{config.train.max_skipped_in_a_row} steps in a row), so it has no metrics to report: train it again "
+            "with a lower train.learning_rate (--base still scores the untuned model)"
+        )
     if split not in ("test", "validation", "train"):
         raise MrtuneError(f"unknown split {split!r}: use test or validation (or --data FILE)")
     spec = data or getattr(config.data, split)
