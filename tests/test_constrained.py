@@ -11,7 +11,7 @@ import torch
 from conftest import viggo_rows
 from transformers import AutoModelForCausalLM, LogitsProcessorList
 
-from mrtune.constrained import DONE, MRConstraint, MRGrammar, token_bytes
+from mrtune.constrained import DONE, VALUE, MRConstraint, MRGrammar, token_bytes
 from mrtune.errors import MrtuneError
 from mrtune.generation import generate
 from mrtune.models import load_tokenizer
@@ -265,6 +265,12 @@ def test_embedded_model_constrained_outputs_are_valid():
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         assert b"".join(tokens[i] for i in ids) == text.encode()
     constraint = MRConstraint(tokenizer, VOCABULARY)
+    # Inside a value, where the masks come from a regex shortcut: the same tokens as the automaton allows.
+    for state in _states_along(constraint, ["inform(name[Eidos Montr\u00e9al ★], rating[good])"]):
+        if state.phase == VALUE:
+            expected = torch.tensor([bool(data) and constraint.grammar.advance(state, data) is not None
+                                     for data in constraint.tokens])
+            assert torch.equal(constraint.allowed_tokens(state, 10**6), expected), state
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     free = generate(model, tokenizer, PROMPTS[:5], batch_size=5, max_new_tokens=32, progress=False)
     assert not any(try_parse_mr(text) for text in free)  # the untuned model answers in prose
