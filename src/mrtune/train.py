@@ -168,7 +168,8 @@ def train(
             message = out_of_memory_message(config, error)
         elif is_disk_full(error):
             message = _disk_full_message(progress_state, error)
-        _mark_failed(progress_state, message or str(error) or type(error).__name__)
+        _mark_failed(progress_state, message or str(error) or type(error).__name__,
+                     "interrupted" if isinstance(error, KeyboardInterrupt) else "failed")
         if message:
             raise MrtuneError(message) from None
         raise
@@ -191,14 +192,14 @@ def _disk_full_message(progress_state: _RunInProgress, error: OSError) -> str:
             f"in progress was dropped); free some space, {saved}")
 
 
-def _mark_failed(progress_state: _RunInProgress, message: str) -> None:
+def _mark_failed(progress_state: _RunInProgress, message: str, status: str = "failed") -> None:
     """Record in run.json why the run stopped, unless it says so already (diverged, interrupted)."""
     run = progress_state.run
     if run is None:
         return
     try:
         if run.info().get("status") == "running":
-            run.update_info(status="failed", error=message[:500])
+            run.update_info(status=status, error=message[:500])
     except (OSError, MrtuneError):  # a full disk may refuse even this small write; the error is still raised
         pass
 
