@@ -275,6 +275,23 @@ def test_existing_run_is_refused_without_overwrite(finished_run, tmp_path, capsy
     assert snapshot(finished_run.path) == before and snapshot(stranger) == before_stranger
 
 
+def test_out_of_gpu_memory_while_decoding_names_the_setting(finished_run, monkeypatch):
+    from mrtune.evaluate import evaluate
+
+    def generate(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB")
+
+    monkeypatch.setattr("mrtune.evaluate.generate", generate)
+    before = snapshot(finished_run.path)
+    with pytest.raises(MrtuneError) as error:
+        evaluate(finished_run.path, progress=False)
+    assert str(error.value) == (
+        f"out of GPU memory decoding 4 rows at a time: lower eval.batch_size (or eval.max_new_tokens) in "
+        f"{finished_run.config_file}"
+    )
+    assert snapshot(finished_run.path) == before
+
+
 def test_finished_run_is_not_resumed(finished_run, capsys):
     before = snapshot(finished_run.path)
     assert main(["train", "--resume", str(finished_run.path)]) == 2
@@ -505,6 +522,11 @@ def test_resume_refuses_changed_data_and_a_run_without_checkpoint(tmp_path, monk
         train(load_config(None, fault_overrides), run.path, progress=False)
     monkeypatch.undo()
     assert json.loads((run.checkpoint / STATE_FILE).read_text())["step"] == 2
+    before = snapshot(run.path)
+    assert main(["train", "--output-dir", str(run.path), *_sets(fault_overrides)]) == 2
+    assert f"output directory {run.path} already holds a run (status: failed): resume it with `mrtune train " \
+           f"--resume {run.path}`, pass --overwrite to replace it" in capsys.readouterr().err
+    assert snapshot(run.path) == before
 
     changed = tmp_path / "train.jsonl"  # the data file is shared with other tests: point the run at an edited copy
     changed.write_text("".join(fault_data["train"].read_text().splitlines(keepends=True)[:-1]))

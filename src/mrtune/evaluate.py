@@ -6,6 +6,8 @@ import json
 import time
 from pathlib import Path
 
+import torch
+
 from mrtune.data import Example, load_split, spread_sample
 from mrtune.errors import MrtuneError
 from mrtune.generation import generate
@@ -40,10 +42,16 @@ def _decode(run: RunDir, config, tokenizer, model, sentences: list[str], progres
     """Predictions for `sentences`, and the decoding's `generated_tokens` and `seconds`."""
     prompts = [build_prompt(config.data.prompt_style, s) for s in sentences]
     stats: dict = {}
-    predictions = generate(model, tokenizer, prompts, batch_size=config.eval.batch_size,
-                           max_new_tokens=config.eval.max_new_tokens,
-                           constraint=_constraint(run, tokenizer) if constrained else None,
-                           progress=progress, stats=stats)
+    try:
+        predictions = generate(model, tokenizer, prompts, batch_size=config.eval.batch_size,
+                               max_new_tokens=config.eval.max_new_tokens,
+                               constraint=_constraint(run, tokenizer) if constrained else None,
+                               progress=progress, stats=stats)
+    except torch.OutOfMemoryError:
+        raise MrtuneError(
+            f"out of GPU memory decoding {config.eval.batch_size} rows at a time: lower eval.batch_size (or "
+            f"eval.max_new_tokens) in {run.config_file}"
+        ) from None
     return predictions, stats
 
 
