@@ -56,14 +56,19 @@ def make_scheduler(optimizer, config: Config, total_steps: int):
     return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
 
 
-def compute_autocast(model):
+def compute_autocast(model, device_type: str | None = None):
     """bf16/fp16 compute for the fp32 adapters (see modeling.attach_lora), off for an fp32 model.
 
-    The compute dtype is the embeddings' (never quantized): the dtype the base model was loaded in.
+    The compute dtype is the embeddings' (never quantized): the dtype the base model was loaded in. `model` may be
+    wrapped by DDP or FSDP. `device_type` is where the compute runs, by default the embeddings' device; under FSDP
+    with CPU offload the weights rest on the CPU while the compute runs on the GPU, so the loop passes its inputs'.
     """
-    dtype = model.get_input_embeddings().weight.dtype
-    device_type = model.get_input_embeddings().weight.device.type
-    return torch.autocast(device_type=device_type, dtype=dtype, enabled=dtype != torch.float32)
+    from accelerate.utils import extract_model_from_parallel
+
+    embeddings = extract_model_from_parallel(model).get_input_embeddings().weight
+    dtype = embeddings.dtype
+    return torch.autocast(device_type=device_type or embeddings.device.type, dtype=dtype,
+                          enabled=dtype != torch.float32)
 
 
 def target_positions(labels: torch.Tensor) -> torch.Tensor:
@@ -83,7 +88,7 @@ def target_loss(model, batch: dict[str, torch.Tensor], keep: torch.Tensor) -> to
     ~0.8 GB per 4,096 tokens with a 49k vocabulary) and its matmul.
     """
     inputs = {k: v for k, v in batch.items() if k != "labels"}
-    with compute_autocast(model):
+    with compute_autocast(model, batch["input_ids"].device.type):
         logits = model(**inputs, use_cache=False, logits_to_keep=keep).logits  # (B, K, vocab)
     targets = batch["labels"][:, 1:][:, keep]  # (B, K)
     return torch.nn.functional.cross_entropy(
