@@ -15,6 +15,10 @@ training on a different stream.
 
 A checkpoint is built as RUN/checkpoint.tmp/, fsynced, then renamed into place (`rundir.write_dir_atomic`): a
 kill or a full disk during a save leaves the previous checkpoint whole.
+
+Written for one process or DDP, where every rank holds the whole adapter and optimizer state: the main rank saves
+them, and the random states of every rank are gathered into rng.pt. FSDP shards the optimizer state across ranks
+and would need one optimizer file per rank; that is not handled here.
 """
 
 from __future__ import annotations
