@@ -297,6 +297,9 @@ def test_finished_run_is_not_resumed(finished_run, capsys):
     assert main(["train", "--resume", str(finished_run.path)]) == 2
     assert f"run {finished_run.path} already finished (6 steps): there is nothing to resume" in \
            capsys.readouterr().err
+    assert main(["train", "--resume", str(finished_run.path), "--set", "train.max_steps=9"]) == 2
+    assert "--resume RUN continues RUN with its own config.yaml: drop --config, --set, --output-dir and " \
+           "--overwrite" in capsys.readouterr().err
     assert snapshot(finished_run.path) == before
 
 
