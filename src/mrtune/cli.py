@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -34,8 +35,20 @@ def format_metrics_table(columns: dict[str, dict]) -> str:
 
 def _train(args) -> None:
     from mrtune.config import load_config
+    from mrtune.distributed import is_main_process, launch_command
     from mrtune.train import train
 
+    if args.num_gpus is not None and args.num_gpus < 1:
+        raise MrtuneError(f"--num-gpus must be at least 1, got {args.num_gpus}")
+    if (args.num_gpus or 1) > 1 or args.accelerate_config:
+        # Become `accelerate launch ... -m mrtune train` with the same arguments, less these two.
+        train_args = [*(["--config", args.config] if args.config else []),
+                      *(arg for item in args.set for arg in ("--set", item)),
+                      *(["--output-dir", args.output_dir] if args.output_dir else []),
+                      *(["--overwrite"] if args.overwrite else []), *(["--resume", args.resume] if args.resume else [])]
+        command = launch_command(args.num_gpus, args.accelerate_config, train_args)
+        print("running: accelerate launch", shlex.join(command[3:]), file=sys.stderr, flush=True)
+        os.execv(command[0], command)
     if args.resume:
         if args.config or args.set or args.output_dir or args.overwrite:
             raise MrtuneError("--resume RUN continues RUN with its own config.yaml: drop --config, --set, "
@@ -48,6 +61,8 @@ def _train(args) -> None:
     else:
         config = load_config(args.config, args.set)
         run = train(config, args.output_dir, overwrite=args.overwrite)
+    if not is_main_process():  # one summary for a run of several processes
+        return
     info = run.info()
     print(f"trained {info['total_steps']} steps in {info['train_seconds']:.0f} s; best validation loss "
           f"{info.get('best_validation_loss', float('nan')):.4f} at step {info.get('best_step')}; run in {run.path}")
@@ -108,6 +123,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace a run already in --output-dir")
     p.add_argument("--resume", metavar="RUN", help="continue a stopped run (Ctrl-C, SIGTERM, a kill, a crash) "
                    "from its last checkpoint, with its own config")
+    p.add_argument("--num-gpus", type=int, metavar="N", help="train on N GPUs of this machine: runs "
+                   "`accelerate launch` (data-parallel, or what --accelerate-config says) with the other arguments")
+    p.add_argument("--accelerate-config", metavar="FILE", help="Accelerate config file for the launch, e.g. "
+                   "configs/accelerate/fsdp-qlora.yaml (sharded 4-bit model); see README, Several GPUs")
     p.set_defaults(func=_train)
 
     p = commands.add_parser("evaluate", help="decode a split with a run's model and score it")

@@ -46,15 +46,21 @@ def quantization_config(settings: ModelSettings):
     )
 
 
-def load_base_model(settings: ModelSettings, device: torch.device, model_path: str | None = None):
-    """The frozen base model on `device`, in `settings.dtype` or 4-bit."""
+def load_base_model(settings: ModelSettings, device: torch.device | None, model_path: str | None = None):
+    """The frozen base model on `device`, in `settings.dtype` or 4-bit.
+
+    `device` None leaves the placement to FSDP (no device map, as accelerate expects): 4-bit weights go to the
+    current GPU (bitsandbytes' default), the others stay in CPU memory, or on the meta device on ranks other than 0
+    with accelerate's `fsdp_cpu_ram_efficient_loading` (FSDP then broadcasts rank 0's weights).
+    """
     from transformers import AutoModelForCausalLM
 
     model_path = model_path or resolve_model_path(settings.name)
     kwargs = {"dtype": DTYPES[settings.dtype], "attn_implementation": settings.attn_implementation}
     if settings.quantization == "nf4":
         kwargs["quantization_config"] = quantization_config(settings)
-        kwargs["device_map"] = {"": device}
+        if device is not None:  # each DDP rank's own GPU: {"": accelerator.device}
+            kwargs["device_map"] = {"": device}
     try:
         model = AutoModelForCausalLM.from_pretrained(model_path, **kwargs)
     except OSError as error:
@@ -63,7 +69,7 @@ def load_base_model(settings: ModelSettings, device: torch.device, model_path: s
             f"cannot load model {settings.name!r} ({first[:200]}): pass a local directory with "
             f"--set model.name=/path/to/model, or the embedded model {ModelSettings.name}"
         ) from None
-    if settings.quantization != "nf4":
+    if settings.quantization != "nf4" and device is not None:
         model.to(device)
     model.config.use_cache = False  # the KV cache is useless in training and breaks packed-row attention
     return model

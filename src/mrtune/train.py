@@ -25,6 +25,7 @@ from mrtune.checkpoint import (
     save_checkpoint,
 )
 from mrtune.data import find_duplicates, load_splits, spread_sample
+from mrtune.distributed import adapter_state_dict, save_adapter, uses_fsdp, wrap_adapters_separately
 from mrtune.errors import MrtuneError, TrainingInterrupted
 from mrtune.generation import generate
 from mrtune.models import load_tokenizer, resolve_model_path
@@ -98,17 +99,24 @@ def target_loss(model, batch: dict[str, torch.Tensor], keep: torch.Tensor) -> to
 
 @torch.no_grad()
 def validation_loss(model, rows, pad_token_id, batch_size, device, accelerator) -> float:
-    """Mean loss per target token over the validation rows (gathered across ranks)."""
+    """Mean loss per target token over the validation rows (gathered across ranks).
+
+    Every rank runs the same number of forward passes: under FSDP each one gathers the weights from all ranks, so
+    a rank with a batch fewer (rows not divisible by ranks x batch size) runs its first batch again, uncounted.
+    """
     model.eval()
     total = torch.zeros(2, device=device)  # (sum of token losses, token count)
     mine = list(range(accelerator.process_index, len(rows), accelerator.num_processes))
     mine.sort(key=lambda i: len(rows[i]))  # similar lengths together: little padding
-    for start in range(0, len(mine), batch_size):
-        batch = collate([rows[i] for i in mine[start:start + batch_size]], pad_token_id)
+    most_rows = math.ceil(len(rows) / accelerator.num_processes)  # the share of rank 0, the largest
+    for start in range(0, most_rows, batch_size):
+        indices = mine[start:start + batch_size]
+        counted = 1.0 if indices else 0.0
+        batch = collate([rows[i] for i in indices or mine[:batch_size] or [0]], pad_token_id)
         keep, n = target_positions(batch["labels"]).to(device), count_targets(batch)
         batch = {k: v.to(device) for k, v in batch.items()}
         loss = target_loss(model, batch, keep)
-        total += torch.stack([loss.float(), torch.tensor(float(n), device=device)])
+        total += counted * torch.stack([loss.float(), torch.tensor(float(n), device=device)])
     total = accelerator.reduce(total, reduction="sum")
     model.train()
     return (total[0] / total[1]).item()
@@ -245,7 +253,12 @@ def _train(
     accelerator = Accelerator()
     is_main = accelerator.is_main_process
     world = accelerator.num_processes
+    fsdp = uses_fsdp(accelerator)
     settings = config.train
+    if resume and fsdp:
+        raise MrtuneError("--resume is not available under FSDP, whose runs write no checkpoint (checkpoint.py saves "
+                          "from the main rank alone, which FSDP's sharded weights do not allow): resume a run "
+                          "trained without FSDP without it, or start again with --overwrite")
     if resume:
         _refuse_unresumable(RunDir.open(output_dir))
 
@@ -309,8 +322,13 @@ def _train(
     # 4. Model: frozen base + fp32 LoRA adapters.
     set_seed(settings.seed)
     device = accelerator.device
-    model = load_base_model(config.model, device, model_path)
+    # Under FSDP the model is loaded with no device map: 4-bit weights go to this rank's GPU (bitsandbytes' default),
+    # others stay where accelerate's cpu_ram_efficient_loading puts them (rank 0: CPU, others: meta), and FSDP
+    # moves its shards to the GPU (or keeps them in CPU memory with offload) and broadcasts rank 0's values.
+    model = load_base_model(config.model, None if fsdp else device, model_path)
     model = attach_lora(model, config.lora, config.model)
+    if fsdp:
+        wrap_adapters_separately(model, accelerator)
     if settings.compile:
         model.compile()  # in place: the module keeps its type, so peft's and accelerate's APIs still apply
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -323,9 +341,11 @@ def _train(
     micro_per_step = settings.gradient_accumulation * world
     steps_per_epoch = max(1, len(plan_batches(lengths, epoch=0, **plan)) // micro_per_step)
     total_steps = settings.max_steps or max(1, math.ceil(settings.epochs * steps_per_epoch))
+    # The model first: FSDP replaces its parameters by flat shards, and the optimizer must be built on those.
+    model = accelerator.prepare(model)
     optimizer = make_optimizer(model, config)
     scheduler = make_scheduler(optimizer, config, total_steps)
-    model, optimizer = accelerator.prepare(model, optimizer)
+    optimizer = accelerator.prepare(optimizer)
     start_step = 0
     if checkpoint is not None:
         if checkpoint["total_steps"] != total_steps:
@@ -370,26 +390,29 @@ def _train(
         loss = validation_loss(model, validation_rows, tokenizer.pad_token_id, settings.batch_size, device,
                                accelerator)
         record = {"step": step, "validation_loss": loss}
+        improved = loss < best  # the same on every rank: the loss is summed over ranks
+        best = min(best, loss)
+        state_dict = adapter_state_dict(accelerator, model) if improved else None  # under FSDP, every rank gathers
         if is_main:
             run.append_history(record)
             if writer:
                 writer.add_scalar("loss/validation", loss, step)
             if wandb_run:
                 wandb_run.log(record, step=step)
-            if loss < best:
-                best = loss
-                # save_embedding_layers=False: with lm_head adapted, peft would also save the frozen head
-                # (262 MB for Mistral-7B); the base model already has it.
-                write_dir_atomic(run.adapter, lambda directory: accelerator.unwrap_model(model).save_pretrained(
-                    directory, save_embedding_layers=False))
+            if improved:
+                write_dir_atomic(run.adapter, lambda directory: save_adapter(accelerator, model, directory,
+                                                                             state_dict))
                 run.update_info(best_step=step, best_validation_loss=loss)
             sample = validation_examples[0]
-            model.eval()
-            with compute_autocast(accelerator.unwrap_model(model)):
-                output = generate(accelerator.unwrap_model(model), tokenizer,
-                                  [build_prompt(config.data.prompt_style, sample.sentence)],
-                                  max_new_tokens=config.eval.max_new_tokens, progress=False)[0]
-            model.train()
+            if fsdp:  # rank 0 alone cannot run the model: its weights are sharded over the ranks
+                output = "(no sample under FSDP; `mrtune evaluate` the run)"
+            else:
+                model.eval()
+                with compute_autocast(accelerator.unwrap_model(model)):
+                    output = generate(accelerator.unwrap_model(model), tokenizer,
+                                      [build_prompt(config.data.prompt_style, sample.sentence)],
+                                      max_new_tokens=config.eval.max_new_tokens, progress=False)[0]
+                model.train()
             tqdm.write(f"step {step}: validation loss {loss:.4f}{' (best)' if loss == best else ''}\n"
                        f"  sentence:  {sample.sentence}\n  expected:  {sample.meaning_representation}\n"
                        f"  generated: {output}")
@@ -406,8 +429,9 @@ def _train(
             "train_seconds": time.perf_counter() - started - eval_seconds, "eval_seconds": eval_seconds,
             "mrtune_version": __version__,
         }
-        save_checkpoint(run, accelerator, model, optimizer, scheduler, state)
-        progress_state.checkpoint_step = done
+        if not fsdp:  # FSDP runs keep no checkpoint (see the refusal of --resume above)
+            save_checkpoint(run, accelerator, model, optimizer, scheduler, state)
+            progress_state.checkpoint_step = done
         if writer:
             writer.flush()  # its events up to the checkpoint must survive a kill (it flushes every 2 min otherwise)
         if signum is None:
@@ -419,9 +443,10 @@ def _train(
                 writer.close()
             if wandb_run:
                 wandb_run.finish()
+        how = (f"FSDP runs keep no checkpoint, start again with --overwrite (the best adapter so far is in "
+               f"{run.adapter})" if fsdp else f"resume with `mrtune train --resume {run.path}`")
         raise TrainingInterrupted(
-            f"interrupted at step {done} of {total_steps} ({signal.Signals(signum).name}): resume with "
-            f"`mrtune train --resume {run.path}`", signum
+            f"interrupted at step {done} of {total_steps} ({signal.Signals(signum).name}): {how}", signum
         )
 
     # 7. The loop.
@@ -456,10 +481,10 @@ def _train(
         step_targets = sum(count_targets(b) for b in batches)  # over all ranks: every rank divides by the same
         mine = batches[accelerator.process_index::world]
         step_loss = torch.zeros((), device=device)
-        for i, (batch, useful) in enumerate(zip(mine, row_tokens[accelerator.process_index::world])):
+        useful_tokens += sum(row_tokens)  # the whole step's, all ranks': each rank knows the step's micro-batches
+        padded_tokens += sum(b["input_ids"].numel() for b in batches)
+        for i, batch in enumerate(mine):
             keep = target_positions(batch["labels"]).to(device, non_blocking=True)
-            useful_tokens += useful
-            padded_tokens += batch["input_ids"].numel()
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             sync = accelerator.no_sync(model) if i < len(mine) - 1 else contextlib.nullcontext()
             with sync:
@@ -494,8 +519,8 @@ def _train(
         if is_main and (step % settings.log_every == 0 or step == total_steps):
             record = {"step": step, "epoch": round(epoch + 0.0, 3), "train_loss": step_loss.item(),
                       "learning_rate": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
-                      "useful_tokens": useful_tokens * world, "padded_tokens": padded_tokens * world,
-                      "useful_tokens_per_s": round(useful_tokens * world / elapsed, 1), "elapsed_s": round(elapsed, 3)}
+                      "useful_tokens": useful_tokens, "padded_tokens": padded_tokens,
+                      "useful_tokens_per_s": round(useful_tokens / elapsed, 1), "elapsed_s": round(elapsed, 3)}
             run.append_history(record)
             bar.set_postfix(loss=f"{record['train_loss']:.4f}", tok_s=f"{record['useful_tokens_per_s']:.0f}")
             if writer:
@@ -511,8 +536,8 @@ def _train(
         run.update_info(
             status="finished", finished=time.strftime("%Y-%m-%d %H:%M:%S"), train_seconds=round(train_seconds, 1),
             eval_seconds=round(eval_seconds, 1),
-            useful_tokens=useful_tokens * world, padded_tokens=padded_tokens * world, skipped_steps=skipped,
-            useful_tokens_per_s=round(useful_tokens * world / train_seconds, 1),
+            useful_tokens=useful_tokens, padded_tokens=padded_tokens, skipped_steps=skipped,
+            useful_tokens_per_s=round(useful_tokens / train_seconds, 1),
             peak_memory_bytes=torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
         )
         if writer:
