@@ -1,0 +1,235 @@
+"""Data-parallel training in two CPU processes (gloo), against one process with the same global batch.
+
+The two processes are started by torchrun (`accelerate launch --cpu` starts one process, whatever
+--num_processes says: Accelerate runs several CPU processes only under MPI or torchrun). Each runs this file as a
+script: it records the micro-batches its rank trains on, then runs `mrtune train` as the CLI does. The reference
+is one process with gradient_accumulation 4 where the two processes have 2 each: the same 4 micro-batches per
+optimizer step, and since the loss is divided by the step's global target count, the same loss and gradient.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+MICRO_BATCH_ROWS = 2
+STEPS = 4
+SETTINGS = [
+    "model.dtype=float32", "lora.r=4", "lora.alpha=8", "lora.dropout=0.0", f"train.batch_size={MICRO_BATCH_ROWS}",
+    f"train.max_steps={STEPS}", "train.eval_every=2", "train.log_every=1", "train.learning_rate=5e-3",
+    "train.warmup_ratio=0.0", "eval.batch_size=4", "eval.max_new_tokens=8",
+]
+# Losses are sums over the same tokens in another order (two processes' partial sums, then an all-reduce).
+RELATIVE_TOLERANCE = 1e-5
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _sets(overrides: list[str]) -> list[str]:
+    return [arg for override in overrides for arg in ("--set", override)]
+
+
+@pytest.fixture(scope="module")
+def data_overrides(tiny_model_dir, tmp_path_factory) -> list[str]:
+    from conftest import viggo_rows, write_jsonl
+
+    base = tmp_path_factory.mktemp("distributed-data")
+    # 5 validation rows: rank 0 gets 3 (two batches of 2), rank 1 gets 2 (one batch), so rank 1 runs one uncounted
+    # batch to keep the forward passes in step; the validation loss must still equal one process's.
+    data = {split: write_jsonl(base / f"{split}.jsonl", viggo_rows(split, n))
+            for split, n in (("train", 48), ("validation", 5), ("test", 4))}
+    return [f"model.name={tiny_model_dir}", *(f"data.{split}={path}" for split, path in data.items()), *SETTINGS]
+
+
+@pytest.fixture(scope="module")
+def two_processes(data_overrides, tmp_path_factory):
+    """A run trained by 2 processes x gradient_accumulation 2, and the micro-batches each rank trained on."""
+    base = tmp_path_factory.mktemp("two-processes")
+    run_dir, records = base / "run", base / "records"
+    records.mkdir()
+    port = _free_port()
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "MASTER_PORT": str(port),
+           "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+               "--master_port", str(port), __file__, str(records), "train", "--output-dir", str(run_dir),
+               *_sets([*data_overrides, "train.gradient_accumulation=2"])]
+    started = time.perf_counter()
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-4000:]
+    from mrtune.rundir import RunDir
+
+    seen = {rank: json.loads((records / f"rank{rank}.json").read_text()) for rank in (0, 1)}
+    return RunDir.open(run_dir), seen, result.stdout, time.perf_counter() - started
+
+
+@pytest.fixture(scope="module")
+def one_process(data_overrides, tmp_path_factory):
+    """The same training in this process: 1 process x gradient_accumulation 4."""
+    from mrtune.config import load_config
+    from mrtune.train import train
+
+    config = load_config(None, [*data_overrides, "train.gradient_accumulation=4"])
+    return train(config, tmp_path_factory.mktemp("one-process") / "run", progress=False)
+
+
+def _planned_steps(run) -> list[list[list[list[int]]]]:
+    """Each optimizer step's 4 micro-batches (padded input ids), as the plan of every rank gives them."""
+    from mrtune.batching import collate, plan_batches, tokenize_examples
+    from mrtune.data import load_split
+    from mrtune.models import load_tokenizer
+
+    config = run.config()
+    tokenizer = load_tokenizer(str(run.tokenizer))
+    rows, _ = tokenize_examples(load_split(config.data.train), tokenizer, config.data.prompt_style,
+                                completion_only=config.data.completion_only, max_length=config.data.max_length,
+                                too_long=config.data.too_long)
+    plan = plan_batches([len(r) for r in rows], batch_size=MICRO_BATCH_ROWS, seed=config.train.seed, epoch=0)
+    micro = [collate([rows[i] for i in indices], tokenizer.pad_token_id)["input_ids"].tolist() for indices in plan]
+    return [micro[4 * step:4 * step + 4] for step in range(STEPS)]
+
+
+def test_each_rank_trains_its_own_share_of_every_step(two_processes):
+    run, seen, _, _ = two_processes
+    planned = _planned_steps(run)
+    assert len(seen[0]) == len(seen[1]) == 2 * STEPS  # gradient_accumulation 2 on each rank
+    for step, batches in enumerate(planned):
+        rank0, rank1 = seen[0][2 * step:2 * step + 2], seen[1][2 * step:2 * step + 2]
+        assert rank0 == batches[0::2] and rank1 == batches[1::2]  # rank r: micro-batches r, r + 2
+        rows0 = {tuple(row) for batch in rank0 for row in batch}
+        rows1 = {tuple(row) for batch in rank1 for row in batch}
+        assert not rows0 & rows1  # no row trained twice in a step
+        assert rows0 | rows1 == {tuple(row) for batch in batches for row in batch}  # and none left out
+
+
+def test_only_the_main_process_writes_the_run_directory(two_processes):
+    run, _, stdout, _ = two_processes
+    files = {str(p.relative_to(run.path)) for p in run.path.rglob("*") if p.is_file()}
+    assert {f for f in files if not f.startswith(("tokenizer/", "tensorboard/"))} == {
+        "run.json", "config.yaml", "prompt.txt", "vocabulary.json", "history.jsonl", "report.md", "loss_curve.png",
+        "adapter/adapter_config.json", "adapter/adapter_model.safetensors", "adapter/README.md"}
+    assert len(list((run.path / "tensorboard").iterdir())) == 1  # one event file: one writer
+    history = run.read_history()
+    assert [r["step"] for r in history if "train_loss" in r] == list(range(1, STEPS + 1))  # each step logged once
+    assert [r["step"] for r in history if "validation_loss" in r] == [2, 4]
+    info = run.info()
+    assert info["status"] == "finished" and info["processes"] == 2
+    assert stdout.count("trained 4 steps") == 1 and stdout.count("step 2: validation loss") == 1
+
+
+def test_losses_match_one_process_with_the_same_global_batch(two_processes, one_process):
+    run, _, _, _ = two_processes
+    two, one = run.read_history(), one_process.read_history()
+    assert [sorted(r) for r in two] == [sorted(r) for r in one]
+    for a, b in zip(two, one):
+        for key in ("train_loss", "grad_norm", "validation_loss", "learning_rate"):
+            if key in a:
+                assert a[key] == pytest.approx(b[key], rel=RELATIVE_TOLERANCE), (a["step"], key)
+        for key in ("useful_tokens", "padded_tokens"):  # counted over both ranks, exactly
+            assert a.get(key) == b.get(key)
+    adapter_two = load_file(run.adapter / "adapter_model.safetensors")
+    adapter_one = load_file(one_process.adapter / "adapter_model.safetensors")
+    assert adapter_two.keys() == adapter_one.keys()
+    for name, tensor in adapter_two.items():
+        assert torch.allclose(tensor, adapter_one[name], rtol=1e-4, atol=1e-6), name
+
+
+def test_the_adapter_is_a_peft_adapter_that_evaluate_loads(two_processes, capsys):
+    from mrtune.cli import main
+
+    run, _, _, seconds = two_processes
+    config = json.loads((run.adapter / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["r"] == 4
+    assert main(["evaluate", str(run.path), "--limit", "2"]) == 0
+    assert "decoded 2 rows" in capsys.readouterr().out
+    metrics = json.loads((run.eval_dir("test") / "metrics.json").read_text())
+    assert metrics["n"] == 2
+    assert seconds < 120  # two processes' start-up (imports, gloo) and 4 steps; ~20-30 s on 2 cores
+
+
+def test_num_gpus_launches_accelerate_with_the_other_arguments(monkeypatch, tmp_path, capsys):
+    from mrtune import distributed
+    from mrtune.cli import main
+
+    class Launched(Exception):
+        pass
+
+    launched = []
+
+    def execv(path, command):  # os.execv does not return: this process would become the launcher
+        launched.append(command)
+        raise Launched
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(os, "execv", execv)
+    config = Path(__file__).parents[1] / "configs" / "accelerate" / "fsdp-qlora.yaml"
+    with pytest.raises(Launched):
+        main(["train", "--num-gpus", "2", "--accelerate-config", str(config), "--config", "c.yaml", "--set",
+              "a.b=1", "--output-dir", str(tmp_path / "run"), "--overwrite"])
+    assert launched == [[sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
+                         "--num_processes", "2", "-m", "mrtune", "train", "--config", "c.yaml", "--set", "a.b=1",
+                         "--output-dir", str(tmp_path / "run"), "--overwrite"]]
+    assert distributed.launch_command(2, None, ["--output-dir", "r"])[3:8] == [
+        "--multi_gpu", "--num_machines", "1", "--mixed_precision", "no"]
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    assert main(["train", "--num-gpus", "2", "--output-dir", str(tmp_path / "run")]) == 2
+    assert "--num-gpus 2 asks for more GPUs than this machine has (0)" in capsys.readouterr().err
+    assert main(["train", "--num-gpus", "0", "--output-dir", str(tmp_path / "run")]) == 2
+    assert "--num-gpus must be at least 1" in capsys.readouterr().err
+    assert len(launched) == 1 and not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("name", ["ddp", "fsdp-qlora", "fsdp-qlora-offload"])
+def test_accelerate_configs_are_what_accelerate_launch_reads(name):
+    from accelerate.commands.config.config_args import load_config_from_file
+    from accelerate.commands.launch import launch_command_parser
+
+    path = Path(__file__).parents[1] / "configs" / "accelerate" / f"{name}.yaml"
+    config = load_config_from_file(str(path))  # unknown top-level keys raise
+    launch_options = {action.dest for action in launch_command_parser()._actions}
+    assert set(config.fsdp_config) <= launch_options  # accelerate launch ignores an unknown FSDP key silently
+    assert config.mixed_precision == "no" and config.num_machines == 1
+    if name == "ddp":
+        assert config.distributed_type == "MULTI_GPU"
+    else:
+        fsdp = config.fsdp_config
+        assert config.distributed_type == "FSDP" and fsdp["fsdp_version"] == 1
+        assert fsdp["fsdp_use_orig_params"] is False and fsdp["fsdp_cpu_ram_efficient_loading"] is True
+        assert fsdp["fsdp_offload_params"] is (name == "fsdp-qlora-offload")
+
+
+def _record_micro_batches_and_train(records: Path, argv: list[str]) -> int:
+    """Run in each torchrun process: `mrtune train` with the micro-batches this rank trains on recorded."""
+    import mrtune.train
+    from mrtune.cli import main
+
+    trained_on = []
+    target_loss = mrtune.train.target_loss
+
+    def recording_target_loss(model, batch, keep):
+        if model.training:  # validation batches run in eval mode
+            trained_on.append(batch["input_ids"].tolist())
+        return target_loss(model, batch, keep)
+
+    mrtune.train.target_loss = recording_target_loss
+    code = main(argv)
+    (records / f"rank{os.environ['RANK']}.json").write_text(json.dumps(trained_on))
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(_record_micro_batches_and_train(Path(sys.argv[1]), sys.argv[2:]))
