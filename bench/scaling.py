@@ -1,0 +1,65 @@
+"""Data-parallel scaling: `mrtune train` throughput on 1 GPU and on 2 GPUs (DDP), from the two runs' histories.
+
+    python -m bench.scaling --one RUN_1GPU --two RUN_2GPU --out scaling.json     # bench/scaling.sh runs it
+
+Both runs train with the same per-GPU micro-batch (the same train.batch_tokens and gradient_accumulation), so the
+2-GPU run's optimizer step holds twice the tokens; `scaling_2gpu_7b` is the ratio of useful (non-padding) tokens
+per second, 2.0 for perfect scaling. Tokens/s are steady-state rates, measured as bench/run.py measures them:
+from the end of step `--warm` to the last step (the first steps pay for flex_attention's compilation and the
+allocator's growth). The model is a random-init Mistral-7B shape in 4-bit NF4: speed does not depend on the
+weights' values.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from bench.run import MISTRAL_SHAPE_LABEL, steady_rate
+
+
+def summarise_run(run_dir: Path, warm: int, processes: int) -> dict:
+    from mrtune.rundir import RunDir
+
+    run = RunDir.open(run_dir)
+    info = run.info()
+    if info.get("status") != "finished" or info.get("processes") != processes:
+        raise SystemExit(f"{run_dir}: expected a finished run of {processes} process(es), run.json says status "
+                         f"{info.get('status')!r}, processes {info.get('processes')!r}")
+    rate = steady_rate(run.read_history(), warm)
+    config = run.config()
+    return {
+        "processes": processes, "useful_tokens_per_s": rate["useful_tokens_per_s"],
+        "padded_tokens_per_s": rate["padded_tokens_per_s"], "step_s": rate["step_s"],
+        "steps_timed": rate["steps_timed"], "batch_tokens_per_gpu": config.train.batch_tokens,
+        "gradient_accumulation": config.train.gradient_accumulation,
+        "peak_memory_gb_rank0": (info.get("peak_memory_bytes") or 0) / 1e9,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--one", type=Path, required=True, help="run directory trained on 1 GPU")
+    parser.add_argument("--two", type=Path, required=True, help="run directory trained on 2 GPUs (DDP)")
+    parser.add_argument("--warm", type=int, default=3, help="steps left out of the rate")
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    import torch
+
+    one = summarise_run(args.one, args.warm, processes=1)
+    two = summarise_run(args.two, args.warm, processes=2)
+    result = {
+        "tokens_per_s_1gpu": one["useful_tokens_per_s"],
+        "tokens_per_s_2gpu": two["useful_tokens_per_s"],
+        "scaling_2gpu_7b": two["useful_tokens_per_s"] / one["useful_tokens_per_s"],
+        "card": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "model": MISTRAL_SHAPE_LABEL,
+        "runs": {"1gpu": one, "2gpu_ddp": two},
+    }
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
