@@ -182,8 +182,12 @@ def test_num_gpus_launches_accelerate_with_the_other_arguments(monkeypatch, tmp_
     assert launched == [[sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
                          "--num_processes", "2", "-m", "mrtune", "train", "--config", "c.yaml", "--set", "a.b=1",
                          "--output-dir", str(tmp_path / "run"), "--overwrite"]]
-    assert distributed.launch_command(2, None, ["--output-dir", "r"])[3:8] == [
-        "--multi_gpu", "--num_machines", "1", "--mixed_precision", "no"]
+    from accelerate.commands.launch import launch_command_parser
+
+    ddp = launch_command_parser().parse_args(distributed.launch_command(2, None, ["--output-dir", "r"])[3:])
+    assert (ddp.multi_gpu, ddp.num_processes, ddp.num_machines, ddp.mixed_precision) == (True, 2, 1, "no")
+    assert (ddp.module, ddp.training_script) == (True, "mrtune")
+    assert ddp.training_script_args == ["train", "--output-dir", "r"]
 
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
     assert main(["train", "--num-gpus", "2", "--output-dir", str(tmp_path / "run")]) == 2
