@@ -8,6 +8,9 @@ per second, 2.0 for perfect scaling. Tokens/s are steady-state rates, measured a
 from the end of step `--warm` to the last step (the first steps pay for flex_attention's compilation and the
 allocator's growth). The model is a random-init Mistral-7B shape in 4-bit NF4: speed does not depend on the
 weights' values.
+
+With `--fsdp RUN`, a third run, sharded (configs/accelerate/fsdp-qlora.yaml) on the same 2 GPUs, adds its tokens/s
+and peak memory, and whether its adapter is a PEFT adapter of the same tensors as the DDP run's.
 """
 
 from __future__ import annotations
@@ -38,10 +41,21 @@ def summarise_run(run_dir: Path, warm: int, processes: int) -> dict:
     }
 
 
+def same_adapter_tensors(run_a: Path, run_b: Path) -> bool:
+    """Both adapters are PEFT LoRA adapters with the same tensor names, shapes and dtypes."""
+    from safetensors.torch import load_file
+
+    a, b = (load_file(run / "adapter" / "adapter_model.safetensors") for run in (run_a, run_b))
+    configs = [json.loads((run / "adapter" / "adapter_config.json").read_text()) for run in (run_a, run_b)]
+    return (all(c["peft_type"] == "LORA" for c in configs) and a.keys() == b.keys()
+            and all((a[k].shape, a[k].dtype) == (b[k].shape, b[k].dtype) for k in a))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--one", type=Path, required=True, help="run directory trained on 1 GPU")
     parser.add_argument("--two", type=Path, required=True, help="run directory trained on 2 GPUs (DDP)")
+    parser.add_argument("--fsdp", type=Path, help="run directory trained on 2 GPUs with FSDP")
     parser.add_argument("--warm", type=int, default=3, help="steps left out of the rate")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
@@ -57,6 +71,11 @@ def main() -> None:
         "model": MISTRAL_SHAPE_LABEL,
         "runs": {"1gpu": one, "2gpu_ddp": two},
     }
+    if args.fsdp:
+        fsdp = summarise_run(args.fsdp, args.warm, processes=2)
+        result["tokens_per_s_2gpu_fsdp"] = fsdp["useful_tokens_per_s"]
+        result["fsdp_adapter_same_tensors_as_ddp"] = same_adapter_tensors(args.fsdp, args.two)
+        result["runs"]["2gpu_fsdp"] = fsdp
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
 

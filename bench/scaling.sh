@@ -3,7 +3,9 @@
 # 7B recipe (configs/mistral-7b-qlora.yaml: packed rows, flex_attention, 8,192 tokens per micro-batch, no
 # checkpointing), ~12 optimizer steps on 1 GPU, then on 2 GPUs (DDP, the same micro-batch per GPU). Writes
 # $OUT/scaling.json ({"tokens_per_s_1gpu", "tokens_per_s_2gpu", "scaling_2gpu_7b", "card", ...}) and one log per
-# run. Run from the repository root, with bitsandbytes and the SmolLM2 tokenizer staged under $HOME/stash:
+# run. Then (FSDP=0 skips it) the same on 2 GPUs with FSDP (configs/accelerate/fsdp-qlora.yaml), added to
+# scaling.json: its tokens/s, and whether its adapter has the DDP run's tensors. Not run yet (estimate: ~7 min).
+# Run from the repository root, with bitsandbytes and the SmolLM2 tokenizer staged under $HOME/stash:
 #   export PYTHONPATH=$PWD/src:$PWD:$HOME/stash/site
 #   bash bench/scaling.sh
 # TOKENIZER_DIR (default $HOME/stash/cache/smollm2-135m-instruct) gives the tokenizer of the 7B shape; MODEL_DIR
@@ -43,3 +45,12 @@ python -m mrtune train --num-gpus 2 --config configs/mistral-7b-qlora.yaml "${SE
   --output-dir "$RUNS/2gpu" --overwrite > "$OUT/scaling-2gpu.log" 2>&1 || { tail -n 30 "$OUT/scaling-2gpu.log"; exit 1; }
 
 python -m bench.scaling --one "$RUNS/1gpu" --two "$RUNS/2gpu" --warm "$WARM" --out "$OUT/scaling.json"
+
+if [ "${FSDP:-1}" != 0 ]; then
+  echo "2 GPUs (FSDP, sharded 4-bit): $STEPS steps"
+  timeout -k 20 300 python -m mrtune train --num-gpus 2 --accelerate-config configs/accelerate/fsdp-qlora.yaml \
+    --config configs/mistral-7b-qlora.yaml "${SETS[@]}" --output-dir "$RUNS/2gpu-fsdp" --overwrite \
+    > "$OUT/scaling-2gpu-fsdp.log" 2>&1 || { tail -n 30 "$OUT/scaling-2gpu-fsdp.log"; exit 1; }
+  python -m bench.scaling --one "$RUNS/1gpu" --two "$RUNS/2gpu" --fsdp "$RUNS/2gpu-fsdp" --warm "$WARM" \
+    --out "$OUT/scaling.json"
+fi
