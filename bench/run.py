@@ -2,7 +2,7 @@
 
     python -m bench.run --out DIR                 # everything: SmolLM2-135M and the Mistral-7B shape
     python -m bench.run --out DIR --only smollm2  # one part
-    python -m bench.run --publish DIR/results.json   # write BENCHMARKS.md's GPU section + bench/results/latest.json
+    python -m bench.run --publish A/results.json B/results.json   # merge runs into BENCHMARKS.md + bench/results/
 
 Every measurement runs in its own process (a clean CUDA context, so peak memory is that measurement's own) and
 writes one JSON file; a failed measurement (out of memory, say) is recorded as such and the rest go on.
@@ -150,12 +150,19 @@ def bench_smollm2(out_dir: Path, results: dict, tokenizer_dir: str) -> None:
                                                           "--warm", "3"], timeout=400)
     if not part["project"].get("failed"):
         part["evaluate"] = child("smollm2-evaluate", out_dir, ["evaluate", part["project"]["run_dir"]], timeout=300)
+    # Issue target: two epochs of ViGGO in under a minute; the recipe's fast variant (fewer, larger steps).
+    part["two_epochs"] = child("smollm2-two-epochs", out_dir, ["project", "--config", "configs/smollm2-gpu.yaml",
+                                                               "--warm", "3", "--set", *SMOLLM2_TWO_EPOCHS], timeout=300)
+    if not part["two_epochs"].get("failed"):
+        part["two_epochs_evaluate"] = child("smollm2-two-epochs-evaluate", out_dir,
+                                            ["evaluate", part["two_epochs"]["run_dir"]], timeout=300)
     seed_model = str(Path(tokenizer_dir))
     part["seed"] = child("smollm2-seed", out_dir, ["seed", seed_model, "--steps", "8"], timeout=300)
     part["epoch_tokens_seed_prompt"] = epoch_tokens(tokenizer_dir, "seed")
     part["epoch_tokens_compact_prompt"] = epoch_tokens(tokenizer_dir, "compact")
 
 
+SMOLLM2_TWO_EPOCHS = ["train.epochs=2", "train.batch_tokens=4096", "train.learning_rate=2e-3"]
 SEVEN_B_COMMON = [
     "model.quantization=nf4", "data.prompt_style=seed", "lora.r=8", "lora.alpha=16", "lora.dropout=0.05",
     f"lora.target_modules={SEED_TARGETS}", "train.eval_every=100000", "train.eval_rows=8", "train.log_every=1",
@@ -207,8 +214,13 @@ def bench_mistral(out_dir: Path, results: dict, tokenizer_dir: str, model_dir: P
         "project", "--config", "configs/mistral-7b-qlora.yaml", "--warm", "2", "--set", f"model.name={model_dir}",
         "train.max_steps=10", "train.eval_every=100000", "train.eval_rows=8", "eval.max_new_tokens=8",
         "data.train_limit=1200"], timeout=400)
-    if quick:
-        return
+
+
+def bench_levers(out_dir: Path, results: dict, model_dir: Path, tokenizer_dir: str) -> None:
+    part = results.setdefault("mistral7b_shape", {"label": MISTRAL_SHAPE_LABEL})
+    if not (model_dir / "config.json").is_file():
+        make_mistral_shape(model_dir, tokenizer_dir)
+    common = [f"model.name={model_dir}", *SEVEN_B_COMMON]
     levers = part.setdefault("levers", {})
     for index, (name, (overrides, steps)) in enumerate(LEVERS.items()):
         levers[name] = child(f"mistral-lever-{index}", out_dir, ["project", "--warm", "2", "--set", *common,
@@ -283,6 +295,10 @@ def summarise(results: dict) -> dict:
     small = results.get("smollm2", {})
     if small.get("project") and not small["project"].get("failed"):
         summary["smollm2_train_s"] = small["project"]["train_seconds"]
+    two = small.get("two_epochs_evaluate", {})
+    if two and not two.get("failed"):
+        summary.update(smollm2_two_epochs_train_s=small["two_epochs"]["train_seconds"],
+                       smollm2_two_epochs_test_exact_match=two["exact_match"])
     evaluation = small.get("evaluate", {})
     if evaluation and not evaluation.get("failed"):
         summary.update(smollm2_test_exact_match=evaluation["exact_match"], smollm2_eval_s=evaluation["decode_seconds"],
@@ -328,7 +344,14 @@ def markdown(results: dict) -> str:
         lines += ["### SmolLM2-135M-Instruct (the embedded model)", ""]
         lines += header + [_row("seed recipe", seed, None)]
         if small.get("project"):
-            lines.append(_row("mrtune configs/smollm2-gpu.yaml (2 epochs)", small["project"], seed))
+            lines.append(_row("mrtune configs/smollm2-gpu.yaml (3 epochs, 2,048-token steps)", small["project"], seed))
+        if small.get("two_epochs"):
+            lines.append(_row(f"mrtune two-epoch variant (`{' '.join(SMOLLM2_TWO_EPOCHS)}`)", small["two_epochs"],
+                              seed))
+        two = small.get("two_epochs_evaluate", {})
+        if two and not two.get("failed"):
+            lines += ["", f"Two-epoch variant: {small['two_epochs']['train_seconds']:.0f} s of training, test exact "
+                      f"match {100 * two['exact_match']:.1f}%, slot F1 {100 * two['slot_f1']:.1f}%."]
         ev = small.get("evaluate", {})
         if ev and not ev.get("failed"):
             lines += ["", f"Test split ({ev['n']} rows), after {small['project']['train_seconds']:.0f} s of training: "
@@ -369,8 +392,15 @@ def markdown(results: dict) -> str:
     return "\n".join(lines)
 
 
-def publish(results_path: Path) -> None:
-    results = json.loads(results_path.read_text())
+def publish(results_paths: list[Path]) -> None:
+    """Merge the results.json of one or more calls on the same card and day, and write them into the repo."""
+    results: dict = {}
+    for path in results_paths:
+        for key, value in json.loads(path.read_text()).items():
+            if isinstance(value, dict) and isinstance(results.get(key), dict):
+                results[key].update(value)
+            else:
+                results[key] = value
     (ROOT / "bench" / "results").mkdir(exist_ok=True)
     (ROOT / "bench" / "results" / "latest.json").write_text(json.dumps(summarise(results), indent=2) + "\n")
     (ROOT / "bench" / "results" / f"raw-{results['date']}.json").write_text(json.dumps(results, indent=2) + "\n")
@@ -390,10 +420,11 @@ def publish(results_path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path)
-    parser.add_argument("--only", choices=["smollm2", "mistral", "search"])
+    parser.add_argument("--only", choices=["smollm2", "mistral", "levers", "search"])
     parser.add_argument("--parallel", type=int, default=8, help="search variants run at once")
     parser.add_argument("--quick", action="store_true", help="fewer 7B settings")
-    parser.add_argument("--publish", type=Path, help="results.json of a finished run to write into the repo")
+    parser.add_argument("--publish", type=Path, nargs="+", help="results.json files of finished runs to merge and "
+                        "write into the repo (BENCHMARKS.md, bench/results/)")
     parser.add_argument("--model-dir", type=Path, default=Path("/tmp/mistral-7b-shape"))
     if len(sys.argv) > 1 and sys.argv[1] == "measure":
         return measure_main(sys.argv[2:])
@@ -422,6 +453,9 @@ def main() -> None:
         save()
     if args.only in (None, "mistral"):
         bench_mistral(args.out, results, tokenizer_dir, args.model_dir, args.quick)
+        save()
+    if args.only in (None, "levers"):
+        bench_levers(args.out, results, args.model_dir, tokenizer_dir)
         save()
     (args.out / "BENCHMARKS-gpu.md").write_text(markdown(results))
     print(markdown(results))

@@ -25,7 +25,7 @@ def test_every_shipped_config_loads_and_opens_with_its_command(path):
 def test_shipped_configs_are_the_promised_ones():
     assert {p.name for p in CONFIGS} >= {"smollm2-cpu.yaml", "smollm2-gpu.yaml", "mistral-7b-qlora.yaml"}
     seed = load_config(CONFIGS[[p.name for p in CONFIGS].index("mistral-7b-qlora.yaml")])
-    assert (seed.model.quantization, seed.lora.r, seed.lora.alpha, seed.data.prompt_style) == ("nf4", 8, 16, "seed")
+    assert (seed.model.quantization, seed.lora.r, seed.lora.alpha, seed.data.completion_only) == ("nf4", 8, 16, True)
     assert "lm_head" in seed.lora.target_modules
 
 

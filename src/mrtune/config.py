@@ -85,7 +85,7 @@ class TrainSettings:
     """Batch rows of similar length together to cut padding (batches are still visited in random order)."""
     compile: bool = False
     """torch.compile the model: fewer, fused kernels (a small model's step is bound by kernel launches). The first
-    steps pay for the compilation; with packing, micro-batches are padded to batch_tokens so one shape serves all."""
+    steps pay for the compilation (packed micro-batches are always padded to batch_tokens: one shape serves all)."""
     learning_rate: float = 1e-3
     schedule: str = "cosine"
     """`cosine`, `linear` or `constant`, after warmup."""
