@@ -324,6 +324,14 @@ class MRConstraint:
         eos_only[self.eos] = True
         self._eos_only = self._bank(eos_only)
         self.states_seen = 0
+        # The per-step fast path works on small ints instead of States (hashing a 7-field tuple per row per step
+        # was most of the cost at batch 1,083): state id -> State, bank row, worst cost after one more token, and
+        # the ids reached by the tokens seen so far.
+        self._ids: dict[State, int] = {}
+        self._id_states: list[State] = []
+        self._id_rows: list[int] = []
+        self._id_worst: list[float] = []
+        self._id_next: list[dict[int, int]] = []
 
     # ---- precomputed token tables -----------------------------------------------------------------------------
 
@@ -401,7 +409,11 @@ class MRConstraint:
     @property
     def min_new_tokens(self) -> int:
         """The smallest generation budget that fits a whole MR."""
-        return int(self.finish_cost(self.grammar.start))
+        cost = self.finish_cost(self.grammar.start)
+        if cost == float("inf"):
+            raise MrtuneError("this tokenizer has no tokens to spell a meaning representation (no byte tokens for "
+                              "'(', '[' or ']'?): pass --no-constrained")
+        return int(cost)
 
     # ---- masks ------------------------------------------------------------------------------------------------
 
@@ -531,6 +543,34 @@ class MRConstraint:
             self._device_rows = count
         return bank[torch.tensor(rows, device=device)]
 
+    # ---- the per-step fast path ----------------------------------------------------------------------------------
+
+    def _state_id(self, state: State) -> int:
+        state_id = self._ids.get(state)
+        if state_id is None:
+            state_id = self._ids[state] = len(self._id_states)
+            self._id_states.append(state)
+            self._id_rows.append(self._mask_row(state, 10**9))
+            self._id_worst.append(self._max_next_cost.get(state, 0))
+            self._id_next.append({})
+        return state_id
+
+    def step_ids(self, state_ids: list[int], tokens: list[int]) -> list[int]:
+        """The ids of the states after `tokens`, one per row."""
+        table = self._id_next
+        out = []
+        for state_id, token in zip(state_ids, tokens):
+            reached = table[state_id].get(token)
+            if reached is None:
+                reached = table[state_id][token] = self._state_id(self.next_state(self._id_states[state_id], token))
+            out.append(reached)
+        return out
+
+    def rows_for(self, state_ids: list[int], left: int) -> list[int]:
+        """Bank rows of the tokens allowed in each state with `left` tokens of budget, this one included."""
+        rows, worst = self._id_rows, self._id_worst
+        return [rows[i] if left - 1 >= worst[i] else self._mask_row(self._id_states[i], left) for i in state_ids]
+
     def logits_processor(self, prompt_length: int, max_new_tokens: int) -> MRLogitsProcessor:
         if max_new_tokens < self.min_new_tokens:
             raise MrtuneError(f"eval.max_new_tokens={max_new_tokens} is too small for any meaning representation "
@@ -546,16 +586,19 @@ class MRLogitsProcessor(LogitsProcessor):
         self.constraint = constraint
         self.prompt_length = prompt_length
         self.max_new_tokens = max_new_tokens
-        self.states: list[State] | None = None
+        self.state_ids: list[int] | None = None  # one per row (MRConstraint's state ids)
+
+    @property
+    def states(self) -> list[State]:
+        return [self.constraint._id_states[i] for i in self.state_ids or ()]
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         generated = input_ids.shape[1] - self.prompt_length
         constraint = self.constraint
-        if self.states is None:
-            self.states = [constraint.grammar.start] * input_ids.shape[0]
+        if self.state_ids is None:
+            self.state_ids = [constraint._state_id(constraint.grammar.start)] * input_ids.shape[0]
         elif generated > 0:
-            last = input_ids[:, -1].tolist()
-            self.states = [constraint.next_state(s, t) for s, t in zip(self.states, last)]
+            self.state_ids = constraint.step_ids(self.state_ids, input_ids[:, -1].tolist())
         left = self.max_new_tokens - generated  # tokens still to come, this one included
-        rows = [constraint._mask_row(s, left) for s in self.states]
+        rows = constraint.rows_for(self.state_ids, left)
         return scores.masked_fill(constraint.refused(rows, scores.device, scores.shape[-1]), float("-inf"))
