@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
@@ -15,6 +16,19 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch
 
 def default_device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def cpu_safe_dtype(name: str, device: torch.device | None) -> torch.dtype:
+    """The dtype to load in: bf16 on a CPU without bf16 instructions (AVX512-BF16 or AMX) falls to torch's
+    reference GEMM, ~180x slower than fp32 (measured on an AVX2-only EPYC: 60 s vs 0.34 s for one 512x49152x576
+    matmul), so such a CPU gets fp32, with a notice."""
+    dtype = DTYPES[name]
+    if dtype == torch.bfloat16 and (device is None or torch.device(device).type == "cpu") \
+            and not torch.cuda.is_available() and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        warnings.warn("model.dtype=bfloat16 has no fast kernels on this CPU (no AVX512-BF16/AMX): using float32; "
+                      "set model.dtype=float32 to silence this", stacklevel=2)
+        return torch.float32
+    return dtype
 
 
 def quantization_config(settings: ModelSettings):
@@ -56,7 +70,7 @@ def load_base_model(settings: ModelSettings, device: torch.device | None, model_
     from transformers import AutoModelForCausalLM
 
     model_path = model_path or resolve_model_path(settings.name)
-    kwargs = {"dtype": DTYPES[settings.dtype], "attn_implementation": settings.attn_implementation}
+    kwargs = {"dtype": cpu_safe_dtype(settings.dtype, device), "attn_implementation": settings.attn_implementation}
     if settings.quantization == "nf4":
         kwargs["quantization_config"] = quantization_config(settings)
         if device is not None:  # each DDP rank's own GPU: {"": accelerator.device}
@@ -99,11 +113,13 @@ def attach_lora(model, lora: LoraSettings, settings: ModelSettings):
     for parameter in model.parameters():
         if parameter.requires_grad:
             parameter.data = parameter.data.float()
-    if settings.dtype != "float32":
+    if settings.dtype != "float32" and torch.cuda.is_available():
         # fp32 adapter weights, bf16 compute under autocast (train.compute_autocast). By default peft casts each
         # adapted layer's input to fp32 instead: an fp32 copy of every linear layer's input, kept for the
         # backward pass, ~40 GB at 8,192 tokens on Mistral-7B. The same switch as peft's
-        # helpers.disable_input_dtype_casting, set for the model's life rather than one block.
+        # helpers.disable_input_dtype_casting, set for the model's life rather than one block. CUDA only: on
+        # CPU, the backward of autocast's bf16 adapter matmuls falls to torch's slow reference GEMM (minutes a
+        # step on SmolLM2), while peft's fp32 casting keeps them on MKL.
         for module in model.modules():
             if isinstance(module, BaseTunerLayer):
                 module.cast_input_dtype_enabled = False

@@ -67,9 +67,10 @@ def compute_autocast(model, device_type: str | None = None):
     from accelerate.utils import extract_model_from_parallel
 
     embeddings = extract_model_from_parallel(model).get_input_embeddings().weight
-    dtype = embeddings.dtype
-    return torch.autocast(device_type=device_type or embeddings.device.type, dtype=dtype,
-                          enabled=dtype != torch.float32)
+    dtype, device_type = embeddings.dtype, device_type or embeddings.device.type
+    # CUDA only: see modeling.attach_lora for why the CPU keeps peft's fp32 adapter compute.
+    return torch.autocast(device_type=device_type, dtype=dtype,
+                          enabled=device_type == "cuda" and dtype != torch.float32)
 
 
 def target_positions(labels: torch.Tensor) -> torch.Tensor:
