@@ -287,11 +287,17 @@ def summarise(results: dict) -> dict:
             speedup_max_useful_tokens_per_s_7b=fastest[1]["useful_tokens_per_s"] / seed["useful_tokens_per_s"],
         )
         default = seven.get("default_recipe", {})
+        seed_epoch = 5103 / 8 * seed["step_s"]  # the seed trains 8 rows per optimizer step
         if not default.get("failed") and default:
-            seed_epoch = 5103 / 8 * seed["step_s"]  # the seed trains 8 rows per optimizer step
-            project_epoch = seven["epoch_tokens_compact_prompt"] / default["useful_tokens_per_s"]
+            rate, basis = default["useful_tokens_per_s"], "measured: configs/mistral-7b-qlora.yaml"
+        else:  # the default recipe (packed-8192 on the compact prompt) was not timed in these runs
+            rate = ok["packed-8192"]["useful_tokens_per_s"] if "packed-8192" in ok else None
+            basis = ("estimated: one epoch's compact-prompt tokens / the tokens/s of packed-8192 on the seed prompt "
+                     "(the default recipe's settings); the default recipe itself was not timed")
+        if rate:
+            project_epoch = seven["epoch_tokens_compact_prompt"] / rate
             summary.update(seed_epoch_s_7b=seed_epoch, project_epoch_s_7b=project_epoch,
-                           speedup_epoch_time_7b=seed_epoch / project_epoch)
+                           speedup_epoch_time_7b=seed_epoch / project_epoch, epoch_time_7b_basis=basis)
     small = results.get("smollm2", {})
     if small.get("project") and not small["project"].get("failed"):
         summary["smollm2_train_s"] = small["project"]["train_seconds"]
@@ -324,8 +330,11 @@ def _row(name: str, r: dict, seed: dict | None) -> str:
 def markdown(results: dict) -> str:
     summary = summarise(results)
     lines = [START, f"## GPU benchmark ({results['card']}, {results['date']})", "",
-             f"One run of `python -m bench.run` on one {results['card']}; every ratio compares figures of this run. "
-             "Useful tokens exclude padding; peak memory is `torch.cuda.max_memory_allocated`.", ""]
+             f"`python -m bench.run` on one {results['card']} ({results.get('calls', 'one call')}). Each table's "
+             "ratios compare figures measured in the same call, beside its own run of the seed recipe. Useful tokens "
+             "exclude padding; peak memory is `torch.cuda.max_memory_allocated`.", ""]
+    if results.get("notes"):
+        lines += [f"- {note}" for note in results["notes"]] + [""]
     header = ["| setting | s / optimizer step | useful tokens/s | padded tokens/s | peak GB | vs seed |",
               "| --- | --- | --- | --- | --- | --- |"]
     seven = results.get("mistral7b_shape")
