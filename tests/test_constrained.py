@@ -11,7 +11,7 @@ import torch
 from conftest import viggo_rows
 from transformers import AutoModelForCausalLM, LogitsProcessorList
 
-from mrtune.constrained import DONE, VALUE, MRConstraint, MRGrammar, token_bytes
+from mrtune.constrained import DONE, FINISHED, VALUE, MRConstraint, MRGrammar, token_bytes
 from mrtune.errors import MrtuneError
 from mrtune.generation import generate
 from mrtune.models import load_tokenizer
@@ -156,9 +156,11 @@ def test_eos_comes_right_after_the_closing_parenthesis(tiny):
     tokenizer, model, constraint = tiny
     batch = tokenizer(PROMPTS, padding=True, padding_side="left", return_tensors="pt")
     prompt_length = batch["input_ids"].shape[1]
+    processor = constraint.logits_processor(prompt_length, 40)
     generated = model.generate(**batch, max_new_tokens=40, do_sample=False, eos_token_id=constraint.eos,
-                               pad_token_id=tokenizer.pad_token_id,
-                               logits_processor=LogitsProcessorList([constraint.logits_processor(prompt_length, 40)]))
+                               pad_token_id=tokenizer.pad_token_id, logits_processor=LogitsProcessorList([processor]))
+    # At the last step every row had closed its MR (DONE: EOS is its only token) or had written EOS already.
+    assert {state.phase for state in processor.states} <= {DONE, FINISHED}
     for row in generated[:, prompt_length:].tolist():
         assert constraint.eos in row
         text = b"".join(constraint.tokens[i] for i in row[: row.index(constraint.eos)])
