@@ -274,8 +274,6 @@ def test_embedded_model_constrained_outputs_are_valid():
                                      for data in constraint.tokens])
             assert torch.equal(constraint.allowed_tokens(state, 10**6), expected), state
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    free = generate(model, tokenizer, PROMPTS[:5], batch_size=5, max_new_tokens=32, progress=False)
-    assert not any(try_parse_mr(text) for text in free)  # the untuned model answers in prose
     outputs = generate(model, tokenizer, PROMPTS[:5], batch_size=5, max_new_tokens=32, constraint=constraint,
                        progress=False)
     assert_valid_mrs(outputs)
