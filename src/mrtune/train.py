@@ -498,7 +498,9 @@ def _train(
             step_loss += loss.detach()
         step_loss = accelerator.reduce(step_loss, reduction="sum")
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), settings.max_grad_norm)
-        if not (torch.isfinite(step_loss) and torch.isfinite(grad_norm)):
+        # One host sync for both checks (each `bool(tensor)` waits for the device).
+        health = torch.stack([step_loss.float(), torch.as_tensor(grad_norm, device=device).float()])
+        if not bool(torch.isfinite(health).all()):
             # A non-finite loss or gradient would poison the adapter: drop this step's update.
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
