@@ -72,11 +72,12 @@ def measure_project(config_path: str | None, overrides: list[str], warm: int) ->
     return result
 
 
-def measure_evaluate(run_dir: str, limit: int | None, split: str = "test") -> dict:
+def measure_evaluate(run_dir: str, limit: int | None, split: str = "test", data: str | None = None,
+                     overrides: list[str] = ()) -> dict:
     from mrtune.evaluate import evaluate
 
     started = time.perf_counter()
-    metrics = evaluate(run_dir, split=split, limit=limit, progress=False)
+    metrics = evaluate(run_dir, split=split, data=data, limit=limit, overrides=overrides, progress=False)
     metrics["wall_seconds"] = time.perf_counter() - started
     return metrics
 
@@ -149,7 +150,15 @@ def bench_smollm2(out_dir: Path, results: dict, tokenizer_dir: str) -> None:
     part["project"] = child("smollm2-project", out_dir, ["project", "--config", "configs/smollm2-gpu.yaml",
                                                           "--warm", "3"], timeout=400)
     if not part["project"].get("failed"):
-        part["evaluate"] = child("smollm2-evaluate", out_dir, ["evaluate", part["project"]["run_dir"]], timeout=300)
+        run_dir = part["project"]["run_dir"]
+        part["evaluate"] = child("smollm2-evaluate", out_dir, ["evaluate", run_dir], timeout=300)
+        # The same decode with a growing (dynamic) KV cache, the default before eval.kv_cache: the lever's gain.
+        part["evaluate_dynamic_cache"] = child("smollm2-evaluate-dynamic", out_dir, [
+            "evaluate", run_dir, "--set", "eval.kv_cache=dynamic"], timeout=300)
+        unseen = Path(os.environ.get("BENCH_TMP", "/tmp")) / "unseen-names.jsonl"
+        subprocess.run([sys.executable, "-m", "mrtune.generalization", "--out", str(unseen)], check=True, cwd=ROOT)
+        part["unseen_names"] = child("smollm2-unseen-names", out_dir, ["evaluate", run_dir, "--data", str(unseen)],
+                                     timeout=300)
     # Issue target: two epochs of ViGGO in under a minute; the recipe's fast variant (fewer, larger steps).
     part["two_epochs"] = child("smollm2-two-epochs", out_dir, ["project", "--config", "configs/smollm2-gpu.yaml",
                                                                "--warm", "3", "--set", *SMOLLM2_TWO_EPOCHS], timeout=300)
@@ -169,13 +178,17 @@ SEVEN_B_COMMON = [
     "eval.max_new_tokens=8", "data.train_limit=1200",
 ]
 FLEX_PACKED = ["train.packing=true", "model.attn_implementation=flex_attention"]
+LIGER = ["model.liger_kernel=true"]
 SEVEN_B_SETTINGS = {
     # name: (overrides, steps). Same prompt (seed) and adapters as the seed recipe; the memory/speed dial.
     "packed-2048-ckpt": ([*FLEX_PACKED, "train.batch_tokens=2048", "model.gradient_checkpointing=true"], 14),
+    "packed-3072-ckpt": ([*FLEX_PACKED, "train.batch_tokens=3072", "model.gradient_checkpointing=true"], 12),
     "packed-4096-ckpt": ([*FLEX_PACKED, "train.batch_tokens=4096", "model.gradient_checkpointing=true"], 10),
+    "packed-4096-ckpt-liger": ([*FLEX_PACKED, *LIGER, "train.batch_tokens=4096",
+                                "model.gradient_checkpointing=true"], 10),
     "packed-8192-ckpt": ([*FLEX_PACKED, "train.batch_tokens=8192", "model.gradient_checkpointing=true"], 8),
     "packed-8192": ([*FLEX_PACKED, "train.batch_tokens=8192"], 8),
-    "packed-16384": ([*FLEX_PACKED, "train.batch_tokens=16384"], 6),
+    "packed-8192-liger": ([*FLEX_PACKED, *LIGER, "train.batch_tokens=8192"], 8),
 }
 # Each speed lever on its own, against a baseline that is the seed's recipe in mrtune's loop: 8 rows a step padded
 # to the longest, loss on the prompt too, SDPA, checkpointing on, batches in random order.
@@ -193,7 +206,8 @@ LEVERS = {
 }
 
 
-def bench_mistral(out_dir: Path, results: dict, tokenizer_dir: str, model_dir: Path, quick: bool) -> None:
+def bench_mistral(out_dir: Path, results: dict, tokenizer_dir: str, model_dir: Path, only: set[str] | None) -> None:
+    """The seed recipe, then the settings named in `only` (all of SEVEN_B_SETTINGS and `default` when None)."""
     part = results.setdefault("mistral7b_shape", {"label": MISTRAL_SHAPE_LABEL})
     if not (model_dir / "config.json").is_file():
         started = time.perf_counter()
@@ -205,10 +219,12 @@ def bench_mistral(out_dir: Path, results: dict, tokenizer_dir: str, model_dir: P
     common = [f"model.name={model_dir}", *SEVEN_B_COMMON]
     settings = part.setdefault("settings", {})
     for name, (overrides, steps) in SEVEN_B_SETTINGS.items():
-        if quick and name not in ("packed-4096-ckpt", "packed-8192"):
+        if only is not None and name not in only:
             continue
         settings[name] = child(f"mistral-{name}", out_dir, ["project", "--warm", "2", "--set", *common, *overrides,
                                                             f"train.max_steps={steps}"], timeout=400)
+    if only is not None and "default" not in only:
+        return
     # The project's default 7B recipe (configs/mistral-7b-qlora.yaml) on the same model, for the epoch time.
     part["default_recipe"] = child("mistral-default", out_dir, [
         "project", "--config", "configs/mistral-7b-qlora.yaml", "--warm", "2", "--set", f"model.name={model_dir}",
@@ -309,6 +325,12 @@ def summarise(results: dict) -> dict:
     if evaluation and not evaluation.get("failed"):
         summary.update(smollm2_test_exact_match=evaluation["exact_match"], smollm2_eval_s=evaluation["decode_seconds"],
                        smollm2_test_slot_f1=evaluation["slot_f1"], smollm2_valid_mr_rate=evaluation["valid_mr_rate"])
+    dynamic = small.get("evaluate_dynamic_cache", {})
+    if dynamic and not dynamic.get("failed"):
+        summary["smollm2_eval_s_dynamic_cache"] = dynamic["decode_seconds"]
+    unseen = small.get("unseen_names", {})
+    if unseen and not unseen.get("failed"):
+        summary["smollm2_unseen_names_exact_match"] = unseen["exact_match"]
     return summary
 
 
@@ -366,7 +388,16 @@ def markdown(results: dict) -> str:
             lines += ["", f"Test split ({ev['n']} rows), after {small['project']['train_seconds']:.0f} s of training: "
                       f"exact match {100 * ev['exact_match']:.1f}%, slot F1 {100 * ev['slot_f1']:.1f}%, dialogue-act "
                       f"accuracy {100 * ev['dialogue_act_accuracy']:.1f}%, valid MR {100 * ev['valid_mr_rate']:.1f}%; "
-                      f"`mrtune evaluate` decoded it in {ev['decode_seconds']:.1f} s."]
+                      f"`mrtune evaluate` decoded it in {ev['decode_seconds']:.1f} s (static KV cache)."]
+            dynamic = small.get("evaluate_dynamic_cache", {})
+            if dynamic and not dynamic.get("failed"):
+                lines += ["", f"The same decode with a growing (dynamic) KV cache: {dynamic['decode_seconds']:.1f} s "
+                          f"(exact match {100 * dynamic['exact_match']:.1f}%)."]
+        unseen = small.get("unseen_names", {})
+        if unseen and not unseen.get("failed"):
+            lines += ["", f"Game names never seen in training (`python -m mrtune.generalization`, {unseen['n']} test "
+                      f"rows with invented names): exact match {100 * unseen['exact_match']:.1f}%, slot F1 "
+                      f"{100 * unseen['slot_f1']:.1f}%."]
         lines.append("")
     if seven and seven.get("levers"):
         levers = seven["levers"]
@@ -431,7 +462,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path)
     parser.add_argument("--only", choices=["smollm2", "mistral", "levers", "search"])
     parser.add_argument("--parallel", type=int, default=8, help="search variants run at once")
-    parser.add_argument("--quick", action="store_true", help="fewer 7B settings")
+    parser.add_argument("--settings", help="comma-separated 7B settings to run after the seed recipe (names of "
+                        "SEVEN_B_SETTINGS, and `default` for configs/mistral-7b-qlora.yaml); all by default")
     parser.add_argument("--publish", type=Path, nargs="+", help="results.json files of finished runs to merge and "
                         "write into the repo (BENCHMARKS.md, bench/results/)")
     parser.add_argument("--model-dir", type=Path, default=Path("/tmp/mistral-7b-shape"))
@@ -461,7 +493,8 @@ def main() -> None:
         bench_smollm2(args.out, results, tokenizer_dir)
         save()
     if args.only in (None, "mistral"):
-        bench_mistral(args.out, results, tokenizer_dir, args.model_dir, args.quick)
+        bench_mistral(args.out, results, tokenizer_dir, args.model_dir,
+                      set(args.settings.split(",")) if args.settings else None)
         save()
     if args.only in (None, "levers"):
         bench_levers(args.out, results, args.model_dir, tokenizer_dir)
@@ -482,6 +515,8 @@ def measure_main(argv: list[str]) -> None:
     p.add_argument("run_dir")
     p.add_argument("--limit", type=int)
     p.add_argument("--split", default="test")
+    p.add_argument("--data")
+    p.add_argument("--set", nargs="*", default=[])
     p = sub.add_parser("seed")
     p.add_argument("model_dir")
     p.add_argument("--steps", type=int, default=8)
@@ -489,7 +524,7 @@ def measure_main(argv: list[str]) -> None:
     if args.kind == "project":
         result = measure_project(args.config, args.set, args.warm)
     elif args.kind == "evaluate":
-        result = measure_evaluate(args.run_dir, args.limit, args.split)
+        result = measure_evaluate(args.run_dir, args.limit, args.split, args.data, args.set)
     else:
         from bench.seed_recipe import run_seed
 

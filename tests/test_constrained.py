@@ -152,6 +152,15 @@ def test_random_model_writes_garbage_unless_constrained(tiny):
     assert_valid_mrs(constrained)
 
 
+@pytest.mark.parametrize("constrained", [False, True])
+def test_static_kv_cache_decodes_the_same_tokens_as_the_dynamic_one(tiny, constrained):
+    tokenizer, model, constraint = tiny
+    outputs = {cache: generate(model, tokenizer, PROMPTS, batch_size=4, max_new_tokens=24, kv_cache=cache,
+                               constraint=constraint if constrained else None, progress=False)
+               for cache in ("dynamic", "static")}
+    assert outputs["static"] == outputs["dynamic"] and any(outputs["static"])
+
+
 def test_eos_comes_right_after_the_closing_parenthesis(tiny):
     tokenizer, model, constraint = tiny
     batch = tokenizer(PROMPTS, padding=True, padding_side="left", return_tensors="pt")
@@ -246,6 +255,12 @@ def test_evaluate_and_predict_are_constrained_unless_told_not_to(tiny_run, capsy
     assert main(["evaluate", str(tiny_run.path), "--no-constrained"]) == 0
     saved = json.loads((tiny_run.eval_dir("test") / "metrics.json").read_text())
     assert saved["constrained"] is False and saved["valid_mr_rate"] < 1.0
+
+    # Decoding settings change for one command with --set; the run's config stays as trained.
+    assert main(["evaluate", str(tiny_run.path), "--set", "eval.kv_cache=static", "--set", "eval.batch_size=3"]) == 0
+    assert tiny_run.config().eval.kv_cache == "auto"
+    assert main(["evaluate", str(tiny_run.path), "--set", "train.epochs=3"]) == 2
+    assert "only eval.* settings can change after training" in capsys.readouterr().err
 
     sentence = TEST_ROWS[0]["target"]
     assert try_parse_mr(predict(tiny_run.path, sentences=[sentence], progress=False)[0]) is not None

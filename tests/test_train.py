@@ -161,3 +161,18 @@ def test_packed_collate_pads_to_a_fixed_length():
     assert batch["input_ids"].tolist() == [[5, 6, 7, 8, 9, 0, 0, 0]]
     assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1, 0, 1, 2]]
     assert batch["labels"].tolist() == [[IGNORE_INDEX, 6, 7, IGNORE_INDEX, 9] + [IGNORE_INDEX] * 3]
+
+
+def test_top_layers_adapts_only_the_top_blocks(tiny_model_dir):
+    from mrtune.errors import MrtuneError
+
+    config = load_config(None, [f"model.name={tiny_model_dir}", "model.dtype=float32", "lora.top_layers=1"])
+    model = attach_lora(load_base_model(config.model, torch.device("cpu")), config.lora, config.model)
+    adapted = {name.split(".layers.")[1].split(".")[0] for name, p in model.named_parameters() if p.requires_grad}
+    assert adapted == {"1"}  # the tiny model has blocks 0 and 1
+    names = {name.rsplit(".lora_A", 1)[0].rsplit(".", 1)[-1] for name, p in model.named_parameters()
+             if p.requires_grad and "lora_A" in name}
+    assert names == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}  # all-linear
+    config = load_config(None, [f"model.name={tiny_model_dir}", "lora.top_layers=3"])
+    with pytest.raises(MrtuneError, match="lora.top_layers=3 but the model has 2 layers"):
+        attach_lora(load_base_model(config.model, torch.device("cpu")), config.lora, config.model)

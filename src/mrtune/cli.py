@@ -72,7 +72,7 @@ def _evaluate(args) -> None:
     from mrtune.evaluate import evaluate
 
     metrics = evaluate(args.run, split=args.split, data=args.data, limit=args.limit, base=args.base,
-                       constrained=args.constrained)
+                       constrained=args.constrained, overrides=args.set)
     label = "base" if args.base else "fine-tuned"
     print(format_metrics_table({label: metrics}))
     print(f"decoded {metrics['n']} rows in {metrics['decode_seconds']:.1f} s")
@@ -82,7 +82,7 @@ def _predict(args) -> None:
     from mrtune.evaluate import predict
 
     outputs = predict(args.run, sentences=args.sentence, input_file=args.input, output_file=args.output,
-                      base=args.base, constrained=args.constrained)
+                      base=args.base, constrained=args.constrained, overrides=args.set)
     if args.output:
         print(f"wrote {len(outputs)} predictions to {args.output}")
     else:
@@ -137,6 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base", action="store_true", help="score the untuned base model with the same prompt")
     p.add_argument("--no-constrained", dest="constrained", action="store_false", default=None,
                    help="decode freely instead of only valid MRs of the run's vocabulary (eval.constrained)")
+    p.add_argument("--set", action="append", default=[], metavar="eval.KEY=VALUE",
+                   help="change a decoding setting for this command only, e.g. --set eval.batch_size=64 (repeatable)")
     p.set_defaults(func=_evaluate)
 
     p = commands.add_parser("predict", help="write the meaning representation of sentences")
@@ -147,6 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base", action="store_true", help="use the untuned base model")
     p.add_argument("--no-constrained", dest="constrained", action="store_false", default=None,
                    help="decode freely instead of only valid MRs of the run's vocabulary (eval.constrained)")
+    p.add_argument("--set", action="append", default=[], metavar="eval.KEY=VALUE",
+                   help="change a decoding setting for this command only, e.g. --set eval.batch_size=64 (repeatable)")
     p.set_defaults(func=_predict)
 
     p = commands.add_parser("merge", help="save base + adapter as one standalone model")

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from mrtune.config import with_eval_overrides
 from mrtune.data import Example, load_split, spread_sample
 from mrtune.errors import MrtuneError
 from mrtune.generation import generate
@@ -18,8 +19,8 @@ from mrtune.prompts import build_prompt
 from mrtune.rundir import RunDir, write_json, write_text_atomic
 
 
-def _load(run: RunDir, base: bool):
-    config = run.config()
+def _load(run: RunDir, base: bool, overrides=()):
+    config = with_eval_overrides(run.config(), overrides)
     adapter = None if base else run.require_adapter()
     tokenizer = load_tokenizer(str(run.tokenizer))
     model = load_trained_model(config.model, adapter, default_device())
@@ -46,7 +47,7 @@ def _decode(run: RunDir, config, tokenizer, model, sentences: list[str], progres
         predictions = generate(model, tokenizer, prompts, batch_size=config.eval.batch_size,
                                max_new_tokens=config.eval.max_new_tokens,
                                constraint=_constraint(run, tokenizer) if constrained else None,
-                               progress=progress, stats=stats)
+                               kv_cache=config.eval.kv_cache, progress=progress, stats=stats)
     except torch.OutOfMemoryError:
         raise MrtuneError(
             f"out of GPU memory decoding {config.eval.batch_size} rows at a time: lower eval.batch_size (or "
@@ -63,14 +64,16 @@ def evaluate(
     limit: int | None = None,
     base: bool = False,
     constrained: bool | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
     progress: bool = True,
 ) -> dict:
     """Decode a split (or any data file), score it, and write eval/<name>/{metrics.json,predictions.jsonl}.
 
     `constrained` (default: the run's eval.constrained) decodes only valid MRs of the run's vocabulary.
+    `overrides` (`eval.key=value`) change decoding settings for this call only.
     """
     run = RunDir.open(run_dir)
-    config = run.config()
+    config = with_eval_overrides(run.config(), overrides)
     info = run.info()
     if info.get("status") == "diverged" and not base:
         raise MrtuneError(
@@ -83,7 +86,7 @@ def evaluate(
     spec = data or getattr(config.data, split)
     examples = spread_sample(load_split(spec, config.data.input_field, config.data.output_field),
                              limit if limit is not None else config.eval.limit)
-    config, tokenizer, model = _load(run, base)
+    config, tokenizer, model = _load(run, base, overrides)
     constrained = config.eval.constrained if constrained is None else constrained
     started = time.perf_counter()
     predictions, stats = _decode(run, config, tokenizer, model, [e.sentence for e in examples], progress,
@@ -116,6 +119,7 @@ def predict(
     output_file: str | None = None,
     base: bool = False,
     constrained: bool | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
     progress: bool = True,
 ) -> list[str]:
     """Meaning representations for sentences given directly or as a JSONL/CSV file of rows with the input field.
@@ -123,7 +127,7 @@ def predict(
     `constrained` (default: the run's eval.constrained) decodes only valid MRs of the run's vocabulary.
     """
     run = RunDir.open(run_dir)
-    config = run.config()
+    config = with_eval_overrides(run.config(), overrides)
     if input_file is not None:
         if output_file is None:
             raise MrtuneError("--input needs --output FILE.jsonl to write the predictions to")
@@ -134,7 +138,7 @@ def predict(
         examples = [Example(s, None) for s in sentences]
     else:
         raise MrtuneError('give a sentence (mrtune predict RUN "some sentence") or --input FILE.jsonl')
-    config, tokenizer, model = _load(run, base)
+    config, tokenizer, model = _load(run, base, overrides)
     constrained = config.eval.constrained if constrained is None else constrained
     predictions, _ = _decode(run, config, tokenizer, model, [e.sentence for e in examples],
                              progress and input_file is not None, constrained)

@@ -23,6 +23,7 @@ def generate(
     batch_size: int = 32,
     max_new_tokens: int = 160,
     constraint: MRConstraint | None = None,
+    kv_cache: str = "auto",
     progress: bool = True,
     stats: dict | None = None,
 ) -> list[str]:
@@ -31,7 +32,8 @@ def generate(
     Prompts are sorted by length so each batch holds similar lengths (little left padding), and each batch stops
     as soon as every row in it has written EOS. With a `constraint`, every completion is a valid MR of its
     vocabulary, closed within `max_new_tokens`. When `stats` is a dict, it receives `generated_tokens` (new tokens
-    up to and including each row's EOS) and `seconds` (wall time of the decoding).
+    up to and including each row's EOS) and `seconds` (wall time of the decoding). `kv_cache`: see
+    `EvalSettings.kv_cache`.
     """
     from transformers import GenerationConfig, LogitsProcessorList
 
@@ -40,8 +42,12 @@ def generate(
     order = sorted(range(len(prompts)), key=lambda i: -len(prompt_ids[i]))
     device = next(model.parameters()).device
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    static = kv_cache == "static" or (kv_cache == "auto" and device.type == "cuda")
     generation_config = GenerationConfig(
-        max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos, pad_token_id=pad, use_cache=True
+        max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos, pad_token_id=pad, use_cache=True,
+        # With a static cache, generate would also torch.compile the decoding step by default: a minute of
+        # compilation to save seconds, once per process. An evaluation is one process.
+        **({"cache_implementation": "static", "disable_compile": True} if static else {}),
     )
     outputs: list[str] = [""] * len(prompts)
     generated_tokens = 0

@@ -89,19 +89,60 @@ def load_base_model(settings: ModelSettings, device: torch.device | None, model_
     return model
 
 
+def apply_liger_kernel(model) -> None:
+    """Swap the model's RMSNorm, SwiGLU MLP and RoPE for Liger's Triton kernels, in place.
+
+    Liger's fused linear cross-entropy is left off: the loss is computed on the target positions only
+    (`train.target_loss`), and an adapted lm_head (the seed recipe's) must stay a peft module.
+    """
+    if not torch.cuda.is_available():
+        raise MrtuneError("model.liger_kernel=true needs a CUDA GPU (Liger's kernels are Triton): set it to false")
+    try:
+        from liger_kernel.transformers.monkey_patch import (
+            MODEL_TYPE_TO_APPLY_LIGER_FN,
+            _apply_liger_kernel_to_instance,
+        )
+    except ImportError:
+        raise MrtuneError("model.liger_kernel=true needs the liger-kernel package: pip install liger-kernel, "
+                          "or set model.liger_kernel=false") from None
+    if model.config.model_type not in MODEL_TYPE_TO_APPLY_LIGER_FN:  # Liger would only log and go on
+        raise MrtuneError(f"Liger has no kernels for model type {model.config.model_type!r}: set "
+                          "model.liger_kernel=false")
+    _apply_liger_kernel_to_instance(model=model, rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
+                                    fused_linear_cross_entropy=False)
+
+
+def decoder_linear_names(model) -> list[str]:
+    """The leaf names of the linear layers inside the decoder layers (q_proj, ..., down_proj): what peft's
+    `all-linear` means, spelled out (plain and bitsandbytes 4-bit linears both subclass torch.nn.Linear)."""
+    return sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                   if isinstance(module, torch.nn.Linear) and ".layers." in f".{name}"})
+
+
 def attach_lora(model, lora: LoraSettings, settings: ModelSettings):
     """Freeze the base and add trainable LoRA adapters (kept in fp32: bf16 weights swallow small updates)."""
     from peft import LoraConfig, get_peft_model
 
+    if settings.liger_kernel:
+        apply_liger_kernel(model)
     if settings.gradient_checkpointing:
         # Non-reentrant checkpointing works with frozen inputs (no enable_input_require_grads hack needed).
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    targets = lora.target_modules
+    targets = "all-linear" if lora.target_modules == ["all-linear"] else lora.target_modules
+    layers = None
+    if lora.top_layers is not None:
+        count = model.config.get_text_config().num_hidden_layers
+        if lora.top_layers > count:
+            raise MrtuneError(f"lora.top_layers={lora.top_layers} but the model has {count} layers: lower it")
+        layers = list(range(count - lora.top_layers, count))
+        if targets == "all-linear":  # peft takes layers_to_transform only with explicit module names
+            targets = decoder_linear_names(model)
     peft_config = LoraConfig(
         r=lora.r,
         lora_alpha=lora.alpha,
         lora_dropout=lora.dropout,
-        target_modules="all-linear" if targets == ["all-linear"] else targets,
+        target_modules=targets,
+        layers_to_transform=layers,
         task_type="CAUSAL_LM",
     )
     try:
