@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # On the lent GPU machine, after ../shared/tools/stage-gpu's two staging calls have put the embedded model and
 # bitsandbytes under $HOME/stash: set up the environment and run the benchmark (arguments go to bench.run).
-# Logs and results land in $OUT. Run from the repository root: bash bench/gpu.sh [--only smollm2|mistral]
+# Logs and results land in $OUT. Run from the repository root: bash bench/gpu.sh [--only smollm2|mistral|levers] [--settings NAME,...]
 set -uo pipefail
-export PYTHONPATH=$PWD/src:$PWD:$HOME/stash/site:$PWD/.device/site-extra PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+export PYTHONPATH=$PWD/src:$PWD:$HOME/stash/site:$HOME/stash/site-extra:$PWD/.device/site-extra PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 export MRTUNE_EMBEDDED_GGUF=$HOME/stash/SmolLM2-135M-Instruct.Q4_1.gguf MRTUNE_CACHE=$HOME/stash/cache
 export BENCH_TMP=$HOME/stash
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/card.txt"
