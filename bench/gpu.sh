@@ -6,6 +6,9 @@ set -uo pipefail
 export PYTHONPATH=$PWD/src:$PWD:$HOME/stash/site:$HOME/stash/site-extra:$PWD/.device/site-extra PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 export MRTUNE_EMBEDDED_GGUF=$HOME/stash/SmolLM2-135M-Instruct.Q4_1.gguf MRTUNE_CACHE=$HOME/stash/cache
 export BENCH_TMP=$HOME/stash
+# BENCH_OUT (default $OUT): where this run's results.json and log go, so one call can hold two runs.
+BENCH_OUT=${BENCH_OUT:-$OUT}
+mkdir -p "$BENCH_OUT"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/card.txt"
 python - <<'PY' 2>&1 | tee "$OUT/versions.txt"
 import importlib
@@ -16,4 +19,4 @@ for name in ["torch", "transformers", "peft", "accelerate", "bitsandbytes", "ggu
     except Exception as error:
         print(name, "MISSING", type(error).__name__)
 PY
-python -m bench.run --out "$OUT" "$@" 2>&1 | tee "$OUT/bench.log"
+python -m bench.run --out "$BENCH_OUT" "$@" 2>&1 | tee "$BENCH_OUT/bench.log"

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -128,8 +129,10 @@ def child(name: str, out_dir: Path, args: list[str], timeout: int) -> dict:
     if code == 0 and out.is_file():
         result = json.loads(out.read_text())
     else:
-        tail = log.read_text(errors="replace").strip().splitlines()[-3:]
-        result = {"failed": True, "exit": code, "reason": " | ".join(tail)[-400:]}
+        lines = log.read_text(errors="replace").strip().splitlines()
+        # The exception's own line(s), not only the hints torch prints after them.
+        errors = [line for line in lines if re.match(r"^\s*[\w.]*(Error|Exception)\b", line)][-3:]
+        result = {"failed": True, "exit": code, "reason": " | ".join(errors + lines[-3:])[-1200:]}
     result["child_seconds"] = round(time.perf_counter() - started, 1)
     print(f"    -> {json.dumps({k: v for k, v in result.items() if not isinstance(v, dict)})[:400]}", flush=True)
     if SAVE is not None:
@@ -223,13 +226,15 @@ def bench_mistral(out_dir: Path, results: dict, tokenizer_dir: str, model_dir: P
             continue
         settings[name] = child(f"mistral-{name}", out_dir, ["project", "--warm", "2", "--set", *common, *overrides,
                                                             f"train.max_steps={steps}"], timeout=400)
-    if only is not None and "default" not in only:
+    if only is not None and not only & {"default", "default-liger"}:
         return
     # The project's default 7B recipe (configs/mistral-7b-qlora.yaml) on the same model, for the epoch time.
-    part["default_recipe"] = child("mistral-default", out_dir, [
-        "project", "--config", "configs/mistral-7b-qlora.yaml", "--warm", "2", "--set", f"model.name={model_dir}",
-        "train.max_steps=10", "train.eval_every=100000", "train.eval_rows=8", "eval.max_new_tokens=8",
-        "data.train_limit=1200"], timeout=400)
+    default = ["project", "--config", "configs/mistral-7b-qlora.yaml", "--warm", "2", "--set",
+               f"model.name={model_dir}", "train.max_steps=10", "train.eval_every=100000", "train.eval_rows=8",
+               "eval.max_new_tokens=8", "data.train_limit=1200", "train.log_every=1"]
+    part["default_recipe"] = child("mistral-default", out_dir, default, timeout=400)
+    if only is not None and "default-liger" in only:  # the same with Liger's kernels
+        part["default_recipe_liger"] = child("mistral-default-liger", out_dir, [*default, *LIGER], timeout=400)
 
 
 def bench_levers(out_dir: Path, results: dict, model_dir: Path, tokenizer_dir: str) -> None:

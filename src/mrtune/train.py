@@ -134,6 +134,12 @@ def check_hardware(config: Config) -> None:
     if config.train.optimizer == "paged_adamw_8bit" and not torch.cuda.is_available():
         problems.append("train.optimizer=paged_adamw_8bit needs a CUDA GPU (bitsandbytes): on this machine set "
                         "--set train.optimizer=adamw")
+    if config.model.attn_implementation == "flex_attention" and not torch.cuda.is_available():
+        problems.append("model.attn_implementation=flex_attention cannot train on this machine (PyTorch has no "
+                        "flex attention backward on CPU): set --set model.attn_implementation=sdpa")
+    if config.model.liger_kernel and not torch.cuda.is_available():
+        problems.append("model.liger_kernel=true needs a CUDA GPU (Liger's kernels are Triton): set "
+                        "--set model.liger_kernel=false")
     if problems:
         raise MrtuneError("; ".join(problems))
 
