@@ -36,6 +36,7 @@ def summarise_run(run_dir: Path, warm: int, processes: int) -> dict:
         "processes": processes, "useful_tokens_per_s": rate["useful_tokens_per_s"],
         "padded_tokens_per_s": rate["padded_tokens_per_s"], "step_s": rate["step_s"],
         "steps_timed": rate["steps_timed"], "batch_tokens_per_gpu": config.train.batch_tokens,
+        "prompt_style": config.data.prompt_style, "gradient_checkpointing": config.model.gradient_checkpointing,
         "gradient_accumulation": config.train.gradient_accumulation,
         "peak_memory_gb_rank0": (info.get("peak_memory_bytes") or 0) / 1e9,
     }

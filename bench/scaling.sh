@@ -20,6 +20,8 @@ TOKENIZER_DIR=${TOKENIZER_DIR:-$HOME/stash/cache/smollm2-135m-instruct}
 MODEL_DIR=${MODEL_DIR:-/tmp/mistral-7b-shape}
 RUNS=${RUNS:-/tmp/mrtune-scaling}
 STEPS=${STEPS:-12}
+# PROMPT_STYLE (default: the recipe's compact prompt) sets data.prompt_style, e.g. seed for the seed recipe's rows.
+PROMPT_STYLE=${PROMPT_STYLE:-}
 WARM=${WARM:-3}
 
 gpus=$(python -c 'import torch; print(torch.cuda.device_count())')
@@ -36,6 +38,7 @@ fi
 SETS=(--set "model.name=$MODEL_DIR" --set "train.max_steps=$STEPS" --set train.log_every=1
       --set train.eval_every=100000 --set train.eval_rows=8 --set eval.max_new_tokens=8
       --set train.checkpoint_every=100000 --set data.train_limit=3000)
+if [ -n "$PROMPT_STYLE" ]; then SETS+=(--set "data.prompt_style=$PROMPT_STYLE"); fi
 
 echo "1 GPU: $STEPS steps"
 CUDA_VISIBLE_DEVICES=0 python -m mrtune train --config configs/mistral-7b-qlora.yaml "${SETS[@]}" \
@@ -48,7 +51,7 @@ python -m bench.scaling --one "$RUNS/1gpu" --two "$RUNS/2gpu" --warm "$WARM" --o
 
 if [ "${FSDP:-1}" != 0 ]; then
   echo "2 GPUs (FSDP, sharded 4-bit): $STEPS steps"
-  timeout -k 20 300 python -m mrtune train --num-gpus 2 --accelerate-config configs/accelerate/fsdp-qlora.yaml \
+  timeout -k 20 "${FSDP_TIMEOUT:-300}" python -m mrtune train --num-gpus 2 --accelerate-config configs/accelerate/fsdp-qlora.yaml \
     --config configs/mistral-7b-qlora.yaml "${SETS[@]}" --output-dir "$RUNS/2gpu-fsdp" --overwrite \
     > "$OUT/scaling-2gpu-fsdp.log" 2>&1 || { tail -n 30 "$OUT/scaling-2gpu-fsdp.log"; exit 1; }
   python -m bench.scaling --one "$RUNS/1gpu" --two "$RUNS/2gpu" --fsdp "$RUNS/2gpu-fsdp" --warm "$WARM" \
