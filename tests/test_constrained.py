@@ -292,3 +292,26 @@ def test_embedded_model_constrained_outputs_are_valid():
     outputs = generate(model, tokenizer, PROMPTS[:5], batch_size=5, max_new_tokens=32, constraint=constraint,
                        progress=False)
     assert_valid_mrs(outputs)
+
+
+def test_a_flex_attention_model_decodes_with_sdpa(tiny_model_dir):
+    """Flex attention's decoding kernel failed to compile on an H200 (short prompts): decoding switches to SDPA."""
+    from mrtune.generation import sdpa_for_decoding
+
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    flex = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="flex_attention")
+    sdpa = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="sdpa")
+    seen = []
+    original = type(flex).forward
+
+    def spy(self, *args, **kwargs):
+        seen.append(self.config._attn_implementation)
+        return original(self, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(type(flex), "forward", spy)
+        outputs = generate(flex, tokenizer, PROMPTS[:2], max_new_tokens=6, progress=False)
+    assert set(seen) == {"sdpa"} and flex.config._attn_implementation == "flex_attention"
+    assert outputs == generate(sdpa, tokenizer, PROMPTS[:2], max_new_tokens=6, progress=False)
+    with sdpa_for_decoding(sdpa):
+        assert sdpa.config._attn_implementation == "sdpa"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import TYPE_CHECKING
 
@@ -12,6 +13,26 @@ from mrtune.batching import encode_prompts
 
 if TYPE_CHECKING:
     from mrtune.constrained import MRConstraint
+
+
+@contextlib.contextmanager
+def sdpa_for_decoding(model):
+    """Decode with SDPA when the model trains with flex attention (restored afterwards).
+
+    Flex attention is for packed training rows; its decoding kernel (one query row against the KV cache) failed to
+    compile on an H200 for the compact prompt's short prompts (inductor: "NoValidChoicesError"), crashing the
+    7B recipe at its first evaluation, and it would compile again for every new cache length anyway.
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    current = base.config._attn_implementation
+    if current != "flex_attention":
+        yield
+        return
+    base.set_attn_implementation("sdpa")
+    try:
+        yield
+    finally:
+        base.set_attn_implementation(current)
 
 
 @torch.inference_mode()
@@ -65,12 +86,13 @@ def generate(
         extra = {}
         if constraint is not None:
             extra["logits_processor"] = LogitsProcessorList([constraint.logits_processor(longest, max_new_tokens)])
-        generated = model.generate(
-            input_ids=input_ids.to(device),
-            attention_mask=attention_mask.to(device),
-            generation_config=generation_config,
-            **extra,
-        )
+        with sdpa_for_decoding(model):
+            generated = model.generate(
+                input_ids=input_ids.to(device),
+                attention_mask=attention_mask.to(device),
+                generation_config=generation_config,
+                **extra,
+            )
         for row, i in enumerate(indices):
             new_tokens = generated[row, longest:].tolist()
             if eos in new_tokens:
