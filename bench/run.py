@@ -288,37 +288,50 @@ def bench_search(out_dir: Path, results: dict, variants: dict[str, list[str]], p
         list(pool.map(one, enumerate(variants.items())))
 
 
+def _seed_rate(r: dict, seed: dict) -> float | None:
+    """The seed's useful tokens/s measured in the same call as `r` (publish records it), else this run's seed."""
+    if "seed_useful_tokens_per_s" in r:
+        return r["seed_useful_tokens_per_s"]
+    return seed["useful_tokens_per_s"] if seed and not seed.get("failed") else None
+
+
 def summarise(results: dict) -> dict:
-    """The headline figures of bench/results/latest.json (project / seed ratios, from this run only)."""
+    """The headline figures of bench/results/latest.json (project / seed ratios, each within one call)."""
     summary = {"card": results["card"], "date": results["date"]}
     seven = results.get("mistral7b_shape", {})
     seed = seven.get("seed", {})
-    ok = {k: v for k, v in seven.get("settings", {}).items() if not v.get("failed")}
+    ok = {k: v for k, v in seven.get("settings", {}).items() if not v.get("failed") and _seed_rate(v, seed)}
     if seed and not seed.get("failed") and ok:
+        ratio = {k: v["useful_tokens_per_s"] / _seed_rate(v, seed) for k, v in ok.items()}
         within_seed = {k: v for k, v in ok.items() if v["peak_memory_gb"] <= seed["peak_memory_gb"]}
-        saving = max(within_seed.items(), key=lambda kv: kv[1]["useful_tokens_per_s"]) if within_seed else \
-            min(ok.items(), key=lambda kv: kv[1]["peak_memory_gb"])
-        fits = {k: v for k, v in ok.items() if v["peak_memory_gb"] <= 80}
-        fastest = max(fits.items(), key=lambda kv: kv[1]["useful_tokens_per_s"])
+        saving = max(within_seed, key=ratio.get) if within_seed else min(ok, key=lambda k: ok[k]["peak_memory_gb"])
+        fastest = max((k for k, v in ok.items() if v["peak_memory_gb"] <= 80), key=ratio.get)
         summary.update(
-            memory_saving_setting_7b=saving[0],
-            speedup_useful_tokens_per_s_7b=saving[1]["useful_tokens_per_s"] / seed["useful_tokens_per_s"],
-            peak_memory_ratio_7b=saving[1]["peak_memory_gb"] / seed["peak_memory_gb"],
-            fastest_setting_7b=fastest[0],
-            speedup_max_useful_tokens_per_s_7b=fastest[1]["useful_tokens_per_s"] / seed["useful_tokens_per_s"],
+            memory_saving_setting_7b=saving,
+            speedup_useful_tokens_per_s_7b=ratio[saving],
+            peak_memory_ratio_7b=ok[saving]["peak_memory_gb"] / seed["peak_memory_gb"],
+            fastest_setting_7b=fastest,
+            speedup_max_useful_tokens_per_s_7b=ratio[fastest],
         )
         default = seven.get("default_recipe", {})
-        seed_epoch = 5103 / 8 * seed["step_s"]  # the seed trains 8 rows per optimizer step
-        if not default.get("failed") and default:
-            rate, basis = default["useful_tokens_per_s"], "measured: configs/mistral-7b-qlora.yaml"
-        else:  # the default recipe (packed-8192 on the compact prompt) was not timed in these runs
-            rate = ok["packed-8192"]["useful_tokens_per_s"] if "packed-8192" in ok else None
+        if default and not default.get("failed"):
+            rate, seed_step = default["useful_tokens_per_s"], default.get("seed_step_s", seed["step_s"])
+            basis = "measured: configs/mistral-7b-qlora.yaml"
+        elif "packed-8192" in ok:  # the default recipe's settings (8,192 tokens, no checkpointing), seed prompt
+            rate, seed_step = ok["packed-8192"]["useful_tokens_per_s"], ok["packed-8192"].get("seed_step_s",
+                                                                                             seed["step_s"])
             basis = ("estimated: one epoch's compact-prompt tokens / the tokens/s of packed-8192 on the seed prompt "
                      "(the default recipe's settings); the default recipe itself was not timed")
+        else:
+            rate = None
         if rate:
+            seed_epoch = 5103 / 8 * seed_step  # the seed trains 8 rows per optimizer step
             project_epoch = seven["epoch_tokens_compact_prompt"] / rate
             summary.update(seed_epoch_s_7b=seed_epoch, project_epoch_s_7b=project_epoch,
                            speedup_epoch_time_7b=seed_epoch / project_epoch, epoch_time_7b_basis=basis)
+    scaling = results.get("scaling", {})
+    if scaling.get("scaling_2gpu_7b"):
+        summary.update(scaling_2gpu_7b=scaling["scaling_2gpu_7b"], scaling_card=scaling.get("card"))
     small = results.get("smollm2", {})
     if small.get("project") and not small["project"].get("failed"):
         summary["smollm2_train_s"] = small["project"]["train_seconds"]
@@ -349,17 +362,20 @@ START, END = "<!-- gpu-bench:start -->", "<!-- gpu-bench:end -->"
 def _row(name: str, r: dict, seed: dict | None) -> str:
     if r.get("failed"):
         return f"| {name} | failed: {r.get('reason', '')[:120]} | | | | |"
-    ratio = f"{r['useful_tokens_per_s'] / seed['useful_tokens_per_s']:.1f}x" if seed and not seed.get("failed") else ""
+    base = _seed_rate(r, seed) if seed is not None else None
+    ratio = f"{r['useful_tokens_per_s'] / base:.1f}x" if base else ""
     return (f"| {name} | {r['step_s']:.3f} | {r['useful_tokens_per_s']:,.0f} | {r['padded_tokens_per_s']:,.0f} | "
             f"{r['peak_memory_gb']:.1f} | {ratio} |")
 
 
 def markdown(results: dict) -> str:
     summary = summarise(results)
+    calls = results.get("calls") or ["one call"]
     lines = [START, f"## GPU benchmark ({results['card']}, {results['date']})", "",
-             f"`python -m bench.run` on one {results['card']} ({results.get('calls', 'one call')}). Each table's "
-             "ratios compare figures measured in the same call, beside its own run of the seed recipe. Useful tokens "
-             "exclude padding; peak memory is `torch.cuda.max_memory_allocated`.", ""]
+             f"`python -m bench.run` on one {results['card']}, {len(calls)} call(s) of the device tool, merged with "
+             "`python -m bench.run --publish`. Every ratio compares figures measured in the same call, beside that "
+             "call's own run of the seed recipe. Useful tokens exclude padding; peak memory is "
+             "`torch.cuda.max_memory_allocated`.", ""]
     if results.get("notes"):
         lines += [f"- {note}" for note in results["notes"]] + [""]
     header = ["| setting | s / optimizer step | useful tokens/s | padded tokens/s | peak GB | vs seed |",
@@ -368,11 +384,37 @@ def markdown(results: dict) -> str:
     if seven:
         seed = seven.get("seed", {})
         lines += [f"### {MISTRAL_SHAPE_LABEL}: seed prompt, seed adapters (r=8 on all linear + lm_head)", ""]
-        lines += header + [_row("seed recipe (HF Trainer, padded to 512, batch 2 x GA 4)", seed, None)]
-        lines += [_row(f"mrtune {k}", v, seed) for k, v in seven.get("settings", {}).items()]
-        if seven.get("default_recipe"):
-            lines.append(_row("mrtune default recipe (configs/mistral-7b-qlora.yaml, compact prompt)",
-                              seven["default_recipe"], seed))
+        seeds = results.get("seed_runs") or [seed]
+        lines += header + [_row(f"seed recipe (HF Trainer, padded to 512, batch 2 x GA 4)"
+                                f"{', call ' + str(r['call']) if 'call' in r else ''}", r, None) for r in seeds]
+
+        def label(name: str, r: dict) -> str:
+            return f"mrtune {name}" + (f" (call {r['call']})" if "call" in r else "")
+
+        lines += [_row(label(k, v), v, seed) for k, v in seven.get("settings", {}).items()]
+        for key, name in (("default_recipe", "default recipe (configs/mistral-7b-qlora.yaml, compact prompt)"),
+                          ("default_recipe_liger", "default recipe + Liger kernels")):
+            if seven.get(key):
+                lines.append(_row(label(name, seven[key]), seven[key], seed))
+        lines.append("")
+    scaling = results.get("scaling")
+    if scaling:
+        runs = scaling.get("runs", {})
+        one = runs.get("1gpu", {})
+        lines += [f"### Several GPUs: {scaling.get('model', MISTRAL_SHAPE_LABEL)}, {scaling.get('card')} x2 "
+                  "(bench/scaling.sh)", "",
+                  f"The 7B recipe's settings ({one.get('batch_tokens_per_gpu')} tokens per GPU per step, "
+                  f"checkpointing {'on' if one.get('gradient_checkpointing') else 'off'}, flex attention) on the "
+                  f"{one.get('prompt_style')} prompt; the same micro-batch per GPU, so a 2-GPU step holds twice the "
+                  "tokens.", "",
+                  "| run | s / step | useful tokens/s | peak GB (rank 0) | vs 1 GPU |", "| --- | --- | --- | --- | --- |"]
+        for name, r in runs.items():
+            gain = r["useful_tokens_per_s"] / one["useful_tokens_per_s"] if one else float("nan")
+            lines.append(f"| {name} | {r['step_s']:.3f} | {r['useful_tokens_per_s']:,.0f} | "
+                         f"{r['peak_memory_gb_rank0']:.1f} | {gain:.2f}x |")
+        if "fsdp_adapter_same_tensors_as_ddp" in scaling:
+            lines += ["", "FSDP adapter has the same tensor names, shapes and dtypes as the DDP run's: "
+                      f"{scaling['fsdp_adapter_same_tensors_as_ddp']}."]
         lines.append("")
     small = results.get("smollm2")
     if small:
@@ -438,12 +480,43 @@ def markdown(results: dict) -> str:
 
 
 def publish(results_paths: list[Path]) -> None:
-    """Merge the results.json of one or more calls on the same card and day, and write them into the repo."""
-    results: dict = {}
+    """Merge the results.json of several calls on the same card and day, and write them into the repo.
+
+    Later files win, key by key (the 7B settings one by one). Each 7B measurement keeps the useful tokens/s and step
+    time of the seed recipe run in its own call, so that every ratio compares figures of one call. A scaling.json
+    (bench/scaling.sh) goes in as `scaling`.
+    """
+    results: dict = {"calls": [], "seed_runs": []}
+    index = 0
     for path in results_paths:
-        for key, value in json.loads(path.read_text()).items():
+        data = json.loads(path.read_text())
+        index += any(isinstance(v, dict) for v in data.values())  # a file of notes alone is not a call
+        if "scaling_2gpu_7b" in data:
+            results["scaling"] = data
+            results["calls"].append(f"{path.name}: bench/scaling.sh on {data.get('card')} x2")
+            continue
+        seven = data.get("mistral7b_shape", {})
+        seed = seven.get("seed", {})
+        if seed and not seed.get("failed"):
+            results["seed_runs"].append({"call": index, **seed})
+            for entry in [*seven.get("settings", {}).values(), *(seven.get(k) or {} for k in
+                                                                    ("default_recipe", "default_recipe_liger")),
+                          *seven.get("levers", {}).values()]:
+                if entry:
+                    entry.update(seed_useful_tokens_per_s=seed["useful_tokens_per_s"], seed_step_s=seed["step_s"],
+                                 call=index)
+        if any(isinstance(v, dict) for v in data.values()):
+            results["calls"].append(f"{path.name}: " + ", ".join(k for k in data if isinstance(data[k], dict)))
+        for key, value in data.items():
+            if key in ("calls", "seed_runs"):
+                continue
             if isinstance(value, dict) and isinstance(results.get(key), dict):
-                results[key].update(value)
+                for inner, item in value.items():  # one level deeper: settings and levers merge by name
+                    if isinstance(item, dict) and isinstance(results[key].get(inner), dict) and inner in (
+                            "settings", "levers"):
+                        results[key][inner].update(item)
+                    else:
+                        results[key][inner] = item
             else:
                 results[key] = value
     (ROOT / "bench" / "results").mkdir(exist_ok=True)

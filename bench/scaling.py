@@ -10,7 +10,7 @@ allocator's growth). The model is a random-init Mistral-7B shape in 4-bit NF4: s
 weights' values.
 
 With `--fsdp RUN`, a third run, sharded (configs/accelerate/fsdp-qlora.yaml) on the same 2 GPUs, adds its tokens/s
-and peak memory, and whether its adapter is a PEFT adapter of the same tensors as the DDP run's.
+and peak memory, and whether its adapter is a PEFT adapter of the same tensors as the DDP run's (and if not, how they differ).
 """
 
 from __future__ import annotations
@@ -42,14 +42,22 @@ def summarise_run(run_dir: Path, warm: int, processes: int) -> dict:
     }
 
 
-def same_adapter_tensors(run_a: Path, run_b: Path) -> bool:
-    """Both adapters are PEFT LoRA adapters with the same tensor names, shapes and dtypes."""
+def compare_adapters(run_a: Path, run_b: Path) -> dict:
+    """Whether both adapters are PEFT LoRA adapters with the same tensor names, shapes and dtypes, and if not, how
+    they differ (a few names each way, a few mismatched tensors), so that a failed check says why."""
     from safetensors.torch import load_file
 
     a, b = (load_file(run / "adapter" / "adapter_model.safetensors") for run in (run_a, run_b))
     configs = [json.loads((run / "adapter" / "adapter_config.json").read_text()) for run in (run_a, run_b)]
-    return (all(c["peft_type"] == "LORA" for c in configs) and a.keys() == b.keys()
-            and all((a[k].shape, a[k].dtype) == (b[k].shape, b[k].dtype) for k in a))
+    differ = [f"{k}: {tuple(a[k].shape)} {a[k].dtype} vs {tuple(b[k].shape)} {b[k].dtype}" for k in sorted(a.keys() & b.keys())
+              if (a[k].shape, a[k].dtype) != (b[k].shape, b[k].dtype)]
+    only_a, only_b = sorted(a.keys() - b.keys()), sorted(b.keys() - a.keys())
+    config_keys = ("peft_type", "r", "lora_alpha", "target_modules", "layers_to_transform")
+    config_differ = {k: [c.get(k) for c in configs] for k in config_keys
+                     if json.dumps(configs[0].get(k), sort_keys=True) != json.dumps(configs[1].get(k), sort_keys=True)}
+    return {"same": not (differ or only_a or only_b or config_differ) and configs[0]["peft_type"] == "LORA",
+            "tensors": [len(a), len(b)], "only_in_first": only_a[:5], "only_in_second": only_b[:5],
+            "different": differ[:5], "config_differs": config_differ}
 
 
 def main() -> None:
@@ -75,7 +83,9 @@ def main() -> None:
     if args.fsdp:
         fsdp = summarise_run(args.fsdp, args.warm, processes=2)
         result["tokens_per_s_2gpu_fsdp"] = fsdp["useful_tokens_per_s"]
-        result["fsdp_adapter_same_tensors_as_ddp"] = same_adapter_tensors(args.fsdp, args.two)
+        comparison = compare_adapters(args.fsdp, args.two)
+        result["fsdp_adapter_same_tensors_as_ddp"] = comparison["same"]
+        result["fsdp_vs_ddp_adapter"] = comparison
         result["runs"]["2gpu_fsdp"] = fsdp
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
