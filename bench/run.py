@@ -545,6 +545,8 @@ def main() -> None:
     parser.add_argument("--publish", type=Path, nargs="+", help="results.json files of finished runs to merge and "
                         "write into the repo (BENCHMARKS.md, bench/results/)")
     parser.add_argument("--model-dir", type=Path, default=Path("/tmp/mistral-7b-shape"))
+    parser.add_argument("--tokenizer-dir", help="tokenizer for the 7B shape (default: the embedded model's, which "
+                        "needs its GGUF); any directory with SmolLM2's tokenizer files will do")
     if len(sys.argv) > 1 and sys.argv[1] == "measure":
         return measure_main(sys.argv[2:])
     args = parser.parse_args()
@@ -560,7 +562,7 @@ def main() -> None:
     import transformers
 
     results["transformers"] = transformers.__version__
-    tokenizer_dir = resolve_model_path("embedded:smollm2-135m-instruct")
+    tokenizer_dir = args.tokenizer_dir or resolve_model_path("embedded:smollm2-135m-instruct")
     global SAVE
     SAVE = lambda: (args.out / "results.json").write_text(json.dumps(results, indent=2))  # noqa: E731
     save = SAVE
