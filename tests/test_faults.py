@@ -177,9 +177,12 @@ def test_problems_of_all_splits_are_reported_at_once_before_any_model(tmp_path, 
 def test_no_gpu_for_4bit_says_what_to_change(tmp_path, capsys, monkeypatch, tiny_overrides):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     before = snapshot(tmp_path)
-    overrides = tiny_overrides + ["model.quantization=nf4", "train.optimizer=paged_adamw_8bit"]
+    overrides = tiny_overrides + ["model.quantization=nf4", "train.optimizer=paged_adamw_8bit",
+                                  "model.attn_implementation=flex_attention", "model.liger_kernel=true"]
     assert main(["train", "--output-dir", str(tmp_path / "run"), *_sets(overrides)]) == 2
     err = capsys.readouterr().err
+    assert "flex_attention cannot train on this machine" in err and "--set model.attn_implementation=sdpa" in err
+    assert "model.liger_kernel=true needs a CUDA GPU" in err
     assert "model.quantization=nf4 needs a CUDA GPU (bitsandbytes 4-bit): on this machine set --set " \
            "model.quantization=none" in err
     assert "train.optimizer=paged_adamw_8bit needs a CUDA GPU (bitsandbytes): on this machine set --set " \
