@@ -176,3 +176,20 @@ def test_top_layers_adapts_only_the_top_blocks(tiny_model_dir):
     config = load_config(None, [f"model.name={tiny_model_dir}", "lora.top_layers=3"])
     with pytest.raises(MrtuneError, match="lora.top_layers=3 but the model has 2 layers"):
         attach_lora(load_base_model(config.model, torch.device("cpu")), config.lora, config.model)
+
+
+def test_a_time_budget_ends_training_and_its_schedule_in_time(tmp_path, tiny_overrides):
+    overrides = [o for o in tiny_overrides if not o.startswith(("train.max_steps", "train.eval_every"))] + [
+        "train.max_steps=100000", "train.eval_every=100000", "train.time_budget_s=3", "train.warmup_ratio=0.0",
+        "train.log_every=1"]
+    run = train(load_config(None, overrides), tmp_path / "run", progress=False)
+    info = run.info()
+    steps = [r for r in run.read_history() if "train_loss" in r]
+    assert info["status"] == "finished" and info["stopped_by_time_budget_at_step"] == steps[-1]["step"] < 100000
+    assert 3 <= info["train_seconds"] < 30
+    assert any("validation_loss" in r for r in run.read_history())  # the last step is evaluated
+    assert (run.adapter / "adapter_model.safetensors").is_file()
+    # The schedule follows the clock: from the peak down to ~0 (cosine) by the budget's end.
+    rates = [r["learning_rate"] for r in steps]
+    peak = load_config(None, overrides).train.learning_rate
+    assert rates[0] > 0.5 * peak and rates[-1] < 0.05 * peak and rates == sorted(rates, reverse=True)

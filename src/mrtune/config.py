@@ -80,6 +80,11 @@ class TrainSettings:
     epochs: float = 2.0
     max_steps: int | None = None
     """Stop after this many optimizer steps (overrides epochs)."""
+    time_budget_s: float | None = None
+    """Stop after this many seconds of training (evaluations not counted), with the learning-rate schedule run to
+    its end by then: the schedule follows the budget's elapsed fraction, or the steps' if that is further along.
+    For a run that must end in time on any machine (the CPU demo); how many rows it sees then depends on the
+    machine, so such runs are not reproducible step for step."""
     batch_size: int = 8
     """Rows per micro-batch (ignored when batch_tokens is set)."""
     batch_tokens: int | None = None
@@ -273,6 +278,7 @@ def validate(config: Config) -> list[str]:
         "train.log_every": config.train.log_every,
         "train.checkpoint_every": config.train.checkpoint_every,
         "train.max_skipped_in_a_row": config.train.max_skipped_in_a_row,
+        "train.time_budget_s": config.train.time_budget_s,
         "data.max_length": config.data.max_length,
         "eval.batch_size": config.eval.batch_size,
         "eval.max_new_tokens": config.eval.max_new_tokens,

@@ -49,12 +49,27 @@ def make_optimizer(model, config: Config) -> torch.optim.Optimizer:
     )
 
 
-def make_scheduler(optimizer, config: Config, total_steps: int):
+def make_scheduler(optimizer, config: Config, total_steps: int, clock: dict | None = None):
+    """The learning-rate schedule over `total_steps`; with `train.time_budget_s`, over whichever of the steps and the
+    time budget is further along (`clock["elapsed"]`, updated by the loop before each scheduler step)."""
     from transformers import get_scheduler
 
     name = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[config.train.schedule]
-    warmup = int(config.train.warmup_ratio * total_steps)
-    return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
+    budget = config.train.time_budget_s
+    if budget is None:
+        warmup = int(config.train.warmup_ratio * total_steps)
+        return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
+    # transformers' schedules are functions of the step alone; this one reads the clock as well.
+    warmup, kind = config.train.warmup_ratio, config.train.schedule
+
+    def factor(step: int) -> float:
+        done = min(1.0, max(step / total_steps, clock["elapsed"] / budget))
+        if done < warmup:
+            return done / warmup
+        rest = (done - warmup) / max(1e-9, 1.0 - warmup)
+        return {"cosine": 0.5 * (1.0 + math.cos(math.pi * rest)), "linear": 1.0 - rest, "constant": 1.0}[kind]
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 def compute_autocast(model, device_type: str | None = None):
@@ -351,7 +366,8 @@ def _train(
     # The model first: FSDP replaces its parameters by flat shards, and the optimizer must be built on those.
     model = accelerator.prepare(model)
     optimizer = make_optimizer(model, config)
-    scheduler = make_scheduler(optimizer, config, total_steps)
+    clock = {"elapsed": 0.0}  # training seconds so far, for a schedule on a time budget
+    scheduler = make_scheduler(optimizer, config, total_steps, clock)
     optimizer = accelerator.prepare(optimizer)
     start_step = 0
     if checkpoint is not None:
@@ -469,6 +485,7 @@ def _train(
         for _ in range(start_step * micro_per_step):
             next(stream)
     started = time.perf_counter() - train_seconds_before - eval_seconds
+    stopped_early = None  # the step at which train.time_budget_s ran out
     bar = tqdm(total=total_steps, initial=start_step, desc="training", unit="step",
                disable=not (progress and is_main))
     model.train()
@@ -504,6 +521,9 @@ def _train(
             step_loss += loss.detach()
         step_loss = accelerator.reduce(step_loss, reduction="sum")
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), settings.max_grad_norm)
+        clock["elapsed"] = time.perf_counter() - started - eval_seconds
+        out_of_time = settings.time_budget_s is not None and _all_ranks_agree(
+            accelerator, clock["elapsed"] >= settings.time_budget_s, device)
         # One host sync for both checks (each `bool(tensor)` waits for the device).
         health = torch.stack([step_loss.float(), torch.as_tensor(grad_norm, device=device).float()])
         if not bool(torch.isfinite(health).all()):
@@ -527,7 +547,8 @@ def _train(
         optimizer.zero_grad(set_to_none=True)
         bar.update(1)
         elapsed = time.perf_counter() - started - eval_seconds
-        if is_main and (step % settings.log_every == 0 or step == total_steps):
+        last = step == total_steps or out_of_time
+        if is_main and (step % settings.log_every == 0 or last):
             record = {"step": step, "epoch": round(epoch + 0.0, 3), "train_loss": step_loss.item(),
                       "learning_rate": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
                       "useful_tokens": useful_tokens, "padded_tokens": padded_tokens,
@@ -539,8 +560,11 @@ def _train(
                     writer.add_scalar(key.replace("train_loss", "loss/train"), record[key], step)
             if wandb_run:
                 wandb_run.log(record, step=step)
-        if step % settings.eval_every == 0 or step == total_steps:
+        if step % settings.eval_every == 0 or last:
             best = evaluate_and_keep_best(step, best)
+        if out_of_time:
+            stopped_early = step
+            break
     bar.close()
     train_seconds = time.perf_counter() - started - eval_seconds
     if is_main:
@@ -549,6 +573,7 @@ def _train(
             eval_seconds=round(eval_seconds, 1),
             useful_tokens=useful_tokens, padded_tokens=padded_tokens, skipped_steps=skipped,
             useful_tokens_per_s=round(useful_tokens / train_seconds, 1),
+            **({"stopped_by_time_budget_at_step": stopped_early} if stopped_early else {}),
             peak_memory_bytes=torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
         )
         if writer:
@@ -563,6 +588,13 @@ def _train(
         write_report(run)
     accelerator.wait_for_everyone()
     return run
+
+
+def _all_ranks_agree(accelerator, flag: bool, device) -> bool:
+    """True when any rank says so: every rank must stop at the same step (their clocks differ slightly)."""
+    if accelerator.num_processes == 1:
+        return flag
+    return bool(accelerator.reduce(torch.tensor(float(flag), device=device), reduction="sum") > 0)
 
 
 def _tensorboard(run: RunDir, purge_step: int | None = None):
