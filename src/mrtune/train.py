@@ -486,8 +486,10 @@ def _train(
             next(stream)
     started = time.perf_counter() - train_seconds_before - eval_seconds
     stopped_early = None  # the step at which train.time_budget_s ran out
-    bar = tqdm(total=total_steps, initial=start_step, desc="training", unit="step",
-               disable=not (progress and is_main))
+    # With a time budget the bar's total is the step count's upper bound; its postfix says the time left.
+    bar = tqdm(total=total_steps, initial=start_step, unit="step", disable=not (progress and is_main),
+               desc="training" if settings.time_budget_s is None else
+               f"training ({settings.time_budget_s:.0f} s budget)")
     model.train()
     for step in range(start_step + 1, total_steps + 1):
         # Between two steps, the only moment the adapter, optimizer and data position agree: the periodic
@@ -554,7 +556,9 @@ def _train(
                       "useful_tokens": useful_tokens, "padded_tokens": padded_tokens,
                       "useful_tokens_per_s": round(useful_tokens / elapsed, 1), "elapsed_s": round(elapsed, 3)}
             run.append_history(record)
-            bar.set_postfix(loss=f"{record['train_loss']:.4f}", tok_s=f"{record['useful_tokens_per_s']:.0f}")
+            bar.set_postfix(loss=f"{record['train_loss']:.4f}", tok_s=f"{record['useful_tokens_per_s']:.0f}",
+                            **({"left": f"{max(0.0, settings.time_budget_s - elapsed):.0f}s"}
+                               if settings.time_budget_s is not None else {}))
             if writer:
                 for key in ("train_loss", "learning_rate", "grad_norm", "useful_tokens_per_s"):
                     writer.add_scalar(key.replace("train_loss", "loss/train"), record[key], step)
