@@ -51,7 +51,8 @@ class LoraSettings:
     """Module names to adapt; `all-linear` means every linear layer but the output head (peft's shorthand)."""
     top_layers: int | None = None
     """Adapt only the top N transformer layers (all by default). The backward pass then stops at the lowest adapted
-    layer: on a CPU, where the step is compute-bound, half the layers train ~1.5x more rows in the same time."""
+    layer: on a CPU, where the step is compute-bound, half the layers train ~1.5x more rows in the same time. (For
+    the CPU demo that did not pay: 15 of 30 layers on 2,000 rows scored 34% exact match, all 30 on 1,360 rows 45%.)"""
 
 
 @dataclass
