@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 from mrtune.batching import collate, tokenize_examples
 from mrtune.cli import main
 from mrtune.config import load_config
+from mrtune.rundir import RunDir
 from mrtune.data import load_split
 from mrtune.evaluate import evaluate, predict
 from mrtune.merge import merge
@@ -178,13 +179,17 @@ def test_top_layers_adapts_only_the_top_blocks(tiny_model_dir):
         attach_lora(load_base_model(config.model, torch.device("cpu")), config.lora, config.model)
 
 
-def test_a_time_budget_ends_training_and_its_schedule_in_time(tmp_path, tiny_overrides):
+def test_a_time_budget_ends_training_and_its_schedule_in_time(tmp_path, tiny_overrides, capsys):
     overrides = [o for o in tiny_overrides if not o.startswith(("train.max_steps", "train.eval_every"))] + [
         "train.max_steps=100000", "train.eval_every=100000", "train.time_budget_s=3", "train.warmup_ratio=0.0",
         "train.log_every=1"]
-    run = train(load_config(None, overrides), tmp_path / "run", progress=False)
+    from mrtune.cli import main
+
+    assert main(["train", "--output-dir", str(tmp_path / "run"), *[a for o in overrides for a in ("--set", o)]]) == 0
+    run = RunDir.open(tmp_path / "run")
     info = run.info()
     steps = [r for r in run.read_history() if "train_loss" in r]
+    assert f"trained {steps[-1]['step']} steps in " in capsys.readouterr().out  # the steps done, not planned
     assert info["status"] == "finished" and info["stopped_by_time_budget_at_step"] == steps[-1]["step"] < 100000
     assert 3 <= info["train_seconds"] < 30
     assert any("validation_loss" in r for r in run.read_history())  # the last step is evaluated

@@ -64,7 +64,9 @@ def _train(args) -> None:
     if not is_main_process():  # one summary for a run of several processes
         return
     info = run.info()
-    print(f"trained {info['total_steps']} steps in {info['train_seconds']:.0f} s; best validation loss "
+    steps = info.get("stopped_by_time_budget_at_step") or info["total_steps"]
+    budget = " (train.time_budget_s ran out)" if info.get("stopped_by_time_budget_at_step") else ""
+    print(f"trained {steps} steps in {info['train_seconds']:.0f} s{budget}; best validation loss "
           f"{info.get('best_validation_loss', float('nan')):.4f} at step {info.get('best_step')}; run in {run.path}")
 
 
