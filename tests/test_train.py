@@ -194,6 +194,7 @@ def test_a_time_budget_ends_training_and_its_schedule_in_time(tmp_path, tiny_ove
     assert 3 <= info["train_seconds"] < 30
     assert any("validation_loss" in r for r in run.read_history())  # the last step is evaluated
     assert (run.adapter / "adapter_model.safetensors").is_file()
+    assert f"| Stopped by the time budget at step | {steps[-1]['step']} |" in (run.path / "report.md").read_text()
     # The schedule follows the clock: from the peak down to ~0 (cosine) by the budget's end.
     rates = [r["learning_rate"] for r in steps]
     peak = load_config(None, overrides).train.learning_rate

@@ -485,6 +485,7 @@ SUMMARY_FIELDS = (
     ("Device", "device", str),
     ("Training rows", "train_rows", format_count),
     ("Total steps", "total_steps", format_count),
+    ("Stopped by the time budget at step", "stopped_by_time_budget_at_step", format_count),
     ("Best step", "best_step", format_count),
     ("Best validation loss", "best_validation_loss", lambda v: f"{v:.4f}"),
     ("Training time", "train_seconds", format_seconds),
