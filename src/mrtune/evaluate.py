@@ -19,12 +19,11 @@ from mrtune.prompts import build_prompt
 from mrtune.rundir import RunDir, write_json, write_text_atomic
 
 
-def _load(run: RunDir, base: bool, overrides=()):
-    config = with_eval_overrides(run.config(), overrides)
+def _load(run: RunDir, config, base: bool):
     adapter = None if base else run.require_adapter()
     tokenizer = load_tokenizer(str(run.tokenizer))
     model = load_trained_model(config.model, adapter, default_device())
-    return config, tokenizer, model
+    return tokenizer, model
 
 
 def _constraint(run: RunDir, tokenizer):
@@ -86,7 +85,7 @@ def evaluate(
     spec = data or getattr(config.data, split)
     examples = spread_sample(load_split(spec, config.data.input_field, config.data.output_field),
                              limit if limit is not None else config.eval.limit)
-    config, tokenizer, model = _load(run, base, overrides)
+    tokenizer, model = _load(run, config, base)
     constrained = config.eval.constrained if constrained is None else constrained
     started = time.perf_counter()
     predictions, stats = _decode(run, config, tokenizer, model, [e.sentence for e in examples], progress,
@@ -138,7 +137,7 @@ def predict(
         examples = [Example(s, None) for s in sentences]
     else:
         raise MrtuneError('give a sentence (mrtune predict RUN "some sentence") or --input FILE.jsonl')
-    config, tokenizer, model = _load(run, base, overrides)
+    tokenizer, model = _load(run, config, base)
     constrained = config.eval.constrained if constrained is None else constrained
     predictions, _ = _decode(run, config, tokenizer, model, [e.sentence for e in examples],
                              progress and input_file is not None, constrained)

@@ -73,34 +73,34 @@ def generate(
     outputs: list[str] = [""] * len(prompts)
     generated_tokens = 0
     bar = tqdm(total=len(prompts), desc="generating", unit="row", disable=not progress, leave=False)
-    for start in range(0, len(order), batch_size):
-        indices = order[start:start + batch_size]
-        longest = max(len(prompt_ids[i]) for i in indices)
-        # Left padding: every row's last prompt token sits at the same position, where generation starts.
-        input_ids = torch.full((len(indices), longest), pad, dtype=torch.long)
-        attention_mask = torch.zeros((len(indices), longest), dtype=torch.long)
-        for row, i in enumerate(indices):
-            ids = prompt_ids[i]
-            input_ids[row, longest - len(ids):] = torch.tensor(ids)
-            attention_mask[row, longest - len(ids):] = 1
-        extra = {}
-        if constraint is not None:
-            extra["logits_processor"] = LogitsProcessorList([constraint.logits_processor(longest, max_new_tokens)])
-        with sdpa_for_decoding(model):
+    with sdpa_for_decoding(model):  # once for all batches
+        for start in range(0, len(order), batch_size):
+            indices = order[start:start + batch_size]
+            longest = max(len(prompt_ids[i]) for i in indices)
+            # Left padding: every row's last prompt token sits at the same position, where generation starts.
+            input_ids = torch.full((len(indices), longest), pad, dtype=torch.long)
+            attention_mask = torch.zeros((len(indices), longest), dtype=torch.long)
+            for row, i in enumerate(indices):
+                ids = prompt_ids[i]
+                input_ids[row, longest - len(ids):] = torch.tensor(ids)
+                attention_mask[row, longest - len(ids):] = 1
+            extra = {}
+            if constraint is not None:
+                extra["logits_processor"] = LogitsProcessorList([constraint.logits_processor(longest, max_new_tokens)])
             generated = model.generate(
                 input_ids=input_ids.to(device),
                 attention_mask=attention_mask.to(device),
                 generation_config=generation_config,
                 **extra,
             )
-        for row, i in enumerate(indices):
-            new_tokens = generated[row, longest:].tolist()
-            if eos in new_tokens:
-                new_tokens = new_tokens[: new_tokens.index(eos)]
-                generated_tokens += 1
-            generated_tokens += len(new_tokens)
-            outputs[i] = tokenizer.decode(new_tokens, skip_special_tokens=True).strip()
-        bar.update(len(indices))
+            for row, i in enumerate(indices):
+                new_tokens = generated[row, longest:].tolist()
+                if eos in new_tokens:
+                    new_tokens = new_tokens[: new_tokens.index(eos)]
+                    generated_tokens += 1
+                generated_tokens += len(new_tokens)
+                outputs[i] = tokenizer.decode(new_tokens, skip_special_tokens=True).strip()
+            bar.update(len(indices))
     bar.close()
     if stats is not None:
         stats.update(generated_tokens=generated_tokens, seconds=time.perf_counter() - started)

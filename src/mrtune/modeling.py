@@ -95,9 +95,7 @@ def apply_liger_kernel(model) -> None:
     Liger's fused linear cross-entropy is left off: the loss is computed on the target positions only
     (`train.target_loss`), and an adapted lm_head (the seed recipe's) must stay a peft module.
     """
-    if not torch.cuda.is_available():
-        raise MrtuneError("model.liger_kernel=true needs a CUDA GPU (Liger's kernels are Triton): set it to false")
-    try:
+    try:  # (a CPU is refused before anything loads: train.check_hardware)
         from liger_kernel.transformers.monkey_patch import (
             MODEL_TYPE_TO_APPLY_LIGER_FN,
             _apply_liger_kernel_to_instance,

@@ -524,7 +524,7 @@ def _train(
         step_loss = accelerator.reduce(step_loss, reduction="sum")
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), settings.max_grad_norm)
         clock["elapsed"] = time.perf_counter() - started - eval_seconds
-        out_of_time = settings.time_budget_s is not None and _all_ranks_agree(
+        out_of_time = settings.time_budget_s is not None and _any_rank(
             accelerator, clock["elapsed"] >= settings.time_budget_s, device)
         # One host sync for both checks (each `bool(tensor)` waits for the device).
         health = torch.stack([step_loss.float(), torch.as_tensor(grad_norm, device=device).float()])
@@ -594,8 +594,8 @@ def _train(
     return run
 
 
-def _all_ranks_agree(accelerator, flag: bool, device) -> bool:
-    """True when any rank says so: every rank must stop at the same step (their clocks differ slightly)."""
+def _any_rank(accelerator, flag: bool, device) -> bool:
+    """True on every rank when it is true on any: all ranks must stop at the same step (their clocks differ)."""
     if accelerator.num_processes == 1:
         return flag
     return bool(accelerator.reduce(torch.tensor(float(flag), device=device), reduction="sum") > 0)
