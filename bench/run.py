@@ -272,7 +272,50 @@ SEARCH = {
 }
 
 
-def bench_search(out_dir: Path, results: dict, variants: dict[str, list[str]], parallel: int) -> None:
+# The CPU demo's recipe (configs/smollm2-cpu.yaml) searched on the GPU, where a variant takes seconds instead of
+# the CPU's 10 minutes: the same fp32 model, prompt and rows, for a fixed number of steps instead of the time budget
+# (the 2-core demo machine does ~130-170 steps of 8 rows in its 600 s). Variants that change the CPU cost of a row
+# (batch size, rank) are marked as such in BENCHMARKS.md; their CPU time is measured on the CPU.
+DEMO_BASE = ["train.time_budget_s=null", "train.max_steps=150", "train.eval_every=100000"]
+DEMO_SEARCH = {
+    "lr3e-3 (the demo)": [],
+    "lr3e-3 seed1": ["train.seed=1"],
+    "lr3e-3 seed2": ["train.seed=2"],
+    "lr1e-3": ["train.learning_rate=1e-3"],
+    "lr2e-3": ["train.learning_rate=2e-3"],
+    "lr5e-3": ["train.learning_rate=5e-3"],
+    "steps100": ["train.max_steps=100"],
+    "steps200": ["train.max_steps=200"],
+    "steps300": ["train.max_steps=300"],
+    "warmup0.1": ["train.warmup_ratio=0.1"],
+    "linear": ["train.schedule=linear"],
+    "loraplus16 lr2e-4": ["train.loraplus_ratio=16", "train.learning_rate=2e-4"],
+    "loraplus16 lr5e-4": ["train.loraplus_ratio=16", "train.learning_rate=5e-4"],
+    "loraplus16 lr1e-3": ["train.loraplus_ratio=16", "train.learning_rate=1e-3"],
+    "loraplus8 lr1e-3": ["train.loraplus_ratio=8", "train.learning_rate=1e-3"],
+    "loraplus16 lr5e-4 seed1": ["train.loraplus_ratio=16", "train.learning_rate=5e-4", "train.seed=1"],
+    "rslora r64 a16 lr1e-3": ["lora.rslora=true", "lora.r=64", "lora.alpha=16", "train.learning_rate=1e-3"],
+    "rslora r64 a16 lr2e-3": ["lora.rslora=true", "lora.r=64", "lora.alpha=16", "train.learning_rate=2e-3"],
+    "r32 a64 lr3e-3": ["lora.r=32", "lora.alpha=64"],
+    "r8 a16 lr3e-3": ["lora.r=8", "lora.alpha=16"],
+    "pissa a16 lr3e-4": ["lora.init=pissa", "lora.alpha=16", "train.learning_rate=3e-4"],
+    "pissa a16 lr1e-3": ["lora.init=pissa", "lora.alpha=16", "train.learning_rate=1e-3"],
+    "pissa a16 lr3e-3": ["lora.init=pissa", "lora.alpha=16", "train.learning_rate=3e-3"],
+    "pissa a32 lr1e-3": ["lora.init=pissa", "train.learning_rate=1e-3"],
+    "olora a16 lr1e-3": ["lora.init=olora", "lora.alpha=16", "train.learning_rate=1e-3"],
+    "olora a16 lr3e-3": ["lora.init=olora", "lora.alpha=16", "train.learning_rate=3e-3"],
+    "batch16 steps75 lr4e-3 (CPU cost differs)": ["train.batch_size=16", "train.max_steps=75",
+                                                   "train.learning_rate=4e-3"],
+    "batch4 steps300 lr2e-3 (CPU cost differs)": ["train.batch_size=4", "train.max_steps=300",
+                                                   "train.learning_rate=2e-3"],
+    "clip0.3": ["train.max_grad_norm=0.3"],
+    "attention+mlp no o_proj": ["lora.target_modules=q_proj,k_proj,v_proj,gate_proj,up_proj,down_proj"],
+}
+
+
+def bench_search(out_dir: Path, results: dict, variants: dict[str, list[str]], parallel: int,
+                 config: str = "configs/smollm2-gpu.yaml", part_name: str = "search",
+                 common: list[str] = ()) -> None:
     """Recipe search for the embedded model: train each variant, score it on the validation split.
 
     Variants run `parallel` at a time on the one GPU: a 135M model leaves it mostly idle, so this buys search
@@ -280,15 +323,18 @@ def bench_search(out_dir: Path, results: dict, variants: dict[str, list[str]], p
     """
     from concurrent.futures import ThreadPoolExecutor
 
-    part = results.setdefault("search", {})
+    from mrtune.models import EMBEDDED_MODEL, resolve_model_path
+
+    resolve_model_path(EMBEDDED_MODEL)  # convert the GGUF once, before the children race to do it
+    part = results.setdefault(part_name, {})
 
     def one(item):
         index, (name, overrides) = item
-        trained = child(f"search-{index}", out_dir, ["project", "--config", "configs/smollm2-gpu.yaml", "--warm",
-                                                     "3", "--set", "train.eval_rows=100", *overrides], timeout=560)
+        trained = child(f"{part_name}-{index}", out_dir, ["project", "--config", config, "--warm", "3", "--set",
+                                                          "train.eval_rows=100", *common, *overrides], timeout=560)
         entry = {"overrides": overrides, "train": trained}
         if not trained.get("failed"):
-            entry["validation"] = child(f"search-{index}-eval", out_dir,
+            entry["validation"] = child(f"{part_name}-{index}-eval", out_dir,
                                         ["evaluate", trained["run_dir"], "--split", "validation"], timeout=200)
         part[name] = entry
         SAVE()
@@ -552,7 +598,7 @@ def publish(results_paths: list[Path]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path)
-    parser.add_argument("--only", choices=["smollm2", "mistral", "levers", "search"])
+    parser.add_argument("--only", choices=["smollm2", "mistral", "levers", "search", "demo-search"])
     parser.add_argument("--parallel", type=int, default=8, help="search variants run at once")
     parser.add_argument("--settings", help="comma-separated 7B settings to run after the seed recipe (names of "
                         "SEVEN_B_SETTINGS, and `default` for configs/mistral-7b-qlora.yaml); all by default")
@@ -582,6 +628,10 @@ def main() -> None:
     save = SAVE
     if args.only == "search":
         bench_search(args.out, results, SEARCH, args.parallel)
+        save()
+    if args.only == "demo-search":
+        bench_search(args.out, results, DEMO_SEARCH, args.parallel, "configs/smollm2-cpu.yaml", "demo_search",
+                     DEMO_BASE)
         save()
     if args.only in (None, "smollm2"):
         bench_smollm2(args.out, results, tokenizer_dir)

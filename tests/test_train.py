@@ -199,3 +199,64 @@ def test_a_time_budget_ends_training_and_its_schedule_in_time(tmp_path, tiny_ove
     rates = [r["learning_rate"] for r in steps]
     peak = load_config(None, overrides).train.learning_rate
     assert rates[0] > 0.5 * peak and rates[-1] < 0.05 * peak and rates == sorted(rates, reverse=True)
+
+
+def test_loraplus_gives_the_b_matrices_ratio_times_the_rate(tmp_path, tiny_overrides):
+    from mrtune.train import make_optimizer, make_scheduler
+
+    config = load_config(None, [*tiny_overrides, "train.loraplus_ratio=16", "lora.rslora=true",
+                                "train.weight_decay=0.01"])
+    model = attach_lora(load_base_model(config.model, torch.device("cpu")), config.lora, config.model)
+    assert model.peft_config["default"].use_rslora
+    optimizer = make_optimizer(model, config)
+    rates = {}
+    names = {id(p): n for n, p in model.named_parameters()}
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            rates[names[id(p)]] = (group["lr"], group["weight_decay"])
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert set(rates) == trainable  # every adapter tensor is optimized, once
+    assert {rates[n] for n in trainable if "lora_A" in n} == {(5e-3, 0.01)}
+    assert {rates[n] for n in trainable if "lora_B" in n} == {(5e-3 * 16, 0.01)}
+    # The schedule scales both groups from their own rates.
+    a, b = (g["lr"] for g in optimizer.param_groups if g["params"])
+    assert [lr for lr, g in zip(make_scheduler(optimizer, config, total_steps=10).base_lrs, optimizer.param_groups)
+            if g["params"]] == [a, b]
+    # A short run trains with it.
+    run = train(config, tmp_path / "run", progress=False)
+    assert run.info()["status"] == "finished"
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_pissa_and_olora_adapters_are_saved_as_plain_lora_on_the_original_weights(tmp_path, tiny_model_dir, init):
+    from accelerate import Accelerator
+    from peft import PeftModel
+
+    from mrtune.distributed import save_adapter
+
+    config = load_config(None, [f"model.name={tiny_model_dir}", "model.dtype=float32", "lora.r=4",
+                                f"lora.init={init}", "lora.dropout=0.0"])
+    model = attach_lora(load_base_model(config.model, torch.device("cpu")), config.lora, config.model).eval()
+    ids = torch.tensor([[5, 17, 42, 99, 3, 250, 7]])
+    with torch.no_grad():
+        original = load_base_model(config.model, torch.device("cpu")).eval()
+        # At init the residual base plus the adapter is the original model.
+        assert torch.allclose(model(ids).logits, original(ids).logits, atol=1e-4)
+        model.save_pretrained(tmp_path / "init")
+        for name, parameter in model.named_parameters():  # "training"
+            if parameter.requires_grad:
+                parameter.add_(0.05 * torch.randn_like(parameter))
+        trained = model(ids).logits
+    save_adapter(Accelerator(cpu=True), model, tmp_path / "adapter", None, tmp_path / "init")
+    saved = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert saved["r"] == 8 and saved["init_lora_weights"] is True
+    reloaded = PeftModel.from_pretrained(original, str(tmp_path / "adapter")).eval()
+    with torch.no_grad():
+        assert torch.allclose(reloaded(ids).logits, trained, atol=1e-4)
+
+
+def test_a_pissa_run_finishes_with_a_plain_adapter_and_no_initial_copy(tmp_path, tiny_overrides):
+    run = train(load_config(None, [*tiny_overrides, "lora.init=pissa"]), tmp_path / "run", progress=False)
+    assert not run.initial_adapter.exists()
+    assert json.loads((run.adapter / "adapter_config.json").read_text())["r"] == 8  # 2 x lora.r
+    assert evaluate(run.path, limit=2, progress=False)["n"] == 2

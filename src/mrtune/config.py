@@ -53,6 +53,15 @@ class LoraSettings:
     """Adapt only the top N transformer layers (all by default). The backward pass then stops at the lowest adapted
     layer: on a CPU, where the step is compute-bound, half the layers train ~1.5x more rows in the same time. (For
     the CPU demo that did not pay: 15 of 30 layers on 2,000 rows scored 34% exact match, all 30 on 1,360 rows 45%.)"""
+    init: str = "default"
+    """How the adapters start: `default` (A random, B zero: the update starts at zero), `pissa` (A and B from the
+    top singular vectors of each weight, which is kept minus them: training starts on the weight's principal
+    directions; PiSSA, arXiv 2404.02948) or `olora` (from a QR decomposition; arXiv 2406.01775). Both are peft's and
+    need unquantized weights; the adapter is saved converted to a plain LoRA adapter of rank 2r on the original
+    weights, so evaluate, predict and merge load it like any other."""
+    rslora: bool = False
+    """Rank-stabilized LoRA (peft's `use_rslora`): the update is scaled by alpha / sqrt(r) instead of alpha / r, so a
+    high rank still learns at the pace of a low one."""
 
 
 @dataclass
@@ -104,6 +113,10 @@ class TrainSettings:
     warmup_ratio: float = 0.03
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
+    loraplus_ratio: float | None = None
+    """LoRA+ (peft's `create_loraplus_optimizer`): the B matrices learn this many times faster than the A matrices,
+    which take `learning_rate`. The LoRA+ paper reports faster convergence at a ratio of ~16 with an A rate about
+    half plain LoRA's. Not under FSDP (its flat parameters hide which tensor is A and which B)."""
     optimizer: str = "adamw"
     """`adamw` (torch, fused on CUDA) or `paged_adamw_8bit` (bitsandbytes, as in the seed recipe)."""
     eval_every: int = 100
@@ -152,6 +165,7 @@ class Config:
 
 CHOICES = {
     "model.quantization": ("none", "nf4"),
+    "lora.init": ("default", "pissa", "olora"),
     "model.dtype": ("bfloat16", "float16", "float32"),
     "model.attn_implementation": ("sdpa", "eager", "flex_attention"),
     "data.prompt_style": PROMPT_STYLES,
@@ -291,6 +305,9 @@ def validate(config: Config) -> list[str]:
         problems.append(f"train.learning_rate must be positive, got {config.train.learning_rate}")
     if config.train.max_steps is None and config.train.epochs is not None and config.train.epochs <= 0:
         problems.append("train.epochs must be positive (or set train.max_steps)")
+    if config.lora.init != "default" and config.model.quantization != "none":
+        problems.append(f"lora.init={config.lora.init} starts from the base weights' decomposition, which 4-bit "
+                        "weights do not allow: set lora.init=default or model.quantization=none")
     if config.train.batch_tokens is not None and config.train.batch_tokens < config.data.max_length:
         problems.append(
             f"train.batch_tokens ({config.train.batch_tokens}) must be at least data.max_length "

@@ -57,11 +57,18 @@ def adapter_state_dict(accelerator, model) -> dict | None:
     return accelerator.get_state_dict(model)
 
 
-def save_adapter(accelerator, model, directory: Path, state_dict: dict | None) -> None:
-    """Save the adapter in PEFT format (adapter_config.json + adapter_model.safetensors), from the main rank."""
+def save_adapter(accelerator, model, directory: Path, state_dict: dict | None, initial: Path | None = None) -> None:
+    """Save the adapter in PEFT format (adapter_config.json + adapter_model.safetensors), from the main rank.
+
+    `initial`: the adapter as lora.init=pissa|olora made it. Those inits move part of each base weight into the
+    adapter, so the trained adapter only fits the altered base; peft then saves the difference from `initial`
+    instead, as a plain LoRA adapter of twice the rank that fits the original base weights.
+    """
     # save_embedding_layers=False: with lm_head adapted, peft would also save the frozen head (262 MB for
     # Mistral-7B); the base model already has it.
-    accelerator.unwrap_model(model).save_pretrained(directory, state_dict=state_dict, save_embedding_layers=False)
+    accelerator.unwrap_model(model).save_pretrained(
+        directory, state_dict=state_dict, save_embedding_layers=False,
+        path_initial_model_for_weight_conversion=None if initial is None else str(initial))
 
 
 def launch_command(num_gpus: int | None, accelerate_config: str | None, train_args: list[str]) -> list[str]:

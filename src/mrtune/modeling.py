@@ -141,6 +141,9 @@ def attach_lora(model, lora: LoraSettings, settings: ModelSettings):
         lora_dropout=lora.dropout,
         target_modules=targets,
         layers_to_transform=layers,
+        use_rslora=lora.rslora,
+        # "pissa": the exact SVD, not a randomized one: a resumed run must rebuild the same residual weights.
+        init_lora_weights={"default": True, "pissa": "pissa", "olora": "olora"}[lora.init],
         task_type="CAUSAL_LM",
     )
     try:

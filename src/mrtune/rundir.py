@@ -141,6 +141,12 @@ class RunDir:
         return self.path / "adapter"
 
     @property
+    def initial_adapter(self) -> Path:
+        """The adapter as lora.init=pissa|olora made it, before training: what a saved adapter is converted against
+        (removed when the run finishes)."""
+        return self.path / "adapter-init"
+
+    @property
     def tokenizer(self) -> Path:
         return self.path / "tokenizer"
 

@@ -41,12 +41,19 @@ def make_optimizer(model, config: Config) -> torch.optim.Optimizer:
     if settings.optimizer == "paged_adamw_8bit":
         import bitsandbytes as bnb
 
-        return bnb.optim.PagedAdamW8bit(parameters, lr=settings.learning_rate, weight_decay=settings.weight_decay)
-    # fused=True: one kernel for all adapter tensors instead of several per tensor (CUDA only).
-    fused = all(p.is_cuda for p in parameters)
-    return torch.optim.AdamW(
-        parameters, lr=settings.learning_rate, weight_decay=settings.weight_decay, fused=fused or None
-    )
+        kind, options = bnb.optim.PagedAdamW8bit, {}
+    else:
+        # fused=True: one kernel for all adapter tensors instead of several per tensor (CUDA only).
+        kind, options = torch.optim.AdamW, {"fused": all(p.is_cuda for p in parameters) or None}
+    if settings.loraplus_ratio is not None:
+        from accelerate.utils import extract_model_from_parallel
+        from peft.optimizers import create_loraplus_optimizer
+
+        # The parameter groups need the adapters' names: those of the model inside the DDP wrapper.
+        return create_loraplus_optimizer(extract_model_from_parallel(model), kind, lr=settings.learning_rate,
+                                         loraplus_lr_ratio=settings.loraplus_ratio,
+                                         loraplus_weight_decay=settings.weight_decay, **options)
+    return kind(parameters, lr=settings.learning_rate, weight_decay=settings.weight_decay, **options)
 
 
 def make_scheduler(optimizer, config: Config, total_steps: int, clock: dict | None = None):
@@ -277,6 +284,12 @@ def _train(
     world = accelerator.num_processes
     fsdp = uses_fsdp(accelerator)
     settings = config.train
+    if fsdp and config.lora.init != "default":
+        raise MrtuneError(f"lora.init={config.lora.init} is not available under FSDP (the adapter's conversion to "
+                          "plain LoRA needs the whole model on one rank): set lora.init=default, or train with DDP")
+    if fsdp and settings.loraplus_ratio is not None:
+        raise MrtuneError("train.loraplus_ratio is not available under FSDP (its flat parameters hide which adapter "
+                          "tensor is A and which B): unset it, or train with DDP")
     if resume and fsdp:
         raise MrtuneError("--resume is not available under FSDP, whose runs write no checkpoint (checkpoint.py saves "
                           "from the main rank alone, which FSDP's sharded weights do not allow): resume a run "
@@ -353,6 +366,11 @@ def _train(
         wrap_adapters_separately(model, accelerator)
     if settings.compile:
         model.compile()  # in place: the module keeps its type, so peft's and accelerate's APIs still apply
+    initial = None
+    if config.lora.init != "default":  # what saved adapters are converted against (see save_adapter)
+        initial = run.initial_adapter
+        if is_main:  # a resumed run rebuilds the same init (an exact decomposition), and saves it again
+            write_dir_atomic(initial, lambda directory: model.save_pretrained(directory, save_embedding_layers=False))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total_parameters = sum(p.numel() for p in model.parameters())
 
@@ -424,7 +442,7 @@ def _train(
                 wandb_run.log(record, step=step)
             if improved:
                 write_dir_atomic(run.adapter, lambda directory: save_adapter(accelerator, model, directory,
-                                                                             state_dict))
+                                                                             state_dict, initial))
                 run.update_info(best_step=step, best_validation_loss=loss)
             sample = validation_examples[0]
             if fsdp:  # rank 0 alone cannot run the model: its weights are sharded over the ranks
@@ -587,6 +605,7 @@ def _train(
         # A finished run cannot be resumed: its checkpoint (adapter + 2x its size of optimizer state) would be
         # dead weight.
         shutil.rmtree(run.checkpoint, ignore_errors=True)
+        shutil.rmtree(run.initial_adapter, ignore_errors=True)  # the saved adapter is converted already
         from mrtune.report import write_report
 
         write_report(run)
