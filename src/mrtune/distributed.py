@@ -44,24 +44,79 @@ def wrap_adapters_separately(model, accelerator) -> None:
     accelerator.state.fsdp_plugin.auto_wrap_policy = fsdp_auto_wrap_policy(model)
 
 
-def adapter_state_dict(accelerator, model) -> dict | None:
-    """The state dict to save the adapter from: under FSDP, the full one gathered on the main rank.
+def adapter_keys(model, adapter_name: str = "default") -> dict[str, str]:
+    """The adapter's tensors as PEFT saves them: {key in adapter_model.safetensors: key in the model's state dict}.
 
-    Collective under FSDP: every rank must call it. accelerate's `get_state_dict` gathers the whole model (the 4-bit
-    base too: ~4 GB of CPU memory for Mistral-7B) into the main rank's CPU memory, and `PeftModel.save_pretrained`
-    keeps only the adapter's tensors of it (`get_peft_model_state_dict`). Elsewhere None: peft reads the adapter's
-    own parameters.
+    Call before `accelerator.prepare(model)`, on the plain PEFT model. peft 0.21 picks a state dict's adapter
+    entries by the names of the model's LoRA modules (`_get_tuner_state_dict_key_prefixes`), and it strips only a
+    leading `_fsdp_wrapped_module.` from them; with a unit per decoder layer the FSDP prefix sits inside the names
+    (`...layers.0._fsdp_wrapped_module.self_attn.q_proj`), so none of the decoder layers' keys matched and an FSDP
+    run saved lm_head's adapter alone (peft 0.20 kept the keys holding "lora_"). The keys here are peft's own,
+    read from the model before FSDP renames its modules.
+    """
+    from peft import get_peft_model_state_dict
+
+    saved = set(get_peft_model_state_dict(model, adapter_name=adapter_name, save_embedding_layers=False))
+    # peft's keys are the model's with the adapter name taken out: q_proj.lora_A.default.weight -> q_proj.lora_A.weight
+    keys = {}
+    for key in model.state_dict():
+        saved_key = key.replace(f".{adapter_name}.", ".", 1)
+        if saved_key in saved:
+            keys[saved_key] = key
+    if set(keys) != saved:
+        raise MrtuneError(f"cannot map the adapter's tensors to the model's state dict for FSDP (no model key for "
+                          f"{sorted(saved - set(keys))[:3]}): this LoRA set-up is not supported under FSDP")
+    return keys
+
+
+def adapter_state_dict(accelerator, model, keys: dict[str, str] | None) -> dict | None:
+    """Under FSDP, the adapter's tensors gathered on the main rank, keyed as in adapter_model.safetensors (`keys`
+    from `adapter_keys`; {} on the other ranks). Elsewhere None: peft reads the adapter's own parameters.
+
+    Collective under FSDP: every rank must call it. Like accelerate's `get_state_dict`, it gathers the whole model
+    (the 4-bit base too: ~4 GB of CPU memory for Mistral-7B) one unit at a time into the main rank's CPU memory,
+    as a state dict with FSDP's prefixes removed, and keeps the adapter's entries of it.
     """
     if not uses_fsdp(accelerator):
         return None
-    return accelerator.get_state_dict(model)
+    from torch.distributed.fsdp import FullStateDictConfig, StateDictType
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    # No offload when the model is in CPU memory already (FSDP on CPU, the tests): FSDP1 would free the storage of
+    # the tensors it returns.
+    config = FullStateDictConfig(offload_to_cpu=accelerator.device.type != "cpu", rank0_only=True)
+    with FSDP.state_dict_type(model, StateDictType.FULL_STATE_DICT, config):
+        full = model.state_dict()
+    if not accelerator.is_main_process:
+        return {}
+    missing = sorted(key for key in keys.values() if key not in full)
+    if missing:
+        raise MrtuneError(f"the state dict gathered by FSDP has no {missing[:3]} ({len(missing)} of the adapter's "
+                          f"{len(keys)} tensors missing): the adapter cannot be saved")
+    return {saved_key: full[key] for saved_key, key in keys.items()}
 
 
-def save_adapter(accelerator, model, directory: Path, state_dict: dict | None) -> None:
-    """Save the adapter in PEFT format (adapter_config.json + adapter_model.safetensors), from the main rank."""
-    # save_embedding_layers=False: with lm_head adapted, peft would also save the frozen head (262 MB for
-    # Mistral-7B); the base model already has it.
-    accelerator.unwrap_model(model).save_pretrained(directory, state_dict=state_dict, save_embedding_layers=False)
+def save_adapter(accelerator, model, directory: Path, tensors: dict | None) -> None:
+    """Save the adapter in PEFT format (adapter_config.json, adapter_model.safetensors, README.md), from the main
+    rank; `tensors` from `adapter_state_dict`."""
+    import copy
+
+    from safetensors.torch import save_file
+
+    peft_model = accelerator.unwrap_model(model)
+    if tensors is None:
+        # save_embedding_layers=False: with lm_head adapted, peft would also save the frozen head (262 MB for
+        # Mistral-7B); the base model already has it.
+        peft_model.save_pretrained(directory, save_embedding_layers=False)
+        return
+    # Under FSDP, the files PeftModel.save_pretrained writes, from the gathered tensors: passed to it as its
+    # state_dict, they would go through the name filter that `adapter_keys` works around.
+    save_file({key: tensor.contiguous() for key, tensor in tensors.items()},
+              str(Path(directory) / "adapter_model.safetensors"), metadata={"format": "pt"})
+    config = copy.copy(peft_model.peft_config["default"])
+    config.inference_mode = True  # as save_pretrained writes it
+    config.save_pretrained(str(directory))
+    peft_model.create_or_update_model_card(str(directory))
 
 
 def launch_command(num_gpus: int | None, accelerate_config: str | None, train_args: list[str]) -> list[str]:

@@ -25,7 +25,9 @@ from mrtune.checkpoint import (
     save_checkpoint,
 )
 from mrtune.data import find_duplicates, load_splits, spread_sample
-from mrtune.distributed import adapter_state_dict, save_adapter, uses_fsdp, wrap_adapters_separately
+from mrtune.distributed import (
+    adapter_keys, adapter_state_dict, save_adapter, uses_fsdp, wrap_adapters_separately,
+)
 from mrtune.errors import MrtuneError, TrainingInterrupted
 from mrtune.generation import generate
 from mrtune.models import load_tokenizer, resolve_model_path
@@ -349,8 +351,10 @@ def _train(
     # moves its shards to the GPU (or keeps them in CPU memory with offload) and broadcasts rank 0's values.
     model = load_base_model(config.model, None if fsdp else device, model_path)
     model = attach_lora(model, config.lora, config.model)
+    saved_keys = None  # under FSDP, where the saved adapter's tensors are in the gathered state dict
     if fsdp:
         wrap_adapters_separately(model, accelerator)
+        saved_keys = adapter_keys(model)
     if settings.compile:
         model.compile()  # in place: the module keeps its type, so peft's and accelerate's APIs still apply
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -415,7 +419,7 @@ def _train(
         record = {"step": step, "validation_loss": loss}
         improved = loss < best  # the same on every rank: the loss is summed over ranks
         best = min(best, loss)
-        state_dict = adapter_state_dict(accelerator, model) if improved else None  # under FSDP, every rank gathers
+        tensors = adapter_state_dict(accelerator, model, saved_keys) if improved else None  # FSDP: every rank gathers
         if is_main:
             run.append_history(record)
             if writer:
@@ -423,8 +427,7 @@ def _train(
             if wandb_run:
                 wandb_run.log(record, step=step)
             if improved:
-                write_dir_atomic(run.adapter, lambda directory: save_adapter(accelerator, model, directory,
-                                                                             state_dict))
+                write_dir_atomic(run.adapter, lambda directory: save_adapter(accelerator, model, directory, tensors))
                 run.update_info(best_step=step, best_validation_loss=loss)
             sample = validation_examples[0]
             if fsdp:  # rank 0 alone cannot run the model: its weights are sharded over the ranks
