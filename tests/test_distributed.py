@@ -215,6 +215,9 @@ def test_fsdp_saves_the_adapter_that_ddp_saves(two_processes_fsdp, two_processes
     for config in configs:  # a set in peft, written in the process's hash order
         config["target_modules"] = sorted(config["target_modules"])
     assert configs[0] == configs[1]
+    from bench.scaling import compare_adapters  # the check bench/scaling.sh makes on 2 GPUs (repository root)
+
+    assert compare_adapters(fsdp.path, ddp.path)["same"]
 
 
 def test_num_gpus_launches_accelerate_with_the_other_arguments(monkeypatch, tmp_path, capsys):
