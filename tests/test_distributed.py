@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -76,18 +77,23 @@ def _fsdp_environment() -> dict[str, str]:
             "ACCELERATE_TORCH_DEVICE": "cpu"}
 
 
-def _train_in_two_processes(data_overrides, base: Path, extra_env: dict[str, str] | None = None):
-    """`mrtune train` in 2 processes x gradient_accumulation 2: the run, each rank's micro-batches, stdout, seconds."""
-    run_dir, records = base / "run", base / "records"
+def _in_two_processes(records: Path, argv: list[str], extra_env: dict[str, str] | None = None):
+    """`mrtune ARGV` in 2 torchrun processes that record their micro-batches in `records`."""
     records.mkdir()
     port = _free_port()
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "MASTER_PORT": str(port),
            "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", **(extra_env or {})}
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-               "--master_port", str(port), __file__, str(records), "train", "--output-dir", str(run_dir),
-               *_sets([*data_overrides, "train.gradient_accumulation=2"])]
+               "--master_port", str(port), __file__, str(records), *argv]
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+
+
+def _train_in_two_processes(data_overrides, base: Path, extra_env: dict[str, str] | None = None):
+    """`mrtune train` in 2 processes x gradient_accumulation 2: the run, each rank's micro-batches, stdout, seconds."""
+    run_dir, records = base / "run", base / "records"
     started = time.perf_counter()
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+    result = _in_two_processes(records, ["train", "--output-dir", str(run_dir),
+                                         *_sets([*data_overrides, "train.gradient_accumulation=2"])], extra_env)
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-4000:]
     from mrtune.rundir import RunDir
@@ -220,6 +226,35 @@ def test_fsdp_saves_the_adapter_that_ddp_saves(two_processes_fsdp, two_processes
     assert compare_adapters(fsdp.path, ddp.path)["same"]
 
 
+@pytest.mark.slow  # two more 2-process runs, ~20 s each
+def test_fsdp_run_stopped_by_a_signal_resumes_to_the_uninterrupted_result(data_overrides, two_processes_fsdp,
+                                                                          tmp_path):
+    """Under FSDP the checkpoint gathers the sharded adapter and optimizer state; a resume shards them again."""
+    from test_resume import assert_same_as_uninterrupted
+
+    from mrtune.rundir import RunDir
+
+    reference, _, _, _ = two_processes_fsdp
+    run = RunDir(tmp_path / "run")
+    # Each rank sends itself SIGTERM in its first micro-batch of step 2: both finish step 2, save, and stop.
+    stopped = _in_two_processes(tmp_path / "records-stopped", [
+        "train", "--output-dir", str(run.path), *_sets([*data_overrides, "train.gradient_accumulation=2"])],
+        {**_fsdp_environment(), "MRTUNE_TEST_SIGTERM_AT_MICRO_BATCH": "3"})
+    assert stopped.returncode != 0 and "interrupted at step 2 of 4 (SIGTERM): resume with" in stopped.stderr, \
+        (stopped.stdout + stopped.stderr)[-4000:]
+    info = run.info()
+    assert (info["status"], info["interrupted_at_step"]) == ("interrupted", 2)
+    assert json.loads((run.checkpoint / "state.json").read_text())["fsdp"] is True
+    assert sorted(load_file(run.checkpoint / "adapter" / "adapter_model.safetensors")) == sorted(
+        load_file(reference.adapter / "adapter_model.safetensors"))  # the whole adapter, as the best one
+
+    resumed = _in_two_processes(tmp_path / "records-resumed", ["train", "--resume", str(run.path)],
+                                _fsdp_environment())
+    assert resumed.returncode == 0, (resumed.stdout + resumed.stderr)[-4000:]
+    assert_same_as_uninterrupted(run, reference)  # bit for bit
+    assert run.info()["resumed_at_steps"] == [2]
+
+
 def test_num_gpus_launches_accelerate_with_the_other_arguments(monkeypatch, tmp_path, capsys):
     from mrtune import distributed
     from mrtune.cli import main
@@ -283,10 +318,13 @@ def _record_micro_batches_and_train(records: Path, argv: list[str]) -> int:
 
     trained_on = []
     target_loss = mrtune.train.target_loss
+    sigterm_at = int(os.environ.get("MRTUNE_TEST_SIGTERM_AT_MICRO_BATCH", 0))  # counted from 1; 0: never
 
     def recording_target_loss(model, batch, keep):
         if model.training:  # validation batches run in eval mode
             trained_on.append(batch["input_ids"].tolist())
+            if len(trained_on) == sigterm_at:
+                os.kill(os.getpid(), signal.SIGTERM)  # train.StopSignals: stop after this step
         return target_loss(model, batch, keep)
 
     mrtune.train.target_loss = recording_target_loss

@@ -44,6 +44,23 @@ def wrap_adapters_separately(model, accelerator) -> None:
     accelerator.state.fsdp_plugin.auto_wrap_policy = fsdp_auto_wrap_policy(model)
 
 
+def _full_state_dicts(accelerator, model, *, rank0_only: bool):
+    """FSDP's full (unsharded, unprefixed) state dicts for the model and its optimizer, in this context.
+
+    rank0_only: when saving, the main rank alone receives them (the others get {}); when loading, every rank passes
+    the whole of them and keeps its own shards.
+    """
+    from torch.distributed.fsdp import FullOptimStateDictConfig, FullStateDictConfig, StateDictType
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    # Gathered into CPU memory (one unit at a time on the GPU), but not when the model is there already (FSDP on
+    # CPU, the tests): FSDP1 would then free the storage of the tensors it returns.
+    offload = accelerator.device.type != "cpu"
+    return FSDP.state_dict_type(model, StateDictType.FULL_STATE_DICT,
+                                FullStateDictConfig(offload_to_cpu=offload, rank0_only=rank0_only),
+                                FullOptimStateDictConfig(offload_to_cpu=offload, rank0_only=rank0_only))
+
+
 def adapter_keys(model, adapter_name: str = "default") -> dict[str, str]:
     """The adapter's tensors as PEFT saves them: {key in adapter_model.safetensors: key in the model's state dict}.
 
@@ -79,13 +96,7 @@ def adapter_state_dict(accelerator, model, keys: dict[str, str] | None) -> dict 
     """
     if not uses_fsdp(accelerator):
         return None
-    from torch.distributed.fsdp import FullStateDictConfig, StateDictType
-    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-
-    # No offload when the model is in CPU memory already (FSDP on CPU, the tests): FSDP1 would free the storage of
-    # the tensors it returns.
-    config = FullStateDictConfig(offload_to_cpu=accelerator.device.type != "cpu", rank0_only=True)
-    with FSDP.state_dict_type(model, StateDictType.FULL_STATE_DICT, config):
+    with _full_state_dicts(accelerator, model, rank0_only=True):
         full = model.state_dict()
     if not accelerator.is_main_process:
         return {}
@@ -94,6 +105,35 @@ def adapter_state_dict(accelerator, model, keys: dict[str, str] | None) -> dict 
         raise MrtuneError(f"the state dict gathered by FSDP has no {missing[:3]} ({len(missing)} of the adapter's "
                           f"{len(keys)} tensors missing): the adapter cannot be saved")
     return {saved_key: full[key] for saved_key, key in keys.items()}
+
+
+def optimizer_state_dict(accelerator, model, optimizer) -> dict:
+    """The optimizer's state to save: under FSDP, the full state gathered on the main rank ({} on the others),
+    keyed by parameter name; elsewhere the optimizer's own. Collective under FSDP: every rank must call it."""
+    if not uses_fsdp(accelerator):
+        return optimizer.state_dict()
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    with _full_state_dicts(accelerator, model, rank0_only=True):
+        return FSDP.optim_state_dict(model, optimizer)
+
+
+def load_sharded_adapter(accelerator, model, tensors: dict, keys: dict[str, str]) -> list[str]:
+    """Put saved adapter tensors (keyed as in adapter_model.safetensors) back into an FSDP model, whose every rank
+    passes all of them. Collective. Returns the keys the model did not take (none when the adapter fits)."""
+    with _full_state_dicts(accelerator, model, rank0_only=False):
+        # strict=False: the frozen base weights are not in the adapter
+        result = model.load_state_dict({keys[key]: tensor for key, tensor in tensors.items()}, strict=False)
+    return list(result.unexpected_keys)
+
+
+def load_sharded_optimizer(accelerator, model, optimizer, state: dict) -> None:
+    """Put a full optimizer state from `optimizer_state_dict` back under FSDP: each rank keeps its shards of it.
+    Collective."""
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    with _full_state_dicts(accelerator, model, rank0_only=False):
+        optimizer.load_state_dict(FSDP.optim_state_dict_to_load(model, optimizer, state))
 
 
 def save_adapter(accelerator, model, directory: Path, tensors: dict | None) -> None:
@@ -111,6 +151,7 @@ def save_adapter(accelerator, model, directory: Path, tensors: dict | None) -> N
         return
     # Under FSDP, the files PeftModel.save_pretrained writes, from the gathered tensors: passed to it as its
     # state_dict, they would go through the name filter that `adapter_keys` works around.
+    Path(directory).mkdir(parents=True, exist_ok=True)
     save_file({key: tensor.contiguous() for key, tensor in tensors.items()},
               str(Path(directory) / "adapter_model.safetensors"), metadata={"format": "pt"})
     config = copy.copy(peft_model.peft_config["default"])

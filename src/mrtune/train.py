@@ -279,10 +279,6 @@ def _train(
     world = accelerator.num_processes
     fsdp = uses_fsdp(accelerator)
     settings = config.train
-    if resume and fsdp:
-        raise MrtuneError("--resume is not available under FSDP, whose runs write no checkpoint (checkpoint.py saves "
-                          "from the main rank alone, which FSDP's sharded weights do not allow): resume a run "
-                          "trained without FSDP without it, or start again with --overwrite")
     if resume:
         _refuse_unresumable(RunDir.open(output_dir))
 
@@ -326,9 +322,15 @@ def _train(
     if resume:
         run = RunDir.open(output_dir)
         checkpoint = _checkpoint_to_resume(run, progress_state, accelerator)
-        if checkpoint["data_fingerprint"] != fingerprint or checkpoint["processes"] != world:
-            changed = "the training data or tokenizer changed" if checkpoint["data_fingerprint"] != fingerprint \
-                else f"it ran on {checkpoint['processes']} process(es), this resume on {world}"
+        sharded = checkpoint.get("fsdp", False)  # checkpoints of mrtune before FSDP's have no such key
+        if checkpoint["data_fingerprint"] != fingerprint or checkpoint["processes"] != world or sharded != fsdp:
+            if checkpoint["data_fingerprint"] != fingerprint:
+                changed = "the training data or tokenizer changed"
+            elif checkpoint["processes"] != world:
+                changed = f"it ran on {checkpoint['processes']} process(es), this resume on {world}"
+            else:  # the optimizer state is saved keyed by parameter name under FSDP, by position elsewhere
+                changed = ("it ran with FSDP, this resume without" if sharded
+                           else "it ran without FSDP, this resume with it")
             raise MrtuneError(
                 f"cannot resume {run.path} exactly: {changed} since its checkpoint (step {checkpoint['step']}); "
                 "restore the original set-up, or start a new run"
@@ -380,7 +382,7 @@ def _train(
                 f"cannot resume {run.path}: {run.config_file} now gives {total_steps} steps, its checkpoint "
                 f"{checkpoint['total_steps']}; restore the original config.yaml"
             )
-        load_checkpoint(run, accelerator, model, optimizer, scheduler)
+        load_checkpoint(run, accelerator, model, optimizer, scheduler, saved_keys)
         start_step = checkpoint["step"]
 
     # 6. The run directory describes itself before the first step.
@@ -453,11 +455,10 @@ def _train(
             "best_validation_loss": None if math.isinf(best) else best, "bad_in_a_row": bad_in_a_row,
             "skipped_steps": skipped, "useful_tokens": useful_tokens, "padded_tokens": padded_tokens,
             "train_seconds": time.perf_counter() - started - eval_seconds, "eval_seconds": eval_seconds,
-            "mrtune_version": __version__,
+            "fsdp": fsdp, "mrtune_version": __version__,
         }
-        if not fsdp:  # FSDP runs keep no checkpoint (see the refusal of --resume above)
-            save_checkpoint(run, accelerator, model, optimizer, scheduler, state)
-            progress_state.checkpoint_step = done
+        save_checkpoint(run, accelerator, model, optimizer, scheduler, state, saved_keys)
+        progress_state.checkpoint_step = done
         if writer:
             writer.flush()  # its events up to the checkpoint must survive a kill (it flushes every 2 min otherwise)
         if signum is None:
@@ -469,11 +470,8 @@ def _train(
                 writer.close()
             if wandb_run:
                 wandb_run.finish()
-        how = (f"FSDP runs keep no checkpoint, start again with --overwrite (the best adapter so far is in "
-               f"{run.adapter})" if fsdp else f"resume with `mrtune train --resume {run.path}`")
-        raise TrainingInterrupted(
-            f"interrupted at step {done} of {total_steps} ({signal.Signals(signum).name}): {how}", signum
-        )
+        raise TrainingInterrupted(f"interrupted at step {done} of {total_steps} ({signal.Signals(signum).name}): "
+                                  f"resume with `mrtune train --resume {run.path}`", signum)
 
     # 7. The loop.
     stream = micro_batches()
