@@ -52,6 +52,9 @@ def compare_adapters(run_a: Path, run_b: Path) -> dict:
     differ = [f"{k}: {tuple(a[k].shape)} {a[k].dtype} vs {tuple(b[k].shape)} {b[k].dtype}" for k in sorted(a.keys() & b.keys())
               if (a[k].shape, a[k].dtype) != (b[k].shape, b[k].dtype)]
     only_a, only_b = sorted(a.keys() - b.keys()), sorted(b.keys() - a.keys())
+    for config in configs:  # a set in peft, written as a list in the writing process's hash order
+        if isinstance(config.get("target_modules"), list):
+            config["target_modules"] = sorted(config["target_modules"])
     config_keys = ("peft_type", "r", "lora_alpha", "target_modules", "layers_to_transform")
     config_differ = {k: [c.get(k) for c in configs] for k in config_keys
                      if json.dumps(configs[0].get(k), sort_keys=True) != json.dumps(configs[1].get(k), sort_keys=True)}

@@ -5,12 +5,16 @@ The two processes are started by torchrun (`accelerate launch --cpu` starts one 
 script: it records the micro-batches its rank trains on, then runs `mrtune train` as the CLI does. The reference
 is one process with gradient_accumulation 4 where the two processes have 2 each: the same 4 micro-batches per
 optimizer step, and since the loss is divided by the step's global target count, the same loss and gradient.
+
+The same two processes also train under FSDP (configs/accelerate/fsdp-qlora.yaml), whose adapter must be the DDP
+run's: Accelerate turns FSDP on only on GPUs, so the script sets its state to FSDP itself (`_force_fsdp_on_cpu`).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -24,6 +28,8 @@ from safetensors.torch import load_file
 MICRO_BATCH_ROWS = 2
 STEPS = 4
 SETTINGS = [
+    # The 7B recipe's modules: lm_head's adapter sits in FSDP's root unit, the others in a decoder layer's unit.
+    "lora.target_modules=[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj,lm_head]",
     "model.dtype=float32", "lora.r=4", "lora.alpha=8", "lora.dropout=0.0", f"train.batch_size={MICRO_BATCH_ROWS}",
     f"train.max_steps={STEPS}", "train.eval_every=2", "train.log_every=1", "train.learning_rate=5e-3",
     "train.warmup_ratio=0.0", "eval.batch_size=4", "eval.max_new_tokens=8",
@@ -54,26 +60,59 @@ def data_overrides(tiny_model_dir, tmp_path_factory) -> list[str]:
     return [f"model.name={tiny_model_dir}", *(f"data.{split}={path}" for split, path in data.items()), *SETTINGS]
 
 
-@pytest.fixture(scope="module")
-def two_processes(data_overrides, tmp_path_factory):
-    """A run trained by 2 processes x gradient_accumulation 2, and the micro-batches each rank trained on."""
-    base = tmp_path_factory.mktemp("two-processes")
-    run_dir, records = base / "run", base / "records"
+def _fsdp_environment() -> dict[str, str]:
+    """What `accelerate launch --config_file configs/accelerate/fsdp-qlora.yaml` tells its processes, for the CPU.
+
+    FSDP1 cannot broadcast rank 0's weights on the CPU (sync_module_states needs a GPU), so each rank loads the
+    whole model itself: the same weights, and the same adapter initialisation from the same seed.
+    """
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    config = load_config_from_file(str(Path(__file__).parents[1] / "configs" / "accelerate" / "fsdp-qlora.yaml"))
+    environment = {key.upper(): str(value).lower() if isinstance(value, bool) else str(value)
+                   for key, value in config.fsdp_config.items()}
+    return {**environment, "ACCELERATE_USE_FSDP": "true", "FSDP_SYNC_MODULE_STATES": "false",
+            "FSDP_CPU_RAM_EFFICIENT_LOADING": "false", "MRTUNE_TEST_FSDP_ON_CPU": "1",
+            # FSDP compares its device with an index-less "cpu"; Accelerate would say "cpu:0"
+            "ACCELERATE_TORCH_DEVICE": "cpu"}
+
+
+def _in_two_processes(records: Path, argv: list[str], extra_env: dict[str, str] | None = None):
+    """`mrtune ARGV` in 2 torchrun processes that record their micro-batches in `records`."""
     records.mkdir()
     port = _free_port()
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "MASTER_PORT": str(port),
-           "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+           "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", **(extra_env or {})}
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-               "--master_port", str(port), __file__, str(records), "train", "--output-dir", str(run_dir),
-               *_sets([*data_overrides, "train.gradient_accumulation=2"])]
+               "--master_port", str(port), __file__, str(records), *argv]
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+
+
+def _train_in_two_processes(data_overrides, base: Path, extra_env: dict[str, str] | None = None):
+    """`mrtune train` in 2 processes x gradient_accumulation 2: the run, each rank's micro-batches, stdout, seconds."""
+    run_dir, records = base / "run", base / "records"
     started = time.perf_counter()
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+    result = _in_two_processes(records, ["train", "--output-dir", str(run_dir),
+                                         *_sets([*data_overrides, "train.gradient_accumulation=2"])], extra_env)
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-4000:]
     from mrtune.rundir import RunDir
 
     seen = {rank: json.loads((records / f"rank{rank}.json").read_text()) for rank in (0, 1)}
     return RunDir.open(run_dir), seen, result.stdout, time.perf_counter() - started
+
+
+@pytest.fixture(scope="module")
+def two_processes(data_overrides, tmp_path_factory):
+    """A run trained by 2 processes (DDP) x gradient_accumulation 2, and the micro-batches each rank trained on."""
+    return _train_in_two_processes(data_overrides, tmp_path_factory.mktemp("two-processes"))
+
+
+@pytest.fixture(scope="module")
+def two_processes_fsdp(data_overrides, tmp_path_factory):
+    """The same run, sharded by FSDP as configs/accelerate/fsdp-qlora.yaml says."""
+    return _train_in_two_processes(data_overrides, tmp_path_factory.mktemp("two-processes-fsdp"),
+                                   _fsdp_environment())
 
 
 @pytest.fixture(scope="module")
@@ -160,6 +199,62 @@ def test_the_adapter_is_a_peft_adapter_that_evaluate_loads(two_processes, capsys
     assert seconds < 120  # two processes' start-up (imports, gloo) and 4 steps; ~20-30 s on 2 cores
 
 
+def test_fsdp_saves_the_adapter_that_ddp_saves(two_processes_fsdp, two_processes):
+    """The same tensors (names, shapes, dtypes, values up to the order of the gradient sums) and adapter config."""
+    fsdp, _, stdout, _ = two_processes_fsdp
+    ddp, _, _, _ = two_processes
+    assert "(no sample under FSDP" in stdout  # it did run sharded
+    assert fsdp.info()["status"] == "finished" and fsdp.info()["best_step"] == ddp.info()["best_step"]
+    for a, b in zip(fsdp.read_history(), ddp.read_history()):
+        for key in ("train_loss", "grad_norm", "validation_loss"):
+            if key in a:
+                assert a[key] == pytest.approx(b[key], rel=RELATIVE_TOLERANCE), (a["step"], key)
+    assert sorted(p.name for p in fsdp.adapter.iterdir()) == sorted(p.name for p in ddp.adapter.iterdir())
+    adapter_fsdp = load_file(fsdp.adapter / "adapter_model.safetensors")
+    adapter_ddp = load_file(ddp.adapter / "adapter_model.safetensors")
+    assert sorted(adapter_fsdp) == sorted(adapter_ddp)
+    assert len(adapter_ddp) == 2 * (7 * 2 + 1)  # lora_A and lora_B of 7 modules x 2 layers, and of lm_head
+    for name, tensor in adapter_ddp.items():
+        assert (adapter_fsdp[name].shape, adapter_fsdp[name].dtype) == (tensor.shape, tensor.dtype), name
+        assert torch.allclose(adapter_fsdp[name], tensor, rtol=1e-4, atol=1e-6), name
+    configs = [json.loads((run.adapter / "adapter_config.json").read_text()) for run in (fsdp, ddp)]
+    for config in configs:  # a set in peft, written in the process's hash order
+        config["target_modules"] = sorted(config["target_modules"])
+    assert configs[0] == configs[1]
+    from bench.scaling import compare_adapters  # the check bench/scaling.sh makes on 2 GPUs (repository root)
+
+    assert compare_adapters(fsdp.path, ddp.path)["same"]
+
+
+@pytest.mark.slow  # two more 2-process runs, ~20 s each
+def test_fsdp_run_stopped_by_a_signal_resumes_to_the_uninterrupted_result(data_overrides, two_processes_fsdp,
+                                                                          tmp_path):
+    """Under FSDP the checkpoint gathers the sharded adapter and optimizer state; a resume shards them again."""
+    from test_resume import assert_same_as_uninterrupted
+
+    from mrtune.rundir import RunDir
+
+    reference, _, _, _ = two_processes_fsdp
+    run = RunDir(tmp_path / "run")
+    # Each rank sends itself SIGTERM in its first micro-batch of step 2: both finish step 2, save, and stop.
+    stopped = _in_two_processes(tmp_path / "records-stopped", [
+        "train", "--output-dir", str(run.path), *_sets([*data_overrides, "train.gradient_accumulation=2"])],
+        {**_fsdp_environment(), "MRTUNE_TEST_SIGTERM_AT_MICRO_BATCH": "3"})
+    assert stopped.returncode != 0 and "interrupted at step 2 of 4 (SIGTERM): resume with" in stopped.stderr, \
+        (stopped.stdout + stopped.stderr)[-4000:]
+    info = run.info()
+    assert (info["status"], info["interrupted_at_step"]) == ("interrupted", 2)
+    assert json.loads((run.checkpoint / "state.json").read_text())["fsdp"] is True
+    assert sorted(load_file(run.checkpoint / "adapter" / "adapter_model.safetensors")) == sorted(
+        load_file(reference.adapter / "adapter_model.safetensors"))  # the whole adapter, as the best one
+
+    resumed = _in_two_processes(tmp_path / "records-resumed", ["train", "--resume", str(run.path)],
+                                _fsdp_environment())
+    assert resumed.returncode == 0, (resumed.stdout + resumed.stderr)[-4000:]
+    assert_same_as_uninterrupted(run, reference)  # bit for bit
+    assert run.info()["resumed_at_steps"] == [2]
+
+
 def test_num_gpus_launches_accelerate_with_the_other_arguments(monkeypatch, tmp_path, capsys):
     from mrtune import distributed
     from mrtune.cli import main
@@ -223,10 +318,13 @@ def _record_micro_batches_and_train(records: Path, argv: list[str]) -> int:
 
     trained_on = []
     target_loss = mrtune.train.target_loss
+    sigterm_at = int(os.environ.get("MRTUNE_TEST_SIGTERM_AT_MICRO_BATCH", 0))  # counted from 1; 0: never
 
     def recording_target_loss(model, batch, keep):
         if model.training:  # validation batches run in eval mode
             trained_on.append(batch["input_ids"].tolist())
+            if len(trained_on) == sigterm_at:
+                os.kill(os.getpid(), signal.SIGTERM)  # train.StopSignals: stop after this step
         return target_loss(model, batch, keep)
 
     mrtune.train.target_loss = recording_target_loss
@@ -235,5 +333,28 @@ def _record_micro_batches_and_train(records: Path, argv: list[str]) -> int:
     return code
 
 
+def _force_fsdp_on_cpu() -> None:
+    """Make `mrtune train`'s Accelerator an FSDP one on the CPU, as it is on GPUs under `accelerate launch`.
+
+    Accelerate keeps a CPU run MULTI_CPU whatever ACCELERATE_USE_FSDP says; FSDP1 itself runs on the CPU with gloo.
+    The plugin is the one Accelerate builds from the launcher's environment (`_fsdp_environment`).
+    """
+    import accelerate
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    class CpuFsdpAccelerator(accelerate.Accelerator):
+        def __init__(self, *args, **kwargs):
+            plugin = FullyShardedDataParallelPlugin()
+            super().__init__(*args, fsdp_plugin=plugin, **kwargs)
+            # Both states, as Accelerate sets them for FSDP: AcceleratorState re-reads PartialState's.
+            self.state.distributed_type = PartialState().distributed_type = DistributedType.FSDP
+            self.state.fsdp_plugin = plugin
+
+    accelerate.Accelerator = CpuFsdpAccelerator
+
+
 if __name__ == "__main__":
+    if os.environ.get("MRTUNE_TEST_FSDP_ON_CPU"):
+        _force_fsdp_on_cpu()
     sys.exit(_record_micro_batches_and_train(Path(sys.argv[1]), sys.argv[2:]))

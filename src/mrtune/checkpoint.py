@@ -16,9 +16,11 @@ training on a different stream.
 A checkpoint is built as RUN/checkpoint.tmp/, fsynced, then renamed into place (`rundir.write_dir_atomic`): a
 kill or a full disk during a save leaves the previous checkpoint whole.
 
-Written for one process or DDP, where every rank holds the whole adapter and optimizer state: the main rank saves
-them, and the random states of every rank are gathered into rng.pt. FSDP shards the optimizer state across ranks
-and would need one optimizer file per rank; that is not handled here.
+With one process or DDP every rank holds the whole adapter and optimizer state, and the main rank saves them.
+Under FSDP both are sharded over the ranks: every rank takes part in gathering their full (unsharded) state on the
+main rank, which saves it in the same files (the optimizer's keyed by parameter name rather than by position);
+on resume every rank reads the files and keeps its own shards, so a checkpoint is resumed under FSDP only. The
+random states of every rank are gathered into rng.pt.
 """
 
 from __future__ import annotations
@@ -84,16 +86,23 @@ def restore_rng(state: dict[str, Any]) -> None:
 
 
 # -- save and load --------------------------------------------------------------------------------------------
-def save_checkpoint(run: RunDir, accelerator, model, optimizer, scheduler, state: dict[str, Any]) -> None:
-    """Write RUN/checkpoint/ for resuming after step `state["step"]` (collective: every rank calls it)."""
+def save_checkpoint(run: RunDir, accelerator, model, optimizer, scheduler, state: dict[str, Any],
+                    adapter_keys: dict[str, str] | None = None) -> None:
+    """Write RUN/checkpoint/ for resuming after step `state["step"]` (collective: every rank calls it).
+
+    `adapter_keys`: under FSDP, where the adapter's tensors are in the model's state dict (distributed.adapter_keys).
+    """
     from accelerate.utils import gather_object
 
+    from mrtune.distributed import adapter_state_dict, optimizer_state_dict, save_adapter
+
     rng_states = gather_object([capture_rng()])  # every rank's, in rank order (dropout masks differ by rank)
+    adapter = adapter_state_dict(accelerator, model, adapter_keys)  # None (peft reads it) unless FSDP
+    optimizer_state = optimizer_state_dict(accelerator, model, optimizer)
     if accelerator.is_main_process:
         def write(directory: Path) -> None:
-            # save_embedding_layers=False: the frozen embeddings are in the base model (see train.py).
-            accelerator.unwrap_model(model).save_pretrained(directory / "adapter", save_embedding_layers=False)
-            torch.save(optimizer.state_dict(), directory / "optimizer.pt")
+            save_adapter(accelerator, model, directory / "adapter", adapter)
+            torch.save(optimizer_state, directory / "optimizer.pt")
             torch.save(scheduler.state_dict(), directory / "scheduler.pt")
             torch.save(rng_states, directory / "rng.pt")
             write_json(directory / STATE_FILE, state)
@@ -124,23 +133,38 @@ def read_checkpoint_state(run: RunDir) -> dict[str, Any]:
         raise MrtuneError(f"{path} is unreadable ({error}): the checkpoint is damaged; start the run again") from None
 
 
-def load_checkpoint(run: RunDir, accelerator, model, optimizer, scheduler) -> None:
-    """Put the adapter, optimizer, scheduler and random states of RUN/checkpoint/ back in place."""
+def load_checkpoint(run: RunDir, accelerator, model, optimizer, scheduler,
+                    adapter_keys: dict[str, str] | None = None) -> None:
+    """Put the adapter, optimizer, scheduler and random states of RUN/checkpoint/ back in place (collective under
+    FSDP, whose `adapter_keys` say where the adapter's tensors go: see save_checkpoint)."""
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
+    from mrtune.distributed import load_sharded_adapter, load_sharded_optimizer, uses_fsdp
+
     directory = run.checkpoint
-    unwrapped = accelerator.unwrap_model(model)
+    fsdp = uses_fsdp(accelerator)
     weights = load_file(directory / "adapter" / "adapter_model.safetensors", device=str(accelerator.device))
-    trainable = sum(1 for p in unwrapped.parameters() if p.requires_grad)
-    result = set_peft_model_state_dict(unwrapped, weights)
-    if len(weights) != trainable or result.unexpected_keys:
+    if fsdp:  # every rank reads the same files, so all of them take part in the load or none does
+        expected = len(adapter_keys)
+        fits = set(weights) == set(adapter_keys)
+        if fits:
+            fits = not load_sharded_adapter(accelerator, model, weights, adapter_keys)
+    else:
+        unwrapped = accelerator.unwrap_model(model)
+        expected = sum(1 for p in unwrapped.parameters() if p.requires_grad)
+        fits = len(weights) == expected and not set_peft_model_state_dict(unwrapped, weights).unexpected_keys
+    if not fits:
         raise MrtuneError(
             f"the checkpoint in {directory} does not fit the model ({len(weights)} adapter tensors for "
-            f"{trainable} trainable ones): was {run.config_file} edited? Start the run again instead"
+            f"{expected} trainable ones): was {run.config_file} edited? Start the run again instead"
         )
     try:
-        optimizer.load_state_dict(torch.load(directory / "optimizer.pt", map_location="cpu", weights_only=True))
+        optimizer_state = torch.load(directory / "optimizer.pt", map_location="cpu", weights_only=True)
+        if fsdp:
+            load_sharded_optimizer(accelerator, model, optimizer, optimizer_state)
+        else:
+            optimizer.load_state_dict(optimizer_state)
         scheduler.load_state_dict(torch.load(directory / "scheduler.pt", weights_only=True))
         rng_states = torch.load(directory / "rng.pt", weights_only=True)
     except (OSError, RuntimeError, ValueError) as error:

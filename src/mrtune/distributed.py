@@ -44,31 +44,126 @@ def wrap_adapters_separately(model, accelerator) -> None:
     accelerator.state.fsdp_plugin.auto_wrap_policy = fsdp_auto_wrap_policy(model)
 
 
-def adapter_state_dict(accelerator, model) -> dict | None:
-    """The state dict to save the adapter from: under FSDP, the full one gathered on the main rank.
+def _full_state_dicts(accelerator, model, *, rank0_only: bool):
+    """FSDP's full (unsharded, unprefixed) state dicts for the model and its optimizer, in this context.
 
-    Collective under FSDP: every rank must call it. accelerate's `get_state_dict` gathers the whole model (the 4-bit
-    base too: ~4 GB of CPU memory for Mistral-7B) into the main rank's CPU memory, and `PeftModel.save_pretrained`
-    keeps only the adapter's tensors of it (`get_peft_model_state_dict`). Elsewhere None: peft reads the adapter's
-    own parameters.
+    rank0_only: when saving, the main rank alone receives them (the others get {}); when loading, every rank passes
+    the whole of them and keeps its own shards.
+    """
+    from torch.distributed.fsdp import FullOptimStateDictConfig, FullStateDictConfig, StateDictType
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    # Gathered into CPU memory (one unit at a time on the GPU), but not when the model is there already (FSDP on
+    # CPU, the tests): FSDP1 would then free the storage of the tensors it returns.
+    offload = accelerator.device.type != "cpu"
+    return FSDP.state_dict_type(model, StateDictType.FULL_STATE_DICT,
+                                FullStateDictConfig(offload_to_cpu=offload, rank0_only=rank0_only),
+                                FullOptimStateDictConfig(offload_to_cpu=offload, rank0_only=rank0_only))
+
+
+def adapter_keys(model, adapter_name: str = "default") -> dict[str, str]:
+    """The adapter's tensors as PEFT saves them: {key in adapter_model.safetensors: key in the model's state dict}.
+
+    Call before `accelerator.prepare(model)`, on the plain PEFT model. peft 0.21 picks a state dict's adapter
+    entries by the names of the model's LoRA modules (`_get_tuner_state_dict_key_prefixes`), and it strips only a
+    leading `_fsdp_wrapped_module.` from them; with a unit per decoder layer the FSDP prefix sits inside the names
+    (`...layers.0._fsdp_wrapped_module.self_attn.q_proj`), so none of the decoder layers' keys matched and an FSDP
+    run saved lm_head's adapter alone (peft 0.20 kept the keys holding "lora_"). The keys here are peft's own,
+    read from the model before FSDP renames its modules.
+    """
+    from peft import get_peft_model_state_dict
+
+    saved = set(get_peft_model_state_dict(model, adapter_name=adapter_name, save_embedding_layers=False))
+    # peft's keys are the model's with the adapter name taken out: q_proj.lora_A.default.weight -> q_proj.lora_A.weight
+    keys = {}
+    for key in model.state_dict():
+        saved_key = key.replace(f".{adapter_name}.", ".", 1)
+        if saved_key in saved:
+            keys[saved_key] = key
+    if set(keys) != saved:
+        raise MrtuneError(f"cannot map the adapter's tensors to the model's state dict for FSDP (no model key for "
+                          f"{sorted(saved - set(keys))[:3]}): this LoRA set-up is not supported under FSDP")
+    return keys
+
+
+def adapter_state_dict(accelerator, model, keys: dict[str, str] | None) -> dict | None:
+    """Under FSDP, the adapter's tensors gathered on the main rank, keyed as in adapter_model.safetensors (`keys`
+    from `adapter_keys`; {} on the other ranks). Elsewhere None: peft reads the adapter's own parameters.
+
+    Collective under FSDP: every rank must call it. Like accelerate's `get_state_dict`, it gathers the whole model
+    (the 4-bit base too: ~4 GB of CPU memory for Mistral-7B) one unit at a time into the main rank's CPU memory,
+    as a state dict with FSDP's prefixes removed, and keeps the adapter's entries of it.
     """
     if not uses_fsdp(accelerator):
         return None
-    return accelerator.get_state_dict(model)
+    with _full_state_dicts(accelerator, model, rank0_only=True):
+        full = model.state_dict()
+    if not accelerator.is_main_process:
+        return {}
+    missing = sorted(key for key in keys.values() if key not in full)
+    if missing:
+        raise MrtuneError(f"the state dict gathered by FSDP has no {missing[:3]} ({len(missing)} of the adapter's "
+                          f"{len(keys)} tensors missing): the adapter cannot be saved")
+    return {saved_key: full[key] for saved_key, key in keys.items()}
 
 
-def save_adapter(accelerator, model, directory: Path, state_dict: dict | None, initial: Path | None = None) -> None:
-    """Save the adapter in PEFT format (adapter_config.json + adapter_model.safetensors), from the main rank.
+def optimizer_state_dict(accelerator, model, optimizer) -> dict:
+    """The optimizer's state to save: under FSDP, the full state gathered on the main rank ({} on the others),
+    keyed by parameter name; elsewhere the optimizer's own. Collective under FSDP: every rank must call it."""
+    if not uses_fsdp(accelerator):
+        return optimizer.state_dict()
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
-    `initial`: the adapter as lora.init=pissa|olora made it. Those inits move part of each base weight into the
-    adapter, so the trained adapter only fits the altered base; peft then saves the difference from `initial`
-    instead, as a plain LoRA adapter of twice the rank that fits the original base weights.
+    with _full_state_dicts(accelerator, model, rank0_only=True):
+        return FSDP.optim_state_dict(model, optimizer)
+
+
+def load_sharded_adapter(accelerator, model, tensors: dict, keys: dict[str, str]) -> list[str]:
+    """Put saved adapter tensors (keyed as in adapter_model.safetensors) back into an FSDP model, whose every rank
+    passes all of them. Collective. Returns the keys the model did not take (none when the adapter fits)."""
+    with _full_state_dicts(accelerator, model, rank0_only=False):
+        # strict=False: the frozen base weights are not in the adapter
+        result = model.load_state_dict({keys[key]: tensor for key, tensor in tensors.items()}, strict=False)
+    return list(result.unexpected_keys)
+
+
+def load_sharded_optimizer(accelerator, model, optimizer, state: dict) -> None:
+    """Put a full optimizer state from `optimizer_state_dict` back under FSDP: each rank keeps its shards of it.
+    Collective."""
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    with _full_state_dicts(accelerator, model, rank0_only=False):
+        optimizer.load_state_dict(FSDP.optim_state_dict_to_load(model, optimizer, state))
+
+
+def save_adapter(accelerator, model, directory: Path, tensors: dict | None, initial: Path | None = None) -> None:
+    """Save the adapter in PEFT format (adapter_config.json, adapter_model.safetensors, README.md), from the main
+    rank; `tensors` from `adapter_state_dict`.
+
+    `initial`: the adapter as lora.init=pissa|olora made it (never under FSDP). Those inits move part of each base
+    weight into the adapter, so the trained adapter only fits the altered base; peft then saves the difference from
+    `initial` instead, as a plain LoRA adapter of twice the rank that fits the original base weights.
     """
-    # save_embedding_layers=False: with lm_head adapted, peft would also save the frozen head (262 MB for
-    # Mistral-7B); the base model already has it.
-    accelerator.unwrap_model(model).save_pretrained(
-        directory, state_dict=state_dict, save_embedding_layers=False,
-        path_initial_model_for_weight_conversion=None if initial is None else str(initial))
+    import copy
+
+    from safetensors.torch import save_file
+
+    peft_model = accelerator.unwrap_model(model)
+    if tensors is None:
+        # save_embedding_layers=False: with lm_head adapted, peft would also save the frozen head (262 MB for
+        # Mistral-7B); the base model already has it.
+        peft_model.save_pretrained(directory, save_embedding_layers=False,
+                                   path_initial_model_for_weight_conversion=None if initial is None else str(initial))
+        return
+    # Under FSDP, the files PeftModel.save_pretrained writes, from the gathered tensors: passed to it as its
+    # state_dict, they would go through the name filter that `adapter_keys` works around.
+    Path(directory).mkdir(parents=True, exist_ok=True)
+    save_file({key: tensor.contiguous() for key, tensor in tensors.items()},
+              str(Path(directory) / "adapter_model.safetensors"), metadata={"format": "pt"})
+    config = copy.copy(peft_model.peft_config["default"])
+    config.inference_mode = True  # as save_pretrained writes it
+    config.save_pretrained(str(directory))
+    peft_model.create_or_update_model_card(str(directory))
 
 
 def launch_command(num_gpus: int | None, accelerate_config: str | None, train_args: list[str]) -> list[str]:

@@ -25,7 +25,9 @@ from mrtune.checkpoint import (
     save_checkpoint,
 )
 from mrtune.data import find_duplicates, load_splits, spread_sample
-from mrtune.distributed import adapter_state_dict, save_adapter, uses_fsdp, wrap_adapters_separately
+from mrtune.distributed import (
+    adapter_keys, adapter_state_dict, save_adapter, uses_fsdp, wrap_adapters_separately,
+)
 from mrtune.errors import MrtuneError, TrainingInterrupted
 from mrtune.generation import generate
 from mrtune.models import load_tokenizer, resolve_model_path
@@ -290,10 +292,6 @@ def _train(
     if fsdp and settings.loraplus_ratio is not None:
         raise MrtuneError("train.loraplus_ratio is not available under FSDP (its flat parameters hide which adapter "
                           "tensor is A and which B): unset it, or train with DDP")
-    if resume and fsdp:
-        raise MrtuneError("--resume is not available under FSDP, whose runs write no checkpoint (checkpoint.py saves "
-                          "from the main rank alone, which FSDP's sharded weights do not allow): resume a run "
-                          "trained without FSDP without it, or start again with --overwrite")
     if resume:
         _refuse_unresumable(RunDir.open(output_dir))
 
@@ -337,9 +335,15 @@ def _train(
     if resume:
         run = RunDir.open(output_dir)
         checkpoint = _checkpoint_to_resume(run, progress_state, accelerator)
-        if checkpoint["data_fingerprint"] != fingerprint or checkpoint["processes"] != world:
-            changed = "the training data or tokenizer changed" if checkpoint["data_fingerprint"] != fingerprint \
-                else f"it ran on {checkpoint['processes']} process(es), this resume on {world}"
+        sharded = checkpoint.get("fsdp", False)  # checkpoints of mrtune before FSDP's have no such key
+        if checkpoint["data_fingerprint"] != fingerprint or checkpoint["processes"] != world or sharded != fsdp:
+            if checkpoint["data_fingerprint"] != fingerprint:
+                changed = "the training data or tokenizer changed"
+            elif checkpoint["processes"] != world:
+                changed = f"it ran on {checkpoint['processes']} process(es), this resume on {world}"
+            else:  # the optimizer state is saved keyed by parameter name under FSDP, by position elsewhere
+                changed = ("it ran with FSDP, this resume without" if sharded
+                           else "it ran without FSDP, this resume with it")
             raise MrtuneError(
                 f"cannot resume {run.path} exactly: {changed} since its checkpoint (step {checkpoint['step']}); "
                 "restore the original set-up, or start a new run"
@@ -362,8 +366,10 @@ def _train(
     # moves its shards to the GPU (or keeps them in CPU memory with offload) and broadcasts rank 0's values.
     model = load_base_model(config.model, None if fsdp else device, model_path)
     model = attach_lora(model, config.lora, config.model)
+    saved_keys = None  # under FSDP, where the saved adapter's tensors are in the gathered state dict
     if fsdp:
         wrap_adapters_separately(model, accelerator)
+        saved_keys = adapter_keys(model)
     if settings.compile:
         model.compile()  # in place: the module keeps its type, so peft's and accelerate's APIs still apply
     initial = None
@@ -394,7 +400,7 @@ def _train(
                 f"cannot resume {run.path}: {run.config_file} now gives {total_steps} steps, its checkpoint "
                 f"{checkpoint['total_steps']}; restore the original config.yaml"
             )
-        load_checkpoint(run, accelerator, model, optimizer, scheduler)
+        load_checkpoint(run, accelerator, model, optimizer, scheduler, saved_keys)
         start_step = checkpoint["step"]
 
     # 6. The run directory describes itself before the first step.
@@ -433,7 +439,7 @@ def _train(
         record = {"step": step, "validation_loss": loss}
         improved = loss < best  # the same on every rank: the loss is summed over ranks
         best = min(best, loss)
-        state_dict = adapter_state_dict(accelerator, model) if improved else None  # under FSDP, every rank gathers
+        tensors = adapter_state_dict(accelerator, model, saved_keys) if improved else None  # FSDP: every rank gathers
         if is_main:
             run.append_history(record)
             if writer:
@@ -441,8 +447,8 @@ def _train(
             if wandb_run:
                 wandb_run.log(record, step=step)
             if improved:
-                write_dir_atomic(run.adapter, lambda directory: save_adapter(accelerator, model, directory,
-                                                                             state_dict, initial))
+                write_dir_atomic(run.adapter, lambda directory: save_adapter(accelerator, model, directory, tensors,
+                                                                             initial))
                 run.update_info(best_step=step, best_validation_loss=loss)
             sample = validation_examples[0]
             if fsdp:  # rank 0 alone cannot run the model: its weights are sharded over the ranks
@@ -468,11 +474,10 @@ def _train(
             "best_validation_loss": None if math.isinf(best) else best, "bad_in_a_row": bad_in_a_row,
             "skipped_steps": skipped, "useful_tokens": useful_tokens, "padded_tokens": padded_tokens,
             "train_seconds": time.perf_counter() - started - eval_seconds, "eval_seconds": eval_seconds,
-            "mrtune_version": __version__,
+            "fsdp": fsdp, "mrtune_version": __version__,
         }
-        if not fsdp:  # FSDP runs keep no checkpoint (see the refusal of --resume above)
-            save_checkpoint(run, accelerator, model, optimizer, scheduler, state)
-            progress_state.checkpoint_step = done
+        save_checkpoint(run, accelerator, model, optimizer, scheduler, state, saved_keys)
+        progress_state.checkpoint_step = done
         if writer:
             writer.flush()  # its events up to the checkpoint must survive a kill (it flushes every 2 min otherwise)
         if signum is None:
@@ -484,11 +489,8 @@ def _train(
                 writer.close()
             if wandb_run:
                 wandb_run.finish()
-        how = (f"FSDP runs keep no checkpoint, start again with --overwrite (the best adapter so far is in "
-               f"{run.adapter})" if fsdp else f"resume with `mrtune train --resume {run.path}`")
-        raise TrainingInterrupted(
-            f"interrupted at step {done} of {total_steps} ({signal.Signals(signum).name}): {how}", signum
-        )
+        raise TrainingInterrupted(f"interrupted at step {done} of {total_steps} ({signal.Signals(signum).name}): "
+                                  f"resume with `mrtune train --resume {run.path}`", signum)
 
     # 7. The loop.
     stream = micro_batches()
