@@ -60,12 +60,11 @@ def test_config_round_trips_through_yaml():
 def test_prompts():
     assert build_prompt("compact", " Is Portal 2 on Mac? ") == \
         "### Sentence:\nIs Portal 2 on Mac?\n### Meaning representation:\n"
-    assert build_prompt("bare", " Is Portal 2 on Mac? ") == "Is Portal 2 on Mac?\n"
     seed = build_prompt("seed", "Hi")
     assert seed.startswith("Given a target sentence") and seed.endswith("### Target sentence:\nHi\n\n### Meaning representation:\n")
     with pytest.raises(MrtuneError) as error:
         build_prompt("fancy", "Hi")
-    assert str(error.value) == "unknown prompt style 'fancy': use one of seed, compact, bare"
+    assert str(error.value) == "unknown prompt style 'fancy': use one of seed, compact"
 
 
 def test_bundled_splits_have_their_published_sizes():

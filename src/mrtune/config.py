@@ -20,7 +20,7 @@ import yaml
 from mrtune.errors import MrtuneError
 from mrtune.models import EMBEDDED_MODEL
 
-PROMPT_STYLES = ("compact", "seed", "bare")
+PROMPT_STYLES = ("compact", "seed")
 
 
 @dataclass
@@ -74,8 +74,7 @@ class DataSettings:
     """Field holding the sentence (ViGGO calls the sentence `target`: it was built for the opposite direction)."""
     output_field: str = "meaning_representation"
     prompt_style: str = "compact"
-    """`compact` (two short headers), `bare` (the sentence and a newline) or `seed` (the original recipe's
-    instruction prompt, ~170 tokens)."""
+    """`compact` (two short headers) or `seed` (the original recipe's instruction prompt, ~170 tokens)."""
     completion_only: bool = True
     """Compute the loss on the meaning representation only, not on the prompt."""
     max_length: int = 512

@@ -29,11 +29,7 @@ SEED_TEMPLATE = (
 # ~10 tokens of scaffolding instead of ~170: a fine-tuned model learns the task from the data, not the prose.
 COMPACT_TEMPLATE = "### Sentence:\n{sentence}\n### Meaning representation:\n"
 
-# The sentence and a newline, nothing else: ~12% fewer tokens a row than `compact`, for the CPU demo, whose
-# training is compute-bound (every token saved is a row more in its time budget).
-BARE_TEMPLATE = "{sentence}\n"
-
-TEMPLATES = {"seed": SEED_TEMPLATE, "compact": COMPACT_TEMPLATE, "bare": BARE_TEMPLATE}
+TEMPLATES = {"seed": SEED_TEMPLATE, "compact": COMPACT_TEMPLATE}
 
 
 def template(style: str) -> str:
