@@ -11,6 +11,7 @@ import math
 import shutil
 import signal
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -376,7 +377,10 @@ def _train(
     if config.lora.init != "default":  # what saved adapters are converted against (see save_adapter)
         initial = run.initial_adapter
         if is_main:  # a resumed run rebuilds the same init (an exact decomposition), and saves it again
-            write_dir_atomic(initial, lambda directory: model.save_pretrained(directory, save_embedding_layers=False))
+            with warnings.catch_warnings():  # peft's advice to convert the adapter: save_adapter does, every time
+                warnings.filterwarnings("ignore", message=".*(PiSSA|OLoRA) changes the base weights")
+                write_dir_atomic(initial, lambda directory: model.save_pretrained(directory,
+                                                                                  save_embedding_layers=False))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total_parameters = sum(p.numel() for p in model.parameters())
 
