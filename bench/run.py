@@ -349,6 +349,11 @@ DEMO_SEARCH_3 = {
                                                                   "train.max_steps=200"],
 }
 
+# --only NAME: (variants, validation rows scored; None for all 714). Round 3 scored 400: its call had little device
+# time left.
+DEMO_SEARCHES = {"demo-search": (DEMO_SEARCH, None), "demo-search-2": (DEMO_SEARCH_2, None),
+                 "demo-search-3": (DEMO_SEARCH_3, 400)}
+
 
 def bench_search(out_dir: Path, results: dict, variants: dict[str, list[str]], parallel: int,
                  config: str = "configs/smollm2-gpu.yaml", part_name: str = "search",
@@ -561,16 +566,7 @@ def markdown(results: dict) -> str:
     if search:
         lines += ["### Recipe search, SmolLM2-135M (variants of configs/smollm2-gpu.yaml, chosen on validation)", "",
                   "Variants ran 8 at a time on the one GPU, so their times are not speed figures.", "",
-                  "| variant | overrides | steps | validation exact match | slot F1 | valid MR |",
-                  "| --- | --- | --- | --- | --- | --- |"]
-        for name, entry in search.items():
-            v, t = entry.get("validation", {}), entry.get("train", {})
-            if t.get("failed") or not v or v.get("failed"):
-                lines.append(f"| {name} | {' '.join(entry['overrides'])} | failed | | | |")
-                continue
-            lines.append(f"| {name} | `{' '.join(entry['overrides'])}` | {t['total_steps']} | "
-                         f"{100 * v['exact_match']:.1f}% | {100 * v['slot_f1']:.1f}% | {100 * v['valid_mr_rate']:.1f}% |")
-        lines.append("")
+                  *_search_table(search, "valid MR", "valid_mr_rate")]
     demo = results.get("demo_search")
     if demo:
         lines += ["### The CPU demo's recipe, searched on the GPU (SmolLM2-135M in fp32, chosen on validation)", "",
@@ -580,21 +576,26 @@ def markdown(results: dict) -> str:
                   "the one GPU; scored on all 714 validation rows with constrained decoding (one standard error: "
                   "~1.9 points; seeds moved a result by up to 6), the batch-4/6 rows on the first 400 of them. "
                   "The 2-core demo machine does ~130-170 steps of 8 rows in 600 s.", "",
-                  "| variant | overrides | steps | validation exact match | slot F1 | dialogue act |",
-                  "| --- | --- | --- | --- | --- | --- |"]
-        for name, entry in demo.items():
-            v, t = entry.get("validation", {}), entry.get("train", {})
-            if t.get("failed") or not v or v.get("failed"):
-                lines.append(f"| {name} | `{' '.join(entry['overrides'])}` | failed | | | |")
-                continue
-            lines.append(f"| {name} | `{' '.join(entry['overrides']) or '(none)'}` | {t['total_steps']} | "
-                         f"{100 * v['exact_match']:.1f}% | {100 * v['slot_f1']:.1f}% | "
-                         f"{100 * v['dialogue_act_accuracy']:.1f}% |")
-        lines.append("")
+                  *_search_table(demo, "dialogue act", "dialogue_act_accuracy")]
     lines += ["### Headline figures (bench/results/latest.json)", "", "| key | value |", "| --- | --- |"]
     lines += [f"| {k} | {v:.3g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in summary.items()]
     lines += ["", END]
     return "\n".join(lines)
+
+
+def _search_table(entries: dict, last_header: str, last_key: str) -> list[str]:
+    """A search's rows: each variant, its overrides, steps and validation metrics."""
+    lines = [f"| variant | overrides | steps | validation exact match | slot F1 | {last_header} |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for name, entry in entries.items():
+        v, t = entry.get("validation", {}), entry.get("train", {})
+        overrides = " ".join(entry["overrides"]) or "(none)"
+        if t.get("failed") or not v or v.get("failed"):
+            lines.append(f"| {name} | `{overrides}` | failed | | | |")
+            continue
+        lines.append(f"| {name} | `{overrides}` | {t['total_steps']} | {100 * v['exact_match']:.1f}% | "
+                     f"{100 * v['slot_f1']:.1f}% | {100 * v[last_key]:.1f}% |")
+    return [*lines, ""]
 
 
 def publish(results_paths: list[Path]) -> None:
@@ -656,8 +657,7 @@ def publish(results_paths: list[Path]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path)
-    parser.add_argument("--only", choices=["smollm2", "mistral", "levers", "search", "demo-search",
-                                                      "demo-search-2", "demo-search-3"])
+    parser.add_argument("--only", choices=["smollm2", "mistral", "levers", "search", *DEMO_SEARCHES])
     parser.add_argument("--parallel", type=int, default=8, help="search variants run at once")
     parser.add_argument("--settings", help="comma-separated 7B settings to run after the seed recipe (names of "
                         "SEVEN_B_SETTINGS, and `default` for configs/mistral-7b-qlora.yaml); all by default")
@@ -688,17 +688,10 @@ def main() -> None:
     if args.only == "search":
         bench_search(args.out, results, SEARCH, args.parallel)
         save()
-    if args.only == "demo-search":
-        bench_search(args.out, results, DEMO_SEARCH, args.parallel, "configs/smollm2-cpu.yaml", "demo_search",
-                     DEMO_BASE)
-        save()
-    if args.only == "demo-search-3":  # 400 of the 714 validation rows: this call had little device time left
-        bench_search(args.out, results, DEMO_SEARCH_3, args.parallel, "configs/smollm2-cpu.yaml", "demo_search",
-                     DEMO_BASE, eval_limit=400)
-        save()
-    if args.only == "demo-search-2":
-        bench_search(args.out, results, DEMO_SEARCH_2, args.parallel, "configs/smollm2-cpu.yaml", "demo_search",
-                     DEMO_BASE)
+    if args.only in DEMO_SEARCHES:
+        variants, eval_limit = DEMO_SEARCHES[args.only]
+        bench_search(args.out, results, variants, args.parallel, "configs/smollm2-cpu.yaml", "demo_search",
+                     DEMO_BASE, eval_limit)
         save()
     if args.only in (None, "smollm2"):
         bench_smollm2(args.out, results, tokenizer_dir)
