@@ -101,6 +101,7 @@ def save_checkpoint(run: RunDir, accelerator, model, optimizer, scheduler, state
     optimizer_state = optimizer_state_dict(accelerator, model, optimizer)
     if accelerator.is_main_process:
         def write(directory: Path) -> None:
+            # Never converted (lora.init=pissa|olora): a resume loads it back onto the same rebuilt residual weights.
             save_adapter(accelerator, model, directory / "adapter", adapter)
             torch.save(optimizer_state, directory / "optimizer.pt")
             torch.save(scheduler.state_dict(), directory / "scheduler.pt")
