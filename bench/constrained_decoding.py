@@ -24,12 +24,12 @@ import time
 import torch
 from transformers import LogitsProcessor
 
-from mrtune.constrained import MRConstraint
-from mrtune.data import load_split, spread_sample
-from mrtune.generation import generate
-from mrtune.models import EMBEDDED_MODEL, load_tokenizer, resolve_model_path
-from mrtune.mr import Vocabulary
-from mrtune.prompts import build_prompt
+from mrtune.infer.constrained import MRConstraint
+from mrtune.task.data import load_split, spread_sample
+from mrtune.infer.generation import generate
+from mrtune.model.resolve import EMBEDDED_MODEL, load_tokenizer, resolve_model_path
+from mrtune.task.mr import Vocabulary
+from mrtune.task.prompts import build_prompt
 
 
 class TimedProcessor(LogitsProcessor):
@@ -112,8 +112,8 @@ def main() -> None:
 
     examples = spread_sample(load_split("viggo:test"), args.rows)
     if args.run:
-        from mrtune.evaluate import _load
-        from mrtune.rundir import RunDir
+        from mrtune.infer.predict import load_model as _load
+        from mrtune.run.rundir import RunDir
 
         run = RunDir.open(args.run)
         config, tokenizer, model = _load(run, base=False)

@@ -27,12 +27,12 @@ def main() -> None:
 
     from torch.profiler import ProfilerActivity, profile
 
-    from mrtune.batching import collate, plan_batches, tokenize_examples
+    from mrtune.train.batching import collate, plan_batches, tokenize_examples
     from mrtune.config import load_config
-    from mrtune.data import load_split
-    from mrtune.models import load_tokenizer, resolve_model_path
-    from mrtune.modeling import attach_lora, load_base_model
-    from mrtune.train import target_loss, target_positions
+    from mrtune.task.data import load_split
+    from mrtune.model.resolve import load_tokenizer, resolve_model_path
+    from mrtune.model.build import attach_lora, load_base_model
+    from mrtune.train.recipe import target_loss, target_positions
 
     config = load_config(args.config, args.set)
     device = torch.device("cuda")

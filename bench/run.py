@@ -57,7 +57,7 @@ def measure_project(config_path: str | None, overrides: list[str], warm: int) ->
     import torch
 
     from mrtune.config import load_config
-    from mrtune.train import train
+    from mrtune.train.recipe import train
 
     config = load_config(config_path, overrides)
     run_dir = Path(os.environ.get("BENCH_TMP", "/tmp")) / f"bench-run-{os.getpid()}"
@@ -75,7 +75,7 @@ def measure_project(config_path: str | None, overrides: list[str], warm: int) ->
 
 def measure_evaluate(run_dir: str, limit: int | None, split: str = "test", data: str | None = None,
                      overrides: list[str] = ()) -> dict:
-    from mrtune.evaluate import evaluate
+    from mrtune.infer.evaluate import evaluate
 
     started = time.perf_counter()
     metrics = evaluate(run_dir, split=split, data=data, limit=limit, overrides=overrides, progress=False)
@@ -85,9 +85,9 @@ def measure_evaluate(run_dir: str, limit: int | None, split: str = "test", data:
 
 def epoch_tokens(tokenizer_dir: str, prompt_style: str) -> int:
     """Tokens in one epoch of ViGGO's training split (prompt + MR + EOS), as the project tokenizes it."""
-    from mrtune.batching import tokenize_examples
-    from mrtune.data import load_split
-    from mrtune.models import load_tokenizer
+    from mrtune.train.batching import tokenize_examples
+    from mrtune.task.data import load_split
+    from mrtune.model.resolve import load_tokenizer
 
     rows, _ = tokenize_examples(load_split("viggo:train"), load_tokenizer(tokenizer_dir), prompt_style)
     return sum(len(r) for r in rows)
@@ -98,7 +98,7 @@ def make_mistral_shape(path: Path, tokenizer_dir: str) -> None:
     import torch
     from transformers import MistralConfig, MistralForCausalLM
 
-    from mrtune.models import load_tokenizer
+    from mrtune.model.resolve import load_tokenizer
 
     tokenizer = load_tokenizer(tokenizer_dir)
     config = MistralConfig(vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id,
@@ -159,7 +159,7 @@ def bench_smollm2(out_dir: Path, results: dict, tokenizer_dir: str) -> None:
         part["evaluate_dynamic_cache"] = child("smollm2-evaluate-dynamic", out_dir, [
             "evaluate", run_dir, "--set", "eval.kv_cache=dynamic"], timeout=300)
         unseen = Path(os.environ.get("BENCH_TMP", "/tmp")) / "unseen-names.jsonl"
-        subprocess.run([sys.executable, "-m", "mrtune.generalization", "--out", str(unseen)], check=True, cwd=ROOT)
+        subprocess.run([sys.executable, "-m", "mrtune.task.generalization", "--out", str(unseen)], check=True, cwd=ROOT)
         part["unseen_names"] = child("smollm2-unseen-names", out_dir, ["evaluate", run_dir, "--data", str(unseen)],
                                      timeout=300)
     # Issue target: two epochs of ViGGO in under a minute; the recipe's fast variant (fewer, larger steps).
@@ -365,7 +365,7 @@ def bench_search(out_dir: Path, results: dict, variants: dict[str, list[str]], p
     """
     from concurrent.futures import ThreadPoolExecutor
 
-    from mrtune.models import EMBEDDED_MODEL, resolve_model_path
+    from mrtune.model.resolve import EMBEDDED_MODEL, resolve_model_path
 
     resolve_model_path(EMBEDDED_MODEL)  # convert the GGUF once, before the children race to do it
     part = results.setdefault(part_name, {})
@@ -540,7 +540,7 @@ def markdown(results: dict) -> str:
                           f"(exact match {100 * dynamic['exact_match']:.1f}%)."]
         unseen = small.get("unseen_names", {})
         if unseen and not unseen.get("failed"):
-            lines += ["", f"Game names never seen in training (`python -m mrtune.generalization`, {unseen['n']} test "
+            lines += ["", f"Game names never seen in training (`python -m mrtune.task.generalization`, {unseen['n']} test "
                       f"rows with invented names): exact match {100 * unseen['exact_match']:.1f}%, slot F1 "
                       f"{100 * unseen['slot_f1']:.1f}%."]
         lines.append("")
@@ -673,7 +673,7 @@ def main() -> None:
         return publish(args.publish)
     import torch
 
-    from mrtune.models import resolve_model_path
+    from mrtune.model.resolve import resolve_model_path
 
     args.out.mkdir(parents=True, exist_ok=True)
     results = {"card": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d"),

@@ -23,7 +23,7 @@ from bench.run import MISTRAL_SHAPE_LABEL, steady_rate
 
 
 def summarise_run(run_dir: Path, warm: int, processes: int) -> dict:
-    from mrtune.rundir import RunDir
+    from mrtune.run.rundir import RunDir
 
     run = RunDir.open(run_dir)
     info = run.info()

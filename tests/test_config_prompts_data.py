@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 
 from mrtune.config import Config, from_dict, load_config, to_yaml
-from mrtune.data import load_split, spread_sample
+from mrtune.task.data import load_split, spread_sample
 from mrtune.errors import MrtuneError
-from mrtune.prompts import build_prompt
+from mrtune.task.prompts import build_prompt
 
 CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
 

@@ -11,12 +11,13 @@ import torch
 from conftest import viggo_rows
 from transformers import AutoModelForCausalLM, LogitsProcessorList
 
-from mrtune.constrained import DONE, FINISHED, VALUE, MRConstraint, MRGrammar, token_bytes
+from mrtune.infer.constrained import MRConstraint, token_bytes
+from mrtune.task.grammar import DONE, FINISHED, VALUE, MRGrammar
 from mrtune.errors import MrtuneError
-from mrtune.generation import generate
-from mrtune.models import load_tokenizer
-from mrtune.mr import Vocabulary, parse_mr, try_parse_mr
-from mrtune.prompts import build_prompt
+from mrtune.infer.generation import generate
+from mrtune.model.resolve import load_tokenizer
+from mrtune.task.mr import Vocabulary, parse_mr, try_parse_mr
+from mrtune.task.prompts import build_prompt
 
 TRAIN_MRS = [row["meaning_representation"] for row in viggo_rows("train", 10**6)]
 VOCABULARY = Vocabulary.from_mrs(TRAIN_MRS)
@@ -226,7 +227,7 @@ def tiny_run(tmp_path_factory, tiny_model_dir):
     from conftest import write_jsonl
 
     from mrtune.config import load_config
-    from mrtune.train import train
+    from mrtune.train.recipe import train
 
     base = tmp_path_factory.mktemp("constrained-run")
     data = {split: write_jsonl(base / f"{split}.jsonl", viggo_rows(split, n))
@@ -242,7 +243,8 @@ def tiny_run(tmp_path_factory, tiny_model_dir):
 
 def test_evaluate_and_predict_are_constrained_unless_told_not_to(tiny_run, capsys):
     from mrtune.cli import main
-    from mrtune.evaluate import evaluate, predict
+    from mrtune.infer.evaluate import evaluate
+    from mrtune.infer.predict import predict
 
     metrics = evaluate(tiny_run.path, progress=False)
     assert metrics["constrained"] is True and metrics["valid_mr_rate"] == 1.0 and metrics["generated_tokens"] > 0
@@ -273,7 +275,7 @@ def test_evaluate_and_predict_are_constrained_unless_told_not_to(tiny_run, capsy
 
 @pytest.mark.embedded
 def test_embedded_model_constrained_outputs_are_valid():
-    from mrtune.models import EMBEDDED_MODEL, resolve_model_path
+    from mrtune.model.resolve import EMBEDDED_MODEL, resolve_model_path
 
     path = resolve_model_path(EMBEDDED_MODEL)
     tokenizer = load_tokenizer(path)
@@ -296,7 +298,7 @@ def test_embedded_model_constrained_outputs_are_valid():
 
 def test_a_flex_attention_model_decodes_with_sdpa(tiny_model_dir):
     """Flex attention's decoding kernel failed to compile on an H200 (short prompts): decoding switches to SDPA."""
-    from mrtune.generation import sdpa_for_decoding
+    from mrtune.infer.generation import sdpa_for_decoding
 
     tokenizer = load_tokenizer(str(tiny_model_dir))
     flex = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="flex_attention")

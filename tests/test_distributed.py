@@ -96,7 +96,7 @@ def _train_in_two_processes(data_overrides, base: Path, extra_env: dict[str, str
                                          *_sets([*data_overrides, "train.gradient_accumulation=2"])], extra_env)
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-4000:]
-    from mrtune.rundir import RunDir
+    from mrtune.run.rundir import RunDir
 
     seen = {rank: json.loads((records / f"rank{rank}.json").read_text()) for rank in (0, 1)}
     return RunDir.open(run_dir), seen, result.stdout, time.perf_counter() - started
@@ -119,7 +119,7 @@ def two_processes_fsdp(data_overrides, tmp_path_factory):
 def one_process(data_overrides, tmp_path_factory):
     """The same training in this process: 1 process x gradient_accumulation 4."""
     from mrtune.config import load_config
-    from mrtune.train import train
+    from mrtune.train.recipe import train
 
     config = load_config(None, [*data_overrides, "train.gradient_accumulation=4"])
     return train(config, tmp_path_factory.mktemp("one-process") / "run", progress=False)
@@ -127,9 +127,9 @@ def one_process(data_overrides, tmp_path_factory):
 
 def _planned_steps(run) -> list[list[list[list[int]]]]:
     """Each optimizer step's 4 micro-batches (padded input ids), as the plan of every rank gives them."""
-    from mrtune.batching import collate, plan_batches, tokenize_examples
-    from mrtune.data import load_split
-    from mrtune.models import load_tokenizer
+    from mrtune.train.batching import collate, plan_batches, tokenize_examples
+    from mrtune.task.data import load_split
+    from mrtune.model.resolve import load_tokenizer
 
     config = run.config()
     tokenizer = load_tokenizer(str(run.tokenizer))
@@ -232,7 +232,7 @@ def test_fsdp_run_stopped_by_a_signal_resumes_to_the_uninterrupted_result(data_o
     """Under FSDP the checkpoint gathers the sharded adapter and optimizer state; a resume shards them again."""
     from test_resume import assert_same_as_uninterrupted
 
-    from mrtune.rundir import RunDir
+    from mrtune.run.rundir import RunDir
 
     reference, _, _, _ = two_processes_fsdp
     run = RunDir(tmp_path / "run")
@@ -256,7 +256,7 @@ def test_fsdp_run_stopped_by_a_signal_resumes_to_the_uninterrupted_result(data_o
 
 
 def test_num_gpus_launches_accelerate_with_the_other_arguments(monkeypatch, tmp_path, capsys):
-    from mrtune import distributed
+    from mrtune.train import distributed
     from mrtune.cli import main
 
     class Launched(Exception):
@@ -313,11 +313,11 @@ def test_accelerate_configs_are_what_accelerate_launch_reads(name):
 
 def _record_micro_batches_and_train(records: Path, argv: list[str]) -> int:
     """Run in each torchrun process: `mrtune train` with the micro-batches this rank trains on recorded."""
-    import mrtune.train
+    import mrtune.train.recipe
     from mrtune.cli import main
 
     trained_on = []
-    target_loss = mrtune.train.target_loss
+    target_loss = mrtune.train.recipe.target_loss
     sigterm_at = int(os.environ.get("MRTUNE_TEST_SIGTERM_AT_MICRO_BATCH", 0))  # counted from 1; 0: never
 
     def recording_target_loss(model, batch, keep):
@@ -327,7 +327,7 @@ def _record_micro_batches_and_train(records: Path, argv: list[str]) -> int:
                 os.kill(os.getpid(), signal.SIGTERM)  # train.StopSignals: stop after this step
         return target_loss(model, batch, keep)
 
-    mrtune.train.target_loss = recording_target_loss
+    mrtune.train.recipe.target_loss = recording_target_loss
     code = main(argv)
     (records / f"rank{os.environ['RANK']}.json").write_text(json.dumps(trained_on))
     return code

@@ -18,13 +18,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from mrtune.batching import tokenize_examples
-from mrtune.checkpoint import STATE_FILE, recover_run
+from mrtune.train.batching import tokenize_examples
+from mrtune.train.checkpoint import STATE_FILE, recover_run
 from mrtune.cli import main
 from mrtune.config import load_config
-from mrtune.data import Example, find_duplicates, load_split
+from mrtune.task.data import Example, find_duplicates, load_split
 from mrtune.errors import MrtuneError
-from mrtune.rundir import RunDir, write_dir_atomic
+from mrtune.run.rundir import RunDir, write_dir_atomic
 
 GOOD = {"target": "Portal 2 is a great game.", "meaning_representation": "inform(name[Portal 2], rating[excellent])"}
 
@@ -135,7 +135,7 @@ def test_duplicates_across_splits_are_a_warning_that_names_them():
 
 
 def test_rows_over_max_length_are_counted_never_silent(tiny_model_dir):
-    from mrtune.models import load_tokenizer
+    from mrtune.model.resolve import load_tokenizer
 
     tokenizer = load_tokenizer(str(tiny_model_dir))
     examples = load_split("viggo:validation")[:20]
@@ -163,7 +163,7 @@ def test_problems_of_all_splits_are_reported_at_once_before_any_model(tmp_path, 
     bad["validation"].write_text(jsonl({"target": "x"}), encoding="utf-8")
     bad["test"].write_text(jsonl({**GOOD, "meaning_representation": "nope"}), encoding="utf-8")
     before = snapshot(tmp_path)
-    monkeypatch.setattr("mrtune.train.load_tokenizer", lambda *a, **k: pytest.fail("loaded before data checks"))
+    monkeypatch.setattr("mrtune.train.recipe.load_tokenizer", lambda *a, **k: pytest.fail("loaded before data checks"))
     overrides = tiny_overrides + [f"data.{split}={path}" for split, path in bad.items()]
     assert main(["train", "--output-dir", str(tmp_path / "run"), *_sets(overrides)]) == 2
     err = capsys.readouterr().err
@@ -226,7 +226,7 @@ def fault_overrides(tiny_model_dir, fault_data):
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory, fault_overrides):
     """The uninterrupted run that the faulted-and-resumed runs must end up equal to."""
-    from mrtune.train import train
+    from mrtune.train.recipe import train
 
     return train(load_config(None, fault_overrides), tmp_path_factory.mktemp("finished") / "run", progress=False)
 
@@ -279,12 +279,12 @@ def test_existing_run_is_refused_without_overwrite(finished_run, tmp_path, capsy
 
 
 def test_out_of_gpu_memory_while_decoding_names_the_setting(finished_run, monkeypatch):
-    from mrtune.evaluate import evaluate
+    from mrtune.infer.evaluate import evaluate
 
     def generate(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB")
 
-    monkeypatch.setattr("mrtune.evaluate.generate", generate)
+    monkeypatch.setattr("mrtune.infer.predict.generate", generate)
     before = snapshot(finished_run.path)
     with pytest.raises(MrtuneError) as error:
         evaluate(finished_run.path, progress=False)
@@ -327,7 +327,7 @@ def test_run_in_training_elsewhere_is_neither_replaced_nor_resumed(finished_run,
 
 
 def test_out_of_gpu_memory_names_the_settings_and_keeps_the_checkpoint(tmp_path, monkeypatch, fault_overrides):
-    from mrtune.train import train
+    from mrtune.train.recipe import train
 
     run = RunDir(tmp_path / "run")
     oom = fail_backward_at(monkeypatch, call=4, watch=[run.checkpoint, run.adapter])
@@ -347,7 +347,7 @@ def test_out_of_gpu_memory_names_the_settings_and_keeps_the_checkpoint(tmp_path,
 
 def test_disk_full_during_a_checkpoint_keeps_the_previous_one_and_resumes(tmp_path, monkeypatch, fault_overrides,
                                                                           finished_run):
-    from mrtune.train import train
+    from mrtune.train.recipe import train
 
     run = RunDir(tmp_path / "run")
     real_save = torch.save
@@ -380,7 +380,7 @@ def test_disk_full_during_a_checkpoint_keeps_the_previous_one_and_resumes(tmp_pa
 def test_disk_full_while_saving_the_best_adapter_keeps_the_previous_one(tmp_path, monkeypatch, fault_overrides):
     from peft import PeftModel
 
-    from mrtune.train import train
+    from mrtune.train.recipe import train
 
     run = RunDir(tmp_path / "run")
     real = PeftModel.save_pretrained
@@ -408,7 +408,7 @@ def test_kill_between_the_renames_of_a_checkpoint_save_loses_nothing(tmp_path, m
                                                                      finished_run):
     """No POSIX call swaps two directories: a kill can land after checkpoint/ became checkpoint.old and before
     checkpoint.tmp became checkpoint/. The resume puts checkpoint.old back and continues from it."""
-    from mrtune.train import train
+    from mrtune.train.recipe import train
 
     class Killed(BaseException):
         pass
@@ -456,9 +456,9 @@ def test_a_directory_swap_killed_midway_is_recovered(tmp_path):
 
 def _poison_training_steps(monkeypatch, poisoned):
     """NaN activations in the training forward passes whose number (from 1; one per step here) is `poisoned`."""
-    import mrtune.train
+    import mrtune.train.recipe
 
-    real = mrtune.train.load_base_model
+    real = mrtune.train.recipe.load_base_model
     calls = {"n": 0}
 
     def load_poisoned(*args, **kwargs):
@@ -473,11 +473,11 @@ def _poison_training_steps(monkeypatch, poisoned):
         model.get_input_embeddings().register_forward_hook(hook)
         return model
 
-    monkeypatch.setattr(mrtune.train, "load_base_model", load_poisoned)
+    monkeypatch.setattr(mrtune.train.recipe, "load_base_model", load_poisoned)
 
 
 def test_non_finite_steps_are_skipped_and_counted(tmp_path, monkeypatch, fault_overrides):
-    from mrtune.train import train
+    from mrtune.train.recipe import train
 
     _poison_training_steps(monkeypatch, lambda step: step in (3, 4))
     run = train(load_config(None, fault_overrides), tmp_path / "run", progress=False)
@@ -489,8 +489,8 @@ def test_non_finite_steps_are_skipped_and_counted(tmp_path, monkeypatch, fault_o
 
 
 def test_divergence_stops_the_run_and_evaluate_says_so(tmp_path, monkeypatch, capsys, fault_overrides):
-    from mrtune.evaluate import evaluate
-    from mrtune.train import train
+    from mrtune.infer.evaluate import evaluate
+    from mrtune.train.recipe import train
 
     _poison_training_steps(monkeypatch, lambda step: step >= 3)
     run = RunDir(tmp_path / "run")
@@ -520,7 +520,7 @@ def test_resume_refuses_changed_data_and_a_run_without_checkpoint(tmp_path, monk
                                                                   fault_data):
     import shutil
 
-    from mrtune.train import train
+    from mrtune.train.recipe import train
 
     run = RunDir(tmp_path / "run")
     fail_backward_at(monkeypatch, call=3)  # the process dies in step 3, after the checkpoint of step 2
@@ -554,7 +554,7 @@ def test_resume_refuses_changed_data_and_a_run_without_checkpoint(tmp_path, monk
 def test_duplicates_and_long_rows_are_reported_by_train(tmp_path, capsys, fault_overrides, fault_data):
     from conftest import viggo_rows, write_jsonl
 
-    from mrtune.train import train
+    from mrtune.train.recipe import train
 
     test_file = write_jsonl(tmp_path / "test.jsonl", viggo_rows("test", 4) + viggo_rows("train", 48)[10:13])
     config = load_config(None, fault_overrides + [f"data.test={test_file}", "train.max_steps=1",

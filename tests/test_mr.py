@@ -1,4 +1,4 @@
-"""Tests for mrtune.mr: MR parsing, metrics and the decoding vocabulary."""
+"""Tests for mrtune.task.mr: MR parsing, metrics and the decoding vocabulary."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from mrtune.mr import (
+from mrtune.task.mr import (
     MeaningRepresentation,
     MRParseError,
     Vocabulary,

@@ -1,4 +1,4 @@
-"""Tests for mrtune.report: the report page and its pictures, built from a hand-made run directory."""
+"""Tests for mrtune.run.report: the report page and its pictures, built from a hand-made run directory."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from mrtune.mr import score
-from mrtune.report import worst_examples, write_report
-from mrtune.rundir import RunDir
+from mrtune.task.mr import score
+from mrtune.run.report import worst_examples, write_report
+from mrtune.run.rundir import RunDir
 
 # (sentence, reference, prediction): two exact matches, one unparseable prediction, one wrong act,
 # one missed slot and one wrong value (with a `|` in the sentence, to check cell escaping).

@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 
 from mrtune.cli import main
 from mrtune.config import load_config
-from mrtune.rundir import RunDir
+from mrtune.run.rundir import RunDir
 
 RESUME_SETTINGS = ["train.max_steps=12", "train.checkpoint_every=3", "train.eval_every=4", "lora.dropout=0.1",
                    "eval.max_new_tokens=4"]
@@ -45,7 +45,7 @@ def overrides(tiny_model_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def reference(overrides, tmp_path_factory) -> RunDir:
-    from mrtune.train import train
+    from mrtune.train.recipe import train
 
     return train(load_config(None, overrides), tmp_path_factory.mktemp("reference") / "run", progress=False)
 

@@ -8,15 +8,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from mrtune.batching import collate, tokenize_examples
+from mrtune.train.batching import collate, tokenize_examples
 from mrtune.cli import main
 from mrtune.config import load_config
-from mrtune.rundir import RunDir
-from mrtune.data import load_split
-from mrtune.evaluate import evaluate, predict
-from mrtune.merge import merge
-from mrtune.modeling import attach_lora, load_base_model
-from mrtune.train import train
+from mrtune.run.rundir import RunDir
+from mrtune.task.data import load_split
+from mrtune.infer.evaluate import evaluate
+from mrtune.infer.predict import predict
+from mrtune.infer.merge import merge
+from mrtune.model.build import attach_lora, load_base_model
+from mrtune.train.recipe import train
 
 EXPECTED_RUN_FILES = {
     "run.json", "config.yaml", "prompt.txt", "vocabulary.json", "history.jsonl", "report.md", "loss_curve.png",
@@ -111,7 +112,7 @@ def test_evaluate_predict_and_merge(trained_run, tmp_path):
 def test_packed_rows_do_not_see_each_other(tiny_model_dir):
     """A packed row's logits equal the same row run alone: position ids restart, no attention across rows."""
     config = load_config(None, [f"model.name={tiny_model_dir}", "model.dtype=float32"])
-    from mrtune.models import load_tokenizer
+    from mrtune.model.resolve import load_tokenizer
 
     tokenizer = load_tokenizer(str(tiny_model_dir))
     examples = load_split("viggo:validation")[:3]
@@ -155,7 +156,7 @@ def test_bf16_base_with_fp32_adapters_trains(tmp_path, tiny_overrides):
 
 
 def test_packed_collate_pads_to_a_fixed_length():
-    from mrtune.batching import IGNORE_INDEX, TokenizedRow
+    from mrtune.train.batching import IGNORE_INDEX, TokenizedRow
 
     rows = [TokenizedRow([5, 6, 7], [IGNORE_INDEX, 6, 7]), TokenizedRow([8, 9], [IGNORE_INDEX, 9])]
     batch = collate(rows, pad_token_id=0, packing=True, pad_to=8)
@@ -202,7 +203,7 @@ def test_a_time_budget_ends_training_and_its_schedule_in_time(tmp_path, tiny_ove
 
 
 def test_loraplus_gives_the_b_matrices_ratio_times_the_rate(tmp_path, tiny_overrides):
-    from mrtune.train import make_optimizer, make_scheduler
+    from mrtune.train.recipe import make_optimizer, make_scheduler
 
     config = load_config(None, [*tiny_overrides, "train.loraplus_ratio=16", "lora.rslora=true",
                                 "train.weight_decay=0.01"])
@@ -232,7 +233,7 @@ def test_pissa_and_olora_adapters_are_saved_as_plain_lora_on_the_original_weight
     from accelerate import Accelerator
     from peft import PeftModel
 
-    from mrtune.distributed import save_adapter
+    from mrtune.train.distributed import save_adapter
 
     config = load_config(None, [f"model.name={tiny_model_dir}", "model.dtype=float32", "lora.r=4",
                                 f"lora.init={init}", "lora.dropout=0.0"])

@@ -35,8 +35,8 @@ def format_metrics_table(columns: dict[str, dict]) -> str:
 
 def _train(args) -> None:
     from mrtune.config import load_config
-    from mrtune.distributed import is_main_process, launch_command
-    from mrtune.train import train
+    from mrtune.train.distributed import is_main_process, launch_command
+    from mrtune.train.recipe import train
 
     if args.num_gpus is not None and args.num_gpus < 1:
         raise MrtuneError(f"--num-gpus must be at least 1, got {args.num_gpus}")
@@ -53,7 +53,7 @@ def _train(args) -> None:
         if args.config or args.set or args.output_dir or args.overwrite:
             raise MrtuneError("--resume RUN continues RUN with its own config.yaml: drop --config, --set, "
                               "--output-dir and --overwrite")
-        from mrtune.rundir import RunDir
+        from mrtune.run.rundir import RunDir
 
         run = train(RunDir.open(args.resume).config(), args.resume, resume=True)
     elif not args.output_dir:
@@ -71,7 +71,7 @@ def _train(args) -> None:
 
 
 def _evaluate(args) -> None:
-    from mrtune.evaluate import evaluate
+    from mrtune.infer.evaluate import evaluate
 
     metrics = evaluate(args.run, split=args.split, data=args.data, limit=args.limit, base=args.base,
                        constrained=args.constrained, overrides=args.set)
@@ -81,7 +81,7 @@ def _evaluate(args) -> None:
 
 
 def _predict(args) -> None:
-    from mrtune.evaluate import predict
+    from mrtune.infer.predict import predict
 
     outputs = predict(args.run, sentences=args.sentence, input_file=args.input, output_file=args.output,
                       base=args.base, constrained=args.constrained, overrides=args.set)
@@ -93,14 +93,14 @@ def _predict(args) -> None:
 
 
 def _merge(args) -> None:
-    from mrtune.merge import merge
+    from mrtune.infer.merge import merge
 
     path = merge(args.run, args.output, overwrite=args.overwrite)
     print(f"merged model saved to {path}")
 
 
 def _compare(args) -> None:
-    from mrtune.rundir import RunDir
+    from mrtune.run.rundir import RunDir
 
     run = RunDir.open(args.run)
     columns = {}

@@ -18,7 +18,9 @@ from typing import Any
 import yaml
 
 from mrtune.errors import MrtuneError
-from mrtune.models import EMBEDDED_MODEL
+
+EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
+"""The `model.name` value meaning "the embedded default model" (mrtune.model.resolve finds it)."""
 
 PROMPT_STYLES = ("compact", "seed")
 
@@ -148,7 +150,7 @@ class EvalSettings:
     slower per step that way). `auto`: static on CUDA, dynamic on CPU (where a static cache only adds work)."""
     constrained: bool = True
     """Decode only valid MRs: acts and attributes of the run's vocabulary.json, no attribute twice, closed within
-    max_new_tokens (`mrtune.constrained`). `--no-constrained` on evaluate/predict turns it off for one command."""
+    max_new_tokens (`mrtune.infer.constrained`). `--no-constrained` on evaluate/predict turns it off for one command."""
 
 
 @dataclass

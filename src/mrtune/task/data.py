@@ -24,7 +24,7 @@ from pathlib import Path
 
 from mrtune.errors import MrtuneError
 
-BUNDLED_DIR = Path(__file__).parent / "data"
+BUNDLED_DIR = Path(__file__).parents[1] / "data"
 BUNDLED_SPLITS = ("train", "validation", "test")
 MAX_PROBLEMS_SHOWN = 5
 
@@ -163,7 +163,7 @@ def load_split(
 
     `output_field=None` reads prediction inputs, which need only the sentence.
     """
-    from mrtune.mr import try_parse_mr
+    from mrtune.task.mr import try_parse_mr
 
     rows, problems = _read_rows(spec)
     absent = [name for name in (input_field, output_field)

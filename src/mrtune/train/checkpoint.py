@@ -39,7 +39,7 @@ from typing import Any
 import torch
 
 from mrtune.errors import MrtuneError
-from mrtune.rundir import RunDir, recover_dir, write_dir_atomic, write_json
+from mrtune.run.rundir import RunDir, recover_dir, write_dir_atomic, write_json
 
 STATE_FILE = "state.json"
 DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
@@ -94,7 +94,7 @@ def save_checkpoint(run: RunDir, accelerator, model, optimizer, scheduler, state
     """
     from accelerate.utils import gather_object
 
-    from mrtune.distributed import adapter_state_dict, optimizer_state_dict, save_adapter
+    from mrtune.train.distributed import adapter_state_dict, optimizer_state_dict, save_adapter
 
     rng_states = gather_object([capture_rng()])  # every rank's, in rank order (dropout masks differ by rank)
     adapter = adapter_state_dict(accelerator, model, adapter_keys)  # None (peft reads it) unless FSDP
@@ -141,7 +141,7 @@ def load_checkpoint(run: RunDir, accelerator, model, optimizer, scheduler,
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
-    from mrtune.distributed import load_sharded_adapter, load_sharded_optimizer, uses_fsdp
+    from mrtune.train.distributed import load_sharded_adapter, load_sharded_optimizer, uses_fsdp
 
     directory = run.checkpoint
     fsdp = uses_fsdp(accelerator)

@@ -19,23 +19,23 @@ import torch
 from tqdm.auto import tqdm
 
 from mrtune import __version__
-from mrtune.batching import IGNORE_INDEX, collate, count_targets, plan_batches, tokenize_examples
+from mrtune.train.batching import IGNORE_INDEX, collate, count_targets, plan_batches, tokenize_examples
 from mrtune.config import Config
-from mrtune.checkpoint import (
+from mrtune.train.checkpoint import (
     StopSignals, data_fingerprint, is_disk_full, load_checkpoint, read_checkpoint_state, recover_run,
     save_checkpoint,
 )
-from mrtune.data import find_duplicates, load_splits, spread_sample
-from mrtune.distributed import (
+from mrtune.task.data import find_duplicates, load_splits, spread_sample
+from mrtune.train.distributed import (
     adapter_keys, adapter_state_dict, save_adapter, uses_fsdp, wrap_adapters_separately,
 )
 from mrtune.errors import MrtuneError, TrainingInterrupted
-from mrtune.generation import generate
-from mrtune.models import load_tokenizer, resolve_model_path
-from mrtune.modeling import attach_lora, load_base_model, quantization_config
-from mrtune.mr import Vocabulary
-from mrtune.prompts import build_prompt, template
-from mrtune.rundir import RunDir, write_dir_atomic, write_json, write_text_atomic
+from mrtune.infer.generation import generate
+from mrtune.model.resolve import load_tokenizer, resolve_model_path
+from mrtune.model.build import attach_lora, load_base_model, quantization_config
+from mrtune.task.mr import Vocabulary
+from mrtune.task.prompts import build_prompt, template
+from mrtune.run.rundir import RunDir, write_dir_atomic, write_json, write_text_atomic
 
 
 def make_optimizer(model, config: Config) -> torch.optim.Optimizer:
@@ -612,7 +612,7 @@ def _train(
         # dead weight.
         shutil.rmtree(run.checkpoint, ignore_errors=True)
         shutil.rmtree(run.initial_adapter, ignore_errors=True)  # the saved adapter is converted already
-        from mrtune.report import write_report
+        from mrtune.run.report import write_report
 
         write_report(run)
     accelerator.wait_for_everyone()

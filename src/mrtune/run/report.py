@@ -34,8 +34,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import yaml  # noqa: E402
 
-from mrtune.mr import INVALID_ACT, dialogue_act_confusion, slot_errors, try_parse_mr  # noqa: E402
-from mrtune.rundir import RunDir, write_text_atomic  # noqa: E402
+from mrtune.task.mr import INVALID_ACT, dialogue_act_confusion, slot_errors, try_parse_mr  # noqa: E402
+from mrtune.run.rundir import RunDir, write_text_atomic  # noqa: E402
 
 __all__ = [
     "metrics_table",

@@ -12,9 +12,9 @@ from dataclasses import dataclass
 
 import torch
 
-from mrtune.data import Example
+from mrtune.task.data import Example
 from mrtune.errors import MrtuneError
-from mrtune.prompts import build_prompt
+from mrtune.task.prompts import build_prompt
 
 IGNORE_INDEX = -100  # the label value torch's cross-entropy skips
 

@@ -1,0 +1,1 @@
+"""Inference from a run: generation, constrained decoding, evaluate, predict and merge."""

@@ -1,0 +1,1 @@
+"""Run directories: durable files, the run directory contract, and the run report."""
