@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test test-fast test-embedded bench clean
+.PHONY: setup demo test test-fast test-embedded lint bench clean
 
 setup: $(VENV)/.installed
 
@@ -33,6 +33,11 @@ test-fast: setup
 
 test-embedded: setup
 	$(PY) -m pytest -q -m embedded
+
+# ruff lint and format check (configured in pyproject.toml); CI runs it beside the tests.
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 clean:
 	rm -rf $(VENV) runs

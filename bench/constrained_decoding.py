@@ -25,9 +25,9 @@ import torch
 from transformers import LogitsProcessor
 
 from mrtune.infer.constrained import MRConstraint
-from mrtune.task.data import load_split, spread_sample
 from mrtune.infer.generation import generate
 from mrtune.model.resolve import EMBEDDED_MODEL, load_tokenizer, resolve_model_path
+from mrtune.task.data import load_split, spread_sample
 from mrtune.task.mr import Vocabulary
 from mrtune.task.prompts import build_prompt
 
@@ -60,8 +60,14 @@ class TimedConstraint:
         return TimedProcessor(self, inner)
 
 
-def masks_alone(constraint: MRConstraint, tokenizer, references: list[str], device: torch.device,
-                vocab_width: int, max_new_tokens: int) -> dict:
+def masks_alone(
+    constraint: MRConstraint,
+    tokenizer,
+    references: list[str],
+    device: torch.device,
+    vocab_width: int,
+    max_new_tokens: int,
+) -> dict:
     """Feed tokenized reference MRs (+ EOS) through one processor for the whole batch; time every step."""
     rows = [ids + [constraint.eos] for ids in tokenizer(references, add_special_tokens=False)["input_ids"]]
     steps = max(map(len, rows))
@@ -78,30 +84,50 @@ def masks_alone(constraint: MRConstraint, tokenizer, references: list[str], devi
         if device.type == "cuda":
             torch.cuda.synchronize()
         seconds += time.perf_counter() - started
-        refused += int(torch.isinf(masked.gather(1, forced[:, step:step + 1])).sum())
-        input_ids = torch.cat([input_ids, forced[:, step:step + 1]], dim=1)
-    return {"rows": len(rows), "steps": steps, "seconds": round(seconds, 3),
-            "ms_per_step": round(1000 * seconds / steps, 2), "refused_reference_tokens": refused}
+        refused += int(torch.isinf(masked.gather(1, forced[:, step : step + 1])).sum())
+        input_ids = torch.cat([input_ids, forced[:, step : step + 1]], dim=1)
+    return {
+        "rows": len(rows),
+        "steps": steps,
+        "seconds": round(seconds, 3),
+        "ms_per_step": round(1000 * seconds / steps, 2),
+        "refused_reference_tokens": refused,
+    }
 
 
 def decode(model, tokenizer, prompts, constraint, batch_size: int, max_new_tokens: int) -> dict:
     timed = TimedConstraint(constraint)
     stats: dict = {}
-    generate(model, tokenizer, prompts, batch_size=batch_size, max_new_tokens=max_new_tokens, constraint=timed,
-             progress=False, stats=stats)
-    return {"generated_tokens": stats["generated_tokens"], "seconds": round(stats["seconds"], 2),
-            "tokens_per_s": round(stats["generated_tokens"] / stats["seconds"], 1), "decode_steps": timed.steps,
-            "ms_per_step": round(1000 * stats["seconds"] / timed.steps, 1),
-            "processor_ms_per_step": round(1000 * timed.seconds / timed.steps, 2)}
+    generate(
+        model,
+        tokenizer,
+        prompts,
+        batch_size=batch_size,
+        max_new_tokens=max_new_tokens,
+        constraint=timed,
+        progress=False,
+        stats=stats,
+    )
+    return {
+        "generated_tokens": stats["generated_tokens"],
+        "seconds": round(stats["seconds"], 2),
+        "tokens_per_s": round(stats["generated_tokens"] / stats["seconds"], 1),
+        "decode_steps": timed.steps,
+        "ms_per_step": round(1000 * stats["seconds"] / timed.steps, 1),
+        "processor_ms_per_step": round(1000 * timed.seconds / timed.steps, 2),
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", help="a run directory: its fine-tuned model, tokenizer and vocabulary")
     parser.add_argument("--model", default=EMBEDDED_MODEL, help="base model when no --run (default: embedded)")
-    parser.add_argument("--random-init", action="store_true",
-                        help="--model is a directory with config.json and a tokenizer only: random weights of that "
-                             "shape (speed per step does not depend on the weights; outputs do)")
+    parser.add_argument(
+        "--random-init",
+        action="store_true",
+        help="--model is a directory with config.json and a tokenizer only: random weights of that "
+        "shape (speed per step does not depend on the weights; outputs do)",
+    )
     parser.add_argument("--rows", type=int, default=32, help="test rows (an evenly spread sample)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--max-new-tokens", type=int, default=160)
@@ -143,9 +169,12 @@ def main() -> None:
     references = [e.meaning_representation for e in examples]
     result = {
         "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
-                   + (torch.cuda.get_device_name() if device.type == "cuda" else "CPU"),
-        "model": args.run or args.model + (" (random init)" if args.random_init else ""), "vocabulary_size": len(tokenizer), "rows": len(examples),
-        "batch_size": args.batch_size, "build_seconds": round(build_seconds, 2),
+        + (torch.cuda.get_device_name() if device.type == "cuda" else "CPU"),
+        "model": args.run or args.model + (" (random init)" if args.random_init else ""),
+        "vocabulary_size": len(tokenizer),
+        "rows": len(examples),
+        "batch_size": args.batch_size,
+        "build_seconds": round(build_seconds, 2),
         "masks_alone_cold": masks_alone(constraint, tokenizer, references, device, width, args.max_new_tokens),
         "masks_alone_warm": masks_alone(constraint, tokenizer, references, device, width, args.max_new_tokens),
         "states": constraint.states_seen,
@@ -157,8 +186,10 @@ def main() -> None:
         for round_ in ("warm_up", "measured"):
             result[round_] = {
                 "free": decode(model, tokenizer, prompts, None, args.batch_size, args.max_new_tokens),
-                "constrained": decode(model, tokenizer, prompts, MRConstraint(tokenizer, vocabulary),
-                                      args.batch_size, args.max_new_tokens)}
+                "constrained": decode(
+                    model, tokenizer, prompts, MRConstraint(tokenizer, vocabulary), args.batch_size, args.max_new_tokens
+                ),
+            }
     print(json.dumps(result, indent=2))
 
 

@@ -27,22 +27,30 @@ def main() -> None:
 
     from torch.profiler import ProfilerActivity, profile
 
-    from mrtune.train.batching import collate, plan_batches, tokenize_examples
     from mrtune.config import load_config
-    from mrtune.task.data import load_split
-    from mrtune.model.resolve import load_tokenizer, resolve_model_path
     from mrtune.model.build import attach_lora, load_base_model
+    from mrtune.model.resolve import load_tokenizer, resolve_model_path
+    from mrtune.task.data import load_split
+    from mrtune.train.batching import collate, plan_batches, tokenize_examples
     from mrtune.train.recipe import target_loss, target_positions
 
     config = load_config(args.config, args.set)
     device = torch.device("cuda")
     path = resolve_model_path(config.model.name)
     tokenizer = load_tokenizer(path)
-    rows, _ = tokenize_examples(load_split(config.data.train)[:2000], tokenizer, config.data.prompt_style,
-                                completion_only=config.data.completion_only)
+    rows, _ = tokenize_examples(
+        load_split(config.data.train)[:2000],
+        tokenizer,
+        config.data.prompt_style,
+        completion_only=config.data.completion_only,
+    )
     settings = config.train
-    plan = plan_batches([len(r) for r in rows], batch_size=settings.batch_size, batch_tokens=settings.batch_tokens,
-                        packing=settings.packing)
+    plan = plan_batches(
+        [len(r) for r in rows],
+        batch_size=settings.batch_size,
+        batch_tokens=settings.batch_tokens,
+        packing=settings.packing,
+    )
     model = attach_lora(load_base_model(config.model, device, path), config.lora, config.model)
     if settings.compile:
         model.compile()
@@ -71,8 +79,11 @@ def main() -> None:
     wall = (time.perf_counter() - started) / args.steps
     events = prof.key_averages()
     device_us = sum(e.self_device_time_total for e in events) / args.steps
-    print(f"wall {wall:.3f} s/step (profiled); kernels {device_us / 1e6:.3f} s/step; "
-          f"peak {torch.cuda.max_memory_allocated() / 1e9:.2f} GB", flush=True)
+    print(
+        f"wall {wall:.3f} s/step (profiled); kernels {device_us / 1e6:.3f} s/step; "
+        f"peak {torch.cuda.max_memory_allocated() / 1e9:.2f} GB",
+        flush=True,
+    )
     print(events.table(sort_by="self_device_time_total", row_limit=args.rows, max_name_column_width=60))
     print(events.table(sort_by="self_cpu_time_total", row_limit=args.rows, max_name_column_width=60))
 

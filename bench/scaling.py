@@ -10,7 +10,8 @@ allocator's growth). The model is a random-init Mistral-7B shape in 4-bit NF4: s
 weights' values.
 
 With `--fsdp RUN`, a third run, sharded (configs/accelerate/fsdp-qlora.yaml) on the same 2 GPUs, adds its tokens/s
-and peak memory, and whether its adapter is a PEFT adapter of the same tensors as the DDP run's (and if not, how they differ).
+and peak memory, and whether its adapter is a PEFT adapter of the same tensors as the DDP run's (and if not, how
+they differ).
 """
 
 from __future__ import annotations
@@ -28,15 +29,21 @@ def summarise_run(run_dir: Path, warm: int, processes: int) -> dict:
     run = RunDir.open(run_dir)
     info = run.info()
     if info.get("status") != "finished" or info.get("processes") != processes:
-        raise SystemExit(f"{run_dir}: expected a finished run of {processes} process(es), run.json says status "
-                         f"{info.get('status')!r}, processes {info.get('processes')!r}")
+        raise SystemExit(
+            f"{run_dir}: expected a finished run of {processes} process(es), run.json says status "
+            f"{info.get('status')!r}, processes {info.get('processes')!r}"
+        )
     rate = steady_rate(run.read_history(), warm)
     config = run.config()
     return {
-        "processes": processes, "useful_tokens_per_s": rate["useful_tokens_per_s"],
-        "padded_tokens_per_s": rate["padded_tokens_per_s"], "step_s": rate["step_s"],
-        "steps_timed": rate["steps_timed"], "batch_tokens_per_gpu": config.train.batch_tokens,
-        "prompt_style": config.data.prompt_style, "gradient_checkpointing": config.model.gradient_checkpointing,
+        "processes": processes,
+        "useful_tokens_per_s": rate["useful_tokens_per_s"],
+        "padded_tokens_per_s": rate["padded_tokens_per_s"],
+        "step_s": rate["step_s"],
+        "steps_timed": rate["steps_timed"],
+        "batch_tokens_per_gpu": config.train.batch_tokens,
+        "prompt_style": config.data.prompt_style,
+        "gradient_checkpointing": config.model.gradient_checkpointing,
         "gradient_accumulation": config.train.gradient_accumulation,
         "peak_memory_gb_rank0": (info.get("peak_memory_bytes") or 0) / 1e9,
     }
@@ -49,18 +56,29 @@ def compare_adapters(run_a: Path, run_b: Path) -> dict:
 
     a, b = (load_file(run / "adapter" / "adapter_model.safetensors") for run in (run_a, run_b))
     configs = [json.loads((run / "adapter" / "adapter_config.json").read_text()) for run in (run_a, run_b)]
-    differ = [f"{k}: {tuple(a[k].shape)} {a[k].dtype} vs {tuple(b[k].shape)} {b[k].dtype}" for k in sorted(a.keys() & b.keys())
-              if (a[k].shape, a[k].dtype) != (b[k].shape, b[k].dtype)]
+    differ = [
+        f"{k}: {tuple(a[k].shape)} {a[k].dtype} vs {tuple(b[k].shape)} {b[k].dtype}"
+        for k in sorted(a.keys() & b.keys())
+        if (a[k].shape, a[k].dtype) != (b[k].shape, b[k].dtype)
+    ]
     only_a, only_b = sorted(a.keys() - b.keys()), sorted(b.keys() - a.keys())
     for config in configs:  # a set in peft, written as a list in the writing process's hash order
         if isinstance(config.get("target_modules"), list):
             config["target_modules"] = sorted(config["target_modules"])
     config_keys = ("peft_type", "r", "lora_alpha", "target_modules", "layers_to_transform")
-    config_differ = {k: [c.get(k) for c in configs] for k in config_keys
-                     if json.dumps(configs[0].get(k), sort_keys=True) != json.dumps(configs[1].get(k), sort_keys=True)}
-    return {"same": not (differ or only_a or only_b or config_differ) and configs[0]["peft_type"] == "LORA",
-            "tensors": [len(a), len(b)], "only_in_first": only_a[:5], "only_in_second": only_b[:5],
-            "different": differ[:5], "config_differs": config_differ}
+    config_differ = {
+        k: [c.get(k) for c in configs]
+        for k in config_keys
+        if json.dumps(configs[0].get(k), sort_keys=True) != json.dumps(configs[1].get(k), sort_keys=True)
+    }
+    return {
+        "same": not (differ or only_a or only_b or config_differ) and configs[0]["peft_type"] == "LORA",
+        "tensors": [len(a), len(b)],
+        "only_in_first": only_a[:5],
+        "only_in_second": only_b[:5],
+        "different": differ[:5],
+        "config_differs": config_differ,
+    }
 
 
 def main() -> None:

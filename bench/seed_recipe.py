@@ -33,14 +33,26 @@ The attributes must be one of the following: ['name', 'exp_release_date', 'relea
 def run_seed(model_dir: str, tokenizer_dir: str, rows: list[dict], max_steps: int, warmup_steps: int = 2) -> dict:
     """Train `max_steps` optimizer steps of the seed recipe and time them (steady state, after warm-up)."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-    from transformers import (AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig,
-                              DataCollatorForLanguageModeling, Trainer, TrainerCallback, TrainingArguments)
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoTokenizer,
+        BitsAndBytesConfig,
+        DataCollatorForLanguageModeling,
+        Trainer,
+        TrainerCallback,
+        TrainingArguments,
+    )
 
-    bnb_config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_use_double_quant=True, bnb_4bit_quant_type="nf4",
-                                    bnb_4bit_compute_dtype=torch.bfloat16)
+    bnb_config = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_compute_dtype=torch.bfloat16,
+    )
     model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=bnb_config, device_map={"": 0})
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, padding_side="left", add_eos_token=True,
-                                              add_bos_token=True)
+    tokenizer = AutoTokenizer.from_pretrained(
+        tokenizer_dir, padding_side="left", add_eos_token=True, add_bos_token=True
+    )
     tokenizer.pad_token = tokenizer.eos_token
 
     def tokenize(row):
@@ -51,9 +63,14 @@ def run_seed(model_dir: str, tokenizer_dir: str, rows: list[dict], max_steps: in
     dataset = [tokenize(row) for row in rows]  # the notebook used datasets.map; a list is what Trainer needs
     model.gradient_checkpointing_enable()
     model = prepare_model_for_kbit_training(model)
-    lora = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, bias="none", task_type="CAUSAL_LM",
-                      target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
-                                      "lm_head"])
+    lora = LoraConfig(
+        r=8,
+        lora_alpha=16,
+        lora_dropout=0.05,
+        bias="none",
+        task_type="CAUSAL_LM",
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"],
+    )
     model = get_peft_model(model, lora)
 
     class Timer(TrainerCallback):
@@ -66,13 +83,28 @@ def run_seed(model_dir: str, tokenizer_dir: str, rows: list[dict], max_steps: in
 
     timer = Timer()
     args = TrainingArguments(
-        output_dir="/tmp/seed-recipe", per_device_train_batch_size=2, gradient_accumulation_steps=4,
-        max_steps=max_steps, learning_rate=2.5e-5, bf16=True, optim="paged_adamw_8bit", logging_steps=25,
-        save_strategy="no", eval_strategy="no", gradient_checkpointing=True, report_to=[], warmup_steps=1,
+        output_dir="/tmp/seed-recipe",
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=4,
+        max_steps=max_steps,
+        learning_rate=2.5e-5,
+        bf16=True,
+        optim="paged_adamw_8bit",
+        logging_steps=25,
+        save_strategy="no",
+        eval_strategy="no",
+        gradient_checkpointing=True,
+        report_to=[],
+        warmup_steps=1,
         dataloader_num_workers=0,
     )
-    trainer = Trainer(model=model, args=args, train_dataset=dataset, callbacks=[timer],
-                      data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False))
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=dataset,
+        callbacks=[timer],
+        data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False),
+    )
     model.config.use_cache = False
     torch.cuda.reset_peak_memory_stats()
     torch.cuda.synchronize()

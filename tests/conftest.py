@@ -36,21 +36,33 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     from transformers import MistralConfig, MistralForCausalLM, PreTrainedTokenizerFast
 
     path = tmp_path_factory.mktemp("tiny-mistral")
-    texts = [r["target"] for r in viggo_rows("train", 2000)] + [r["meaning_representation"] for r in
-                                                                viggo_rows("train", 2000)]
+    texts = [r["target"] for r in viggo_rows("train", 2000)] + [
+        r["meaning_representation"] for r in viggo_rows("train", 2000)
+    ]
     tokenizer = Tokenizer(models.BPE(unk_token=None))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=["<pad>", "</s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=600, special_tokens=["<pad>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
     tokenizer.train_from_iterator(texts, trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="</s>", pad_token="<pad>",
-                                   model_max_length=1024)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, eos_token="</s>", pad_token="<pad>", model_max_length=1024
+    )
     fast.save_pretrained(path)
     torch.manual_seed(0)
-    config = MistralConfig(vocab_size=len(fast), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                           eos_token_id=fast.eos_token_id, pad_token_id=fast.pad_token_id, tie_word_embeddings=False)
+    config = MistralConfig(
+        vocab_size=len(fast),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        eos_token_id=fast.eos_token_id,
+        pad_token_id=fast.pad_token_id,
+        tie_word_embeddings=False,
+    )
     MistralForCausalLM(config).save_pretrained(path)
     return path
 
@@ -69,11 +81,20 @@ def tiny_data(tmp_path) -> dict[str, Path]:
 def tiny_overrides(tiny_model_dir, tiny_data) -> list[str]:
     """--set overrides that point a run at the tiny model and data and keep it to seconds."""
     return [
-        f"model.name={tiny_model_dir}", "model.dtype=float32",
-        f"data.train={tiny_data['train']}", f"data.validation={tiny_data['validation']}",
+        f"model.name={tiny_model_dir}",
+        "model.dtype=float32",
+        f"data.train={tiny_data['train']}",
+        f"data.validation={tiny_data['validation']}",
         f"data.test={tiny_data['test']}",
-        "lora.r=4", "lora.alpha=8", "lora.dropout=0.0",
-        "train.batch_size=8", "train.max_steps=6", "train.eval_every=3", "train.log_every=1",
-        "train.learning_rate=5e-3", "train.warmup_ratio=0.0",
-        "eval.batch_size=4", "eval.max_new_tokens=24",
+        "lora.r=4",
+        "lora.alpha=8",
+        "lora.dropout=0.0",
+        "train.batch_size=8",
+        "train.max_steps=6",
+        "train.eval_every=3",
+        "train.log_every=1",
+        "train.learning_rate=5e-3",
+        "train.warmup_ratio=0.0",
+        "eval.batch_size=4",
+        "eval.max_new_tokens=24",
     ]

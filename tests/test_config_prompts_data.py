@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from mrtune.config import Config, from_dict, load_config, to_yaml
-from mrtune.task.data import load_split, spread_sample
 from mrtune.errors import MrtuneError
+from mrtune.task.data import load_split, spread_sample
 from mrtune.task.prompts import build_prompt
 
 CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
@@ -18,8 +18,10 @@ CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
 def test_every_shipped_config_loads_and_opens_with_its_command(path):
     config = load_config(path)
     assert isinstance(config, Config)
-    assert path.read_text().splitlines()[0] == f"# mrtune train --config configs/{path.name} " \
+    assert (
+        path.read_text().splitlines()[0] == f"# mrtune train --config configs/{path.name} "
         f"--output-dir {path.read_text().splitlines()[0].split('--output-dir ')[1]}"
+    )
 
 
 def test_shipped_configs_are_the_promised_ones():
@@ -30,8 +32,16 @@ def test_shipped_configs_are_the_promised_ones():
 
 
 def test_overrides_are_typed():
-    config = load_config(None, ["train.learning_rate=3e-4", "train.max_steps=5", "lora.target_modules=q_proj,v_proj",
-                                "data.completion_only=false", "data.train_limit=none"])
+    config = load_config(
+        None,
+        [
+            "train.learning_rate=3e-4",
+            "train.max_steps=5",
+            "lora.target_modules=q_proj,v_proj",
+            "data.completion_only=false",
+            "data.train_limit=none",
+        ],
+    )
     assert config.train.learning_rate == 3e-4 and config.train.max_steps == 5
     assert config.lora.target_modules == ["q_proj", "v_proj"]
     assert config.data.completion_only is False and config.data.train_limit is None
@@ -58,10 +68,14 @@ def test_config_round_trips_through_yaml():
 
 
 def test_prompts():
-    assert build_prompt("compact", " Is Portal 2 on Mac? ") == \
-        "### Sentence:\nIs Portal 2 on Mac?\n### Meaning representation:\n"
+    assert (
+        build_prompt("compact", " Is Portal 2 on Mac? ")
+        == "### Sentence:\nIs Portal 2 on Mac?\n### Meaning representation:\n"
+    )
     seed = build_prompt("seed", "Hi")
-    assert seed.startswith("Given a target sentence") and seed.endswith("### Target sentence:\nHi\n\n### Meaning representation:\n")
+    assert seed.startswith("Given a target sentence") and seed.endswith(
+        "### Target sentence:\nHi\n\n### Meaning representation:\n"
+    )
     with pytest.raises(MrtuneError) as error:
         build_prompt("fancy", "Hi")
     assert str(error.value) == "unknown prompt style 'fancy': use one of seed, compact"
@@ -73,20 +87,23 @@ def test_bundled_splits_have_their_published_sizes():
 
 def test_csv_and_custom_fields(tmp_path):
     path = tmp_path / "d.csv"
-    path.write_text("mr,ref\n\"inform(name[A, B], rating[good])\",A B is good.\n", encoding="utf-8")
+    path.write_text('mr,ref\n"inform(name[A, B], rating[good])",A B is good.\n', encoding="utf-8")
     [example] = load_split(str(path), input_field="ref", output_field="mr")
     assert example.sentence == "A B is good." and example.meaning_representation == "inform(name[A, B], rating[good])"
     assert example.source == "d.csv:2"
 
 
-@pytest.mark.parametrize("content, fragment", [
-    ('{"target": "x"}\n', "d.jsonl:1: missing field 'meaning_representation'"),
-    ('{"meaning_representation": "inform(name[A])"}\n', "d.jsonl:1: missing field 'target'"),
-    ('{"target": " ", "meaning_representation": "inform(name[A])"}\n', "field 'target' is empty"),
-    ('{"target": "x", "meaning_representation": "inform(name A)"}\n', "is not a meaning representation"),
-    ('[1, 2]\n', "expected a JSON object"),
-    ('', "the split is empty"),
-])
+@pytest.mark.parametrize(
+    "content, fragment",
+    [
+        ('{"target": "x"}\n', "d.jsonl:1: missing field 'meaning_representation'"),
+        ('{"meaning_representation": "inform(name[A])"}\n', "d.jsonl:1: missing field 'target'"),
+        ('{"target": " ", "meaning_representation": "inform(name[A])"}\n', "field 'target' is empty"),
+        ('{"target": "x", "meaning_representation": "inform(name A)"}\n', "is not a meaning representation"),
+        ("[1, 2]\n", "expected a JSON object"),
+        ("", "the split is empty"),
+    ],
+)
 def test_bad_rows_are_named(tmp_path, content, fragment):
     path = tmp_path / "d.jsonl"
     path.write_text(content, encoding="utf-8")

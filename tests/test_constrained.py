@@ -11,11 +11,11 @@ import torch
 from conftest import viggo_rows
 from transformers import AutoModelForCausalLM, LogitsProcessorList
 
-from mrtune.infer.constrained import MRConstraint, token_bytes
-from mrtune.task.grammar import DONE, FINISHED, VALUE, MRGrammar
 from mrtune.errors import MrtuneError
+from mrtune.infer.constrained import MRConstraint, token_bytes
 from mrtune.infer.generation import generate
 from mrtune.model.resolve import load_tokenizer
+from mrtune.task.grammar import DONE, FINISHED, VALUE, MRGrammar
 from mrtune.task.mr import Vocabulary, parse_mr, try_parse_mr
 from mrtune.task.prompts import build_prompt
 
@@ -147,8 +147,9 @@ def test_random_model_writes_garbage_unless_constrained(tiny):
     tokenizer, model, constraint = tiny
     free = generate(model, tokenizer, PROMPTS, batch_size=4, max_new_tokens=40, progress=False)
     assert not any(try_parse_mr(text) for text in free)
-    constrained = generate(model, tokenizer, PROMPTS, batch_size=4, max_new_tokens=40, constraint=constraint,
-                           progress=False)
+    constrained = generate(
+        model, tokenizer, PROMPTS, batch_size=4, max_new_tokens=40, constraint=constraint, progress=False
+    )
     assert len(constrained) == 8
     assert_valid_mrs(constrained)
 
@@ -156,9 +157,19 @@ def test_random_model_writes_garbage_unless_constrained(tiny):
 @pytest.mark.parametrize("constrained", [False, True])
 def test_static_kv_cache_decodes_the_same_tokens_as_the_dynamic_one(tiny, constrained):
     tokenizer, model, constraint = tiny
-    outputs = {cache: generate(model, tokenizer, PROMPTS, batch_size=4, max_new_tokens=24, kv_cache=cache,
-                               constraint=constraint if constrained else None, progress=False)
-               for cache in ("dynamic", "static")}
+    outputs = {
+        cache: generate(
+            model,
+            tokenizer,
+            PROMPTS,
+            batch_size=4,
+            max_new_tokens=24,
+            kv_cache=cache,
+            constraint=constraint if constrained else None,
+            progress=False,
+        )
+        for cache in ("dynamic", "static")
+    }
     assert outputs["static"] == outputs["dynamic"] and any(outputs["static"])
 
 
@@ -167,8 +178,14 @@ def test_eos_comes_right_after_the_closing_parenthesis(tiny):
     batch = tokenizer(PROMPTS, padding=True, padding_side="left", return_tensors="pt")
     prompt_length = batch["input_ids"].shape[1]
     processor = constraint.logits_processor(prompt_length, 40)
-    generated = model.generate(**batch, max_new_tokens=40, do_sample=False, eos_token_id=constraint.eos,
-                               pad_token_id=tokenizer.pad_token_id, logits_processor=LogitsProcessorList([processor]))
+    generated = model.generate(
+        **batch,
+        max_new_tokens=40,
+        do_sample=False,
+        eos_token_id=constraint.eos,
+        pad_token_id=tokenizer.pad_token_id,
+        logits_processor=LogitsProcessorList([processor]),
+    )
     # At the last step every row had closed its MR (DONE: EOS is its only token) or had written EOS already.
     assert {state.phase for state in processor.states} <= {DONE, FINISHED}
     for row in generated[:, prompt_length:].tolist():
@@ -181,8 +198,9 @@ def test_eos_comes_right_after_the_closing_parenthesis(tiny):
 def test_a_short_budget_still_closes_the_mr(tiny, budget):
     tokenizer, model, constraint = tiny
     budget = constraint.min_new_tokens if budget == "minimum" else budget
-    outputs = generate(model, tokenizer, PROMPTS, batch_size=8, max_new_tokens=budget, constraint=constraint,
-                       progress=False)
+    outputs = generate(
+        model, tokenizer, PROMPTS, batch_size=8, max_new_tokens=budget, constraint=constraint, progress=False
+    )
     assert_valid_mrs(outputs)
     with pytest.raises(MrtuneError, match="too small for any meaning representation"):
         constraint.logits_processor(prompt_length=10, max_new_tokens=constraint.min_new_tokens - 1)
@@ -195,15 +213,22 @@ def test_sentencepiece_style_tokenizer(tmp_path):
 
     backend = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
     backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first")
-    backend.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
-                                         decoders.Strip(" ", 1, 0)])
-    backend.train_from_iterator(TRAIN_MRS[:1000], trainers.BpeTrainer(vocab_size=300,
-                                                                      special_tokens=["<unk>", "<s>", "</s>"]))
+    backend.decoder = decoders.Sequence(
+        [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
+    backend.train_from_iterator(
+        TRAIN_MRS[:1000], trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"])
+    )
     spec = json.loads(backend.to_str())
     for byte in range(256):
         spec["model"]["vocab"].setdefault(f"<0x{byte:02X}>", len(spec["model"]["vocab"]))
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(spec)), unk_token="<unk>",
-                                        bos_token="<s>", eos_token="</s>", pad_token="<unk>")
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(json.dumps(spec)),
+        unk_token="<unk>",
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<unk>",
+    )
     tokens = token_bytes(tokenizer)
     text = "inform(name[Eidos Montréal ★])"
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -211,11 +236,26 @@ def test_sentencepiece_style_tokenizer(tmp_path):
     assert b"".join(tokens[i] for i in ids) == (" " + text).encode()  # the leading ▁ is a space to the grammar
 
     torch.manual_seed(0)
-    model = MistralForCausalLM(MistralConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
-                                             num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
-                                             eos_token_id=tokenizer.eos_token_id)).eval()
-    outputs = generate(model, tokenizer, PROMPTS[:4], batch_size=4, max_new_tokens=30,
-                       constraint=MRConstraint(tokenizer, VOCABULARY), progress=False)
+    model = MistralForCausalLM(
+        MistralConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+    ).eval()
+    outputs = generate(
+        model,
+        tokenizer,
+        PROMPTS[:4],
+        batch_size=4,
+        max_new_tokens=30,
+        constraint=MRConstraint(tokenizer, VOCABULARY),
+        progress=False,
+    )
     assert_valid_mrs(outputs)
 
 
@@ -230,14 +270,27 @@ def tiny_run(tmp_path_factory, tiny_model_dir):
     from mrtune.train.recipe import train
 
     base = tmp_path_factory.mktemp("constrained-run")
-    data = {split: write_jsonl(base / f"{split}.jsonl", viggo_rows(split, n))
-            for split, n in (("train", 16), ("validation", 4), ("test", 4))}
-    config = load_config(None, [
-        f"model.name={tiny_model_dir}", "model.dtype=float32", f"data.train={data['train']}",
-        f"data.validation={data['validation']}", f"data.test={data['test']}", "lora.r=2", "lora.alpha=4",
-        "train.batch_size=8", "train.max_steps=1", "train.eval_every=1", "eval.batch_size=4",
-        "eval.max_new_tokens=24",
-    ])
+    data = {
+        split: write_jsonl(base / f"{split}.jsonl", viggo_rows(split, n))
+        for split, n in (("train", 16), ("validation", 4), ("test", 4))
+    }
+    config = load_config(
+        None,
+        [
+            f"model.name={tiny_model_dir}",
+            "model.dtype=float32",
+            f"data.train={data['train']}",
+            f"data.validation={data['validation']}",
+            f"data.test={data['test']}",
+            "lora.r=2",
+            "lora.alpha=4",
+            "train.batch_size=8",
+            "train.max_steps=1",
+            "train.eval_every=1",
+            "eval.batch_size=4",
+            "eval.max_new_tokens=24",
+        ],
+    )
     return train(config, base / "run", progress=False)
 
 
@@ -250,8 +303,10 @@ def test_evaluate_and_predict_are_constrained_unless_told_not_to(tiny_run, capsy
     assert metrics["constrained"] is True and metrics["valid_mr_rate"] == 1.0 and metrics["generated_tokens"] > 0
     saved = json.loads((tiny_run.eval_dir("test") / "metrics.json").read_text())
     assert saved["constrained"] is True
-    predictions = [json.loads(line)["prediction"] for line in
-                   (tiny_run.eval_dir("test") / "predictions.jsonl").read_text().splitlines()]
+    predictions = [
+        json.loads(line)["prediction"]
+        for line in (tiny_run.eval_dir("test") / "predictions.jsonl").read_text().splitlines()
+    ]
     assert_valid_mrs(predictions, Vocabulary.from_mrs(r["meaning_representation"] for r in viggo_rows("train", 16)))
 
     assert main(["evaluate", str(tiny_run.path), "--no-constrained"]) == 0
@@ -287,12 +342,14 @@ def test_embedded_model_constrained_outputs_are_valid():
     # Inside a value, where the masks come from a regex shortcut: the same tokens as the automaton allows.
     for state in _states_along(constraint, ["inform(name[Eidos Montr\u00e9al ★], rating[good])"]):
         if state.phase == VALUE:
-            expected = torch.tensor([bool(data) and constraint.grammar.advance(state, data) is not None
-                                     for data in constraint.tokens])
+            expected = torch.tensor(
+                [bool(data) and constraint.grammar.advance(state, data) is not None for data in constraint.tokens]
+            )
             assert torch.equal(constraint.allowed_tokens(state, 10**6), expected), state
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    outputs = generate(model, tokenizer, PROMPTS[:5], batch_size=5, max_new_tokens=32, constraint=constraint,
-                       progress=False)
+    outputs = generate(
+        model, tokenizer, PROMPTS[:5], batch_size=5, max_new_tokens=32, constraint=constraint, progress=False
+    )
     assert_valid_mrs(outputs)
 
 

@@ -30,9 +30,18 @@ STEPS = 4
 SETTINGS = [
     # The 7B recipe's modules: lm_head's adapter sits in FSDP's root unit, the others in a decoder layer's unit.
     "lora.target_modules=[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj,lm_head]",
-    "model.dtype=float32", "lora.r=4", "lora.alpha=8", "lora.dropout=0.0", f"train.batch_size={MICRO_BATCH_ROWS}",
-    f"train.max_steps={STEPS}", "train.eval_every=2", "train.log_every=1", "train.learning_rate=5e-3",
-    "train.warmup_ratio=0.0", "eval.batch_size=4", "eval.max_new_tokens=8",
+    "model.dtype=float32",
+    "lora.r=4",
+    "lora.alpha=8",
+    "lora.dropout=0.0",
+    f"train.batch_size={MICRO_BATCH_ROWS}",
+    f"train.max_steps={STEPS}",
+    "train.eval_every=2",
+    "train.log_every=1",
+    "train.learning_rate=5e-3",
+    "train.warmup_ratio=0.0",
+    "eval.batch_size=4",
+    "eval.max_new_tokens=8",
 ]
 # Losses are sums over the same tokens in another order (two processes' partial sums, then an all-reduce).
 RELATIVE_TOLERANCE = 1e-5
@@ -55,8 +64,10 @@ def data_overrides(tiny_model_dir, tmp_path_factory) -> list[str]:
     base = tmp_path_factory.mktemp("distributed-data")
     # 5 validation rows: rank 0 gets 3 (two batches of 2), rank 1 gets 2 (one batch), so rank 1 runs one uncounted
     # batch to keep the forward passes in step; the validation loss must still equal one process's.
-    data = {split: write_jsonl(base / f"{split}.jsonl", viggo_rows(split, n))
-            for split, n in (("train", 48), ("validation", 5), ("test", 4))}
+    data = {
+        split: write_jsonl(base / f"{split}.jsonl", viggo_rows(split, n))
+        for split, n in (("train", 48), ("validation", 5), ("test", 4))
+    }
     return [f"model.name={tiny_model_dir}", *(f"data.{split}={path}" for split, path in data.items()), *SETTINGS]
 
 
@@ -69,22 +80,49 @@ def _fsdp_environment() -> dict[str, str]:
     from accelerate.commands.config.config_args import load_config_from_file
 
     config = load_config_from_file(str(Path(__file__).parents[1] / "configs" / "accelerate" / "fsdp-qlora.yaml"))
-    environment = {key.upper(): str(value).lower() if isinstance(value, bool) else str(value)
-                   for key, value in config.fsdp_config.items()}
-    return {**environment, "ACCELERATE_USE_FSDP": "true", "FSDP_SYNC_MODULE_STATES": "false",
-            "FSDP_CPU_RAM_EFFICIENT_LOADING": "false", "MRTUNE_TEST_FSDP_ON_CPU": "1",
-            # FSDP compares its device with an index-less "cpu"; Accelerate would say "cpu:0"
-            "ACCELERATE_TORCH_DEVICE": "cpu"}
+    environment = {
+        key.upper(): str(value).lower() if isinstance(value, bool) else str(value)
+        for key, value in config.fsdp_config.items()
+    }
+    return {
+        **environment,
+        "ACCELERATE_USE_FSDP": "true",
+        "FSDP_SYNC_MODULE_STATES": "false",
+        "FSDP_CPU_RAM_EFFICIENT_LOADING": "false",
+        "MRTUNE_TEST_FSDP_ON_CPU": "1",
+        # FSDP compares its device with an index-less "cpu"; Accelerate would say "cpu:0"
+        "ACCELERATE_TORCH_DEVICE": "cpu",
+    }
 
 
 def _in_two_processes(records: Path, argv: list[str], extra_env: dict[str, str] | None = None):
     """`mrtune ARGV` in 2 torchrun processes that record their micro-batches in `records`."""
     records.mkdir()
     port = _free_port()
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "MASTER_PORT": str(port),
-           "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", **(extra_env or {})}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-               "--master_port", str(port), __file__, str(records), *argv]
+    env = {
+        **os.environ,
+        "ACCELERATE_USE_CPU": "1",
+        "OMP_NUM_THREADS": "1",
+        "MASTER_PORT": str(port),
+        "TOKENIZERS_PARALLELISM": "false",
+        "HF_HUB_OFFLINE": "1",
+        "PYTHONUNBUFFERED": "1",
+        **(extra_env or {}),
+    }
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(port),
+        __file__,
+        str(records),
+        *argv,
+    ]
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
 
 
@@ -92,8 +130,11 @@ def _train_in_two_processes(data_overrides, base: Path, extra_env: dict[str, str
     """`mrtune train` in 2 processes x gradient_accumulation 2: the run, each rank's micro-batches, stdout, seconds."""
     run_dir, records = base / "run", base / "records"
     started = time.perf_counter()
-    result = _in_two_processes(records, ["train", "--output-dir", str(run_dir),
-                                         *_sets([*data_overrides, "train.gradient_accumulation=2"])], extra_env)
+    result = _in_two_processes(
+        records,
+        ["train", "--output-dir", str(run_dir), *_sets([*data_overrides, "train.gradient_accumulation=2"])],
+        extra_env,
+    )
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-4000:]
     from mrtune.run.rundir import RunDir
@@ -111,8 +152,7 @@ def two_processes(data_overrides, tmp_path_factory):
 @pytest.fixture(scope="module")
 def two_processes_fsdp(data_overrides, tmp_path_factory):
     """The same run, sharded by FSDP as configs/accelerate/fsdp-qlora.yaml says."""
-    return _train_in_two_processes(data_overrides, tmp_path_factory.mktemp("two-processes-fsdp"),
-                                   _fsdp_environment())
+    return _train_in_two_processes(data_overrides, tmp_path_factory.mktemp("two-processes-fsdp"), _fsdp_environment())
 
 
 @pytest.fixture(scope="module")
@@ -127,18 +167,23 @@ def one_process(data_overrides, tmp_path_factory):
 
 def _planned_steps(run) -> list[list[list[list[int]]]]:
     """Each optimizer step's 4 micro-batches (padded input ids), as the plan of every rank gives them."""
-    from mrtune.train.batching import collate, plan_batches, tokenize_examples
-    from mrtune.task.data import load_split
     from mrtune.model.resolve import load_tokenizer
+    from mrtune.task.data import load_split
+    from mrtune.train.batching import collate, plan_batches, tokenize_examples
 
     config = run.config()
     tokenizer = load_tokenizer(str(run.tokenizer))
-    rows, _ = tokenize_examples(load_split(config.data.train), tokenizer, config.data.prompt_style,
-                                completion_only=config.data.completion_only, max_length=config.data.max_length,
-                                too_long=config.data.too_long)
+    rows, _ = tokenize_examples(
+        load_split(config.data.train),
+        tokenizer,
+        config.data.prompt_style,
+        completion_only=config.data.completion_only,
+        max_length=config.data.max_length,
+        too_long=config.data.too_long,
+    )
     plan = plan_batches([len(r) for r in rows], batch_size=MICRO_BATCH_ROWS, seed=config.train.seed, epoch=0)
     micro = [collate([rows[i] for i in indices], tokenizer.pad_token_id)["input_ids"].tolist() for indices in plan]
-    return [micro[4 * step:4 * step + 4] for step in range(STEPS)]
+    return [micro[4 * step : 4 * step + 4] for step in range(STEPS)]
 
 
 def test_each_rank_trains_its_own_share_of_every_step(two_processes):
@@ -146,7 +191,7 @@ def test_each_rank_trains_its_own_share_of_every_step(two_processes):
     planned = _planned_steps(run)
     assert len(seen[0]) == len(seen[1]) == 2 * STEPS  # gradient_accumulation 2 on each rank
     for step, batches in enumerate(planned):
-        rank0, rank1 = seen[0][2 * step:2 * step + 2], seen[1][2 * step:2 * step + 2]
+        rank0, rank1 = seen[0][2 * step : 2 * step + 2], seen[1][2 * step : 2 * step + 2]
         assert rank0 == batches[0::2] and rank1 == batches[1::2]  # rank r: micro-batches r, r + 2
         rows0 = {tuple(row) for batch in rank0 for row in batch}
         rows1 = {tuple(row) for batch in rank1 for row in batch}
@@ -158,8 +203,17 @@ def test_only_the_main_process_writes_the_run_directory(two_processes):
     run, _, stdout, _ = two_processes
     files = {str(p.relative_to(run.path)) for p in run.path.rglob("*") if p.is_file()}
     assert {f for f in files if not f.startswith(("tokenizer/", "tensorboard/"))} == {
-        "run.json", "config.yaml", "prompt.txt", "vocabulary.json", "history.jsonl", "report.md", "loss_curve.png",
-        "adapter/adapter_config.json", "adapter/adapter_model.safetensors", "adapter/README.md"}
+        "run.json",
+        "config.yaml",
+        "prompt.txt",
+        "vocabulary.json",
+        "history.jsonl",
+        "report.md",
+        "loss_curve.png",
+        "adapter/adapter_config.json",
+        "adapter/adapter_model.safetensors",
+        "adapter/README.md",
+    }
     assert len(list((run.path / "tensorboard").iterdir())) == 1  # one event file: one writer
     history = run.read_history()
     assert [r["step"] for r in history if "train_loss" in r] == list(range(1, STEPS + 1))  # each step logged once
@@ -227,8 +281,7 @@ def test_fsdp_saves_the_adapter_that_ddp_saves(two_processes_fsdp, two_processes
 
 
 @pytest.mark.slow  # two more 2-process runs, ~20 s each
-def test_fsdp_run_stopped_by_a_signal_resumes_to_the_uninterrupted_result(data_overrides, two_processes_fsdp,
-                                                                          tmp_path):
+def test_fsdp_run_stopped_by_a_signal_resumes_to_the_uninterrupted_result(data_overrides, two_processes_fsdp, tmp_path):
     """Under FSDP the checkpoint gathers the sharded adapter and optimizer state; a resume shards them again."""
     from test_resume import assert_same_as_uninterrupted
 
@@ -237,27 +290,30 @@ def test_fsdp_run_stopped_by_a_signal_resumes_to_the_uninterrupted_result(data_o
     reference, _, _, _ = two_processes_fsdp
     run = RunDir(tmp_path / "run")
     # Each rank sends itself SIGTERM in its first micro-batch of step 2: both finish step 2, save, and stop.
-    stopped = _in_two_processes(tmp_path / "records-stopped", [
-        "train", "--output-dir", str(run.path), *_sets([*data_overrides, "train.gradient_accumulation=2"])],
-        {**_fsdp_environment(), "MRTUNE_TEST_SIGTERM_AT_MICRO_BATCH": "3"})
-    assert stopped.returncode != 0 and "interrupted at step 2 of 4 (SIGTERM): resume with" in stopped.stderr, \
-        (stopped.stdout + stopped.stderr)[-4000:]
+    stopped = _in_two_processes(
+        tmp_path / "records-stopped",
+        ["train", "--output-dir", str(run.path), *_sets([*data_overrides, "train.gradient_accumulation=2"])],
+        {**_fsdp_environment(), "MRTUNE_TEST_SIGTERM_AT_MICRO_BATCH": "3"},
+    )
+    assert stopped.returncode != 0 and "interrupted at step 2 of 4 (SIGTERM): resume with" in stopped.stderr, (
+        stopped.stdout + stopped.stderr
+    )[-4000:]
     info = run.info()
     assert (info["status"], info["interrupted_at_step"]) == ("interrupted", 2)
     assert json.loads((run.checkpoint / "state.json").read_text())["fsdp"] is True
     assert sorted(load_file(run.checkpoint / "adapter" / "adapter_model.safetensors")) == sorted(
-        load_file(reference.adapter / "adapter_model.safetensors"))  # the whole adapter, as the best one
+        load_file(reference.adapter / "adapter_model.safetensors")
+    )  # the whole adapter, as the best one
 
-    resumed = _in_two_processes(tmp_path / "records-resumed", ["train", "--resume", str(run.path)],
-                                _fsdp_environment())
+    resumed = _in_two_processes(tmp_path / "records-resumed", ["train", "--resume", str(run.path)], _fsdp_environment())
     assert resumed.returncode == 0, (resumed.stdout + resumed.stderr)[-4000:]
     assert_same_as_uninterrupted(run, reference)  # bit for bit
     assert run.info()["resumed_at_steps"] == [2]
 
 
 def test_num_gpus_launches_accelerate_with_the_other_arguments(monkeypatch, tmp_path, capsys):
-    from mrtune.train import distributed
     from mrtune.cli import main
+    from mrtune.train import distributed
 
     class Launched(Exception):
         pass
@@ -272,11 +328,43 @@ def test_num_gpus_launches_accelerate_with_the_other_arguments(monkeypatch, tmp_
     monkeypatch.setattr(os, "execv", execv)
     config = Path(__file__).parents[1] / "configs" / "accelerate" / "fsdp-qlora.yaml"
     with pytest.raises(Launched):
-        main(["train", "--num-gpus", "2", "--accelerate-config", str(config), "--config", "c.yaml", "--set",
-              "a.b=1", "--output-dir", str(tmp_path / "run"), "--overwrite"])
-    assert launched == [[sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
-                         "--num_processes", "2", "-m", "mrtune", "train", "--config", "c.yaml", "--set", "a.b=1",
-                         "--output-dir", str(tmp_path / "run"), "--overwrite"]]
+        main(
+            [
+                "train",
+                "--num-gpus",
+                "2",
+                "--accelerate-config",
+                str(config),
+                "--config",
+                "c.yaml",
+                "--set",
+                "a.b=1",
+                "--output-dir",
+                str(tmp_path / "run"),
+                "--overwrite",
+            ]
+        )
+    assert launched == [
+        [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--config_file",
+            str(config),
+            "--num_processes",
+            "2",
+            "-m",
+            "mrtune",
+            "train",
+            "--config",
+            "c.yaml",
+            "--set",
+            "a.b=1",
+            "--output-dir",
+            str(tmp_path / "run"),
+            "--overwrite",
+        ]
+    ]
     from accelerate.commands.launch import launch_command_parser
 
     ddp = launch_command_parser().parse_args(distributed.launch_command(2, None, ["--output-dir", "r"])[3:])

@@ -18,13 +18,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from mrtune.train.batching import tokenize_examples
-from mrtune.train.checkpoint import STATE_FILE, recover_run
 from mrtune.cli import main
 from mrtune.config import load_config
-from mrtune.task.data import Example, find_duplicates, load_split
 from mrtune.errors import MrtuneError
 from mrtune.run.rundir import RunDir, write_dir_atomic
+from mrtune.task.data import Example, find_duplicates, load_split
+from mrtune.train.batching import tokenize_examples
+from mrtune.train.checkpoint import STATE_FILE, recover_run
 
 GOOD = {"target": "Portal 2 is a great game.", "meaning_representation": "inform(name[Portal 2], rating[excellent])"}
 
@@ -33,7 +33,7 @@ def snapshot(*paths: Path) -> dict[str, str]:
     """sha256 of every file under `paths` (files or directories), by path: equal snapshots mean nothing changed."""
     files = {}
     for path in paths:
-        for file in ([path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())):
+        for file in [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file()):
             files[str(file)] = hashlib.sha256(file.read_bytes()).hexdigest()
     return files
 
@@ -44,36 +44,75 @@ def jsonl(*records) -> str:
 
 # -- 1. bad data: every problem of a file at once, with file, line and field ----------------------------------
 BAD_FILES = {
-    "not-utf8": ("d.jsonl", jsonl(GOOD).encode() + '{"target": "caf\xe9"}\n'.encode("latin-1") + jsonl(GOOD).encode()
-                 + b'{"target": "\xff\xfe"}\n',
-                 ["d.jsonl:2: the line is not UTF-8 (its byte 16)", "d.jsonl:4: the line is not UTF-8",
-                  "2 bad row(s)", "re-save the file as UTF-8"]),
-    "bad-json-lines": ("d.jsonl", jsonl(GOOD, "{not json", GOOD, '{"target": "x",}'),
-                       ["d.jsonl:2: not valid JSON (Expecting property name enclosed in double quotes, column 2)",
-                        "d.jsonl:4: not valid JSON", "2 bad row(s)"]),
-    "not-an-object": ("d.jsonl", jsonl("[1, 2]", '"text"', GOOD),
-                      ["d.jsonl:1: expected a JSON object, got list", "d.jsonl:2: expected a JSON object, got str"]),
-    "missing-fields": ("d.jsonl", jsonl({"target": "x"}, GOOD, {"meaning_representation": "inform(name[A])"}),
-                       ["d.jsonl:1: missing field 'meaning_representation'", "d.jsonl:3: missing field 'target'"]),
-    "empty-fields": ("d.jsonl", jsonl({**GOOD, "target": "  "}, {**GOOD, "meaning_representation": 7}),
-                     ["d.jsonl:1: field 'target' is empty or not text",
-                      "d.jsonl:2: field 'meaning_representation' is empty or not text"]),
-    "mr-does-not-parse": ("d.jsonl", jsonl(GOOD, {**GOOD, "meaning_representation": "inform(name Portal 2)"},
-                                           {**GOOD, "meaning_representation": "inform(name[Portal 2]"}),
-                          ["d.jsonl:2: 'meaning_representation' is not a meaning representation",
-                           "d.jsonl:3: 'meaning_representation' is not a meaning representation"]),
-    "wrong-field-names": ("d.jsonl", jsonl({"text": "a", "mr": "inform(name[A])"}, {"text": "b", "mr": "x()"}),
-                          ["no row has the field 'target' (fields found: mr, text)",
-                           "no row has the field 'meaning_representation'"]),
-    "csv-field-counts": ("d.csv", 'meaning_representation,target\n"inform(name[A, B])",A B.\n'
-                                  "inform(name[C]),C,extra\ninform(name[D])\n",
-                         ["d.csv:3: 3 fields where the header names 2", "d.csv:4: 1 fields where the header names 2"]),
-    "csv-quoted-newline": ("d.csv", 'meaning_representation,target\n"inform(name[A])","A is\non two lines."\n'
-                                    "inform(name B),B.\n",
-                           ["d.csv:4: 'meaning_representation' is not a meaning representation", "1 bad row(s)"]),
+    "not-utf8": (
+        "d.jsonl",
+        jsonl(GOOD).encode()
+        + '{"target": "caf\xe9"}\n'.encode("latin-1")
+        + jsonl(GOOD).encode()
+        + b'{"target": "\xff\xfe"}\n',
+        [
+            "d.jsonl:2: the line is not UTF-8 (its byte 16)",
+            "d.jsonl:4: the line is not UTF-8",
+            "2 bad row(s)",
+            "re-save the file as UTF-8",
+        ],
+    ),
+    "bad-json-lines": (
+        "d.jsonl",
+        jsonl(GOOD, "{not json", GOOD, '{"target": "x",}'),
+        [
+            "d.jsonl:2: not valid JSON (Expecting property name enclosed in double quotes, column 2)",
+            "d.jsonl:4: not valid JSON",
+            "2 bad row(s)",
+        ],
+    ),
+    "not-an-object": (
+        "d.jsonl",
+        jsonl("[1, 2]", '"text"', GOOD),
+        ["d.jsonl:1: expected a JSON object, got list", "d.jsonl:2: expected a JSON object, got str"],
+    ),
+    "missing-fields": (
+        "d.jsonl",
+        jsonl({"target": "x"}, GOOD, {"meaning_representation": "inform(name[A])"}),
+        ["d.jsonl:1: missing field 'meaning_representation'", "d.jsonl:3: missing field 'target'"],
+    ),
+    "empty-fields": (
+        "d.jsonl",
+        jsonl({**GOOD, "target": "  "}, {**GOOD, "meaning_representation": 7}),
+        [
+            "d.jsonl:1: field 'target' is empty or not text",
+            "d.jsonl:2: field 'meaning_representation' is empty or not text",
+        ],
+    ),
+    "mr-does-not-parse": (
+        "d.jsonl",
+        jsonl(
+            GOOD,
+            {**GOOD, "meaning_representation": "inform(name Portal 2)"},
+            {**GOOD, "meaning_representation": "inform(name[Portal 2]"},
+        ),
+        [
+            "d.jsonl:2: 'meaning_representation' is not a meaning representation",
+            "d.jsonl:3: 'meaning_representation' is not a meaning representation",
+        ],
+    ),
+    "wrong-field-names": (
+        "d.jsonl",
+        jsonl({"text": "a", "mr": "inform(name[A])"}, {"text": "b", "mr": "x()"}),
+        ["no row has the field 'target' (fields found: mr, text)", "no row has the field 'meaning_representation'"],
+    ),
+    "csv-field-counts": (
+        "d.csv",
+        'meaning_representation,target\n"inform(name[A, B])",A B.\ninform(name[C]),C,extra\ninform(name[D])\n',
+        ["d.csv:3: 3 fields where the header names 2", "d.csv:4: 1 fields where the header names 2"],
+    ),
+    "csv-quoted-newline": (
+        "d.csv",
+        'meaning_representation,target\n"inform(name[A])","A is\non two lines."\ninform(name B),B.\n',
+        ["d.csv:4: 'meaning_representation' is not a meaning representation", "1 bad row(s)"],
+    ),
     "json-array-item": ("d.json", json.dumps([GOOD, 3, GOOD]), ["d.json[1]: expected a JSON object, got int"]),
-    "many-problems": ("d.jsonl", jsonl(*["{bad"] * 12), ["12 bad row(s)", "d.jsonl:5: not valid JSON",
-                                                       "(and 7 more)"]),
+    "many-problems": ("d.jsonl", jsonl(*["{bad"] * 12), ["12 bad row(s)", "d.jsonl:5: not valid JSON", "(and 7 more)"]),
     "empty-file": ("d.jsonl", "\n\n", ["the split is empty"]),
     "unknown-format": ("d.txt", "hello\n", ["has an unknown format: use .jsonl"]),
 }
@@ -125,9 +164,11 @@ def test_duplicates_across_splits_are_a_warning_that_names_them():
     def split(name, sentences):
         return [Example(s, "inform(name[A])", f"{name}.jsonl:{i}") for i, s in enumerate(sentences, 1)]
 
-    splits = {"train": split("train", ["A is good.", "B is bad.", "C is fine."]),
-              "validation": split("validation", ["D?"]),
-              "test": split("test", ["Z.", "b  IS bad.", "C is fine.", "Y."])}
+    splits = {
+        "train": split("train", ["A is good.", "B is bad.", "C is fine."]),
+        "validation": split("validation", ["D?"]),
+        "test": split("test", ["Z.", "b  IS bad.", "C is fine.", "Y."]),
+    }
     assert find_duplicates(splits) == [
         "2 of 4 test sentence(s) also occur in train (first: test.jsonl:2 = train.jsonl:2): they inflate the test "
         "score; remove them from one of the splits"
@@ -156,8 +197,7 @@ def _sets(overrides: list[str]) -> list[str]:
     return [arg for override in overrides for arg in ("--set", override)]
 
 
-def test_problems_of_all_splits_are_reported_at_once_before_any_model(tmp_path, capsys, monkeypatch,
-                                                                       tiny_overrides):
+def test_problems_of_all_splits_are_reported_at_once_before_any_model(tmp_path, capsys, monkeypatch, tiny_overrides):
     bad = {split: tmp_path / f"bad-{split}.jsonl" for split in ("train", "validation", "test")}
     bad["train"].write_text(jsonl(GOOD, "{oops"), encoding="utf-8")
     bad["validation"].write_text(jsonl({"target": "x"}), encoding="utf-8")
@@ -177,16 +217,24 @@ def test_problems_of_all_splits_are_reported_at_once_before_any_model(tmp_path, 
 def test_no_gpu_for_4bit_says_what_to_change(tmp_path, capsys, monkeypatch, tiny_overrides):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     before = snapshot(tmp_path)
-    overrides = tiny_overrides + ["model.quantization=nf4", "train.optimizer=paged_adamw_8bit",
-                                  "model.attn_implementation=flex_attention", "model.liger_kernel=true"]
+    overrides = tiny_overrides + [
+        "model.quantization=nf4",
+        "train.optimizer=paged_adamw_8bit",
+        "model.attn_implementation=flex_attention",
+        "model.liger_kernel=true",
+    ]
     assert main(["train", "--output-dir", str(tmp_path / "run"), *_sets(overrides)]) == 2
     err = capsys.readouterr().err
     assert "flex_attention cannot train on this machine" in err and "--set model.attn_implementation=sdpa" in err
     assert "model.liger_kernel=true needs a CUDA GPU" in err
-    assert "model.quantization=nf4 needs a CUDA GPU (bitsandbytes 4-bit): on this machine set --set " \
-           "model.quantization=none" in err
-    assert "train.optimizer=paged_adamw_8bit needs a CUDA GPU (bitsandbytes): on this machine set --set " \
-           "train.optimizer=adamw" in err
+    assert (
+        "model.quantization=nf4 needs a CUDA GPU (bitsandbytes 4-bit): on this machine set --set "
+        "model.quantization=none" in err
+    )
+    assert (
+        "train.optimizer=paged_adamw_8bit needs a CUDA GPU (bitsandbytes): on this machine set --set "
+        "train.optimizer=adamw" in err
+    )
     assert snapshot(tmp_path) == before and not (tmp_path / "run").exists()
 
 
@@ -196,8 +244,10 @@ def test_model_out_of_reach_offline(tmp_path, capsys, monkeypatch, tiny_override
     overrides = tiny_overrides + ["model.name=mrtune-tests/no-such-model"]
     assert main(["train", "--output-dir", str(tmp_path / "run"), *_sets(overrides)]) == 2
     err = capsys.readouterr().err
-    assert "cannot load model 'mrtune-tests/no-such-model': HF_HUB_OFFLINE is set and it is not in the local " \
-           "cache; pass a local directory with --set model.name=/path/to/model" in err
+    assert (
+        "cannot load model 'mrtune-tests/no-such-model': HF_HUB_OFFLINE is set and it is not in the local "
+        "cache; pass a local directory with --set model.name=/path/to/model" in err
+    )
     assert snapshot(tmp_path) == before and not (tmp_path / "run").exists()
 
 
@@ -210,16 +260,27 @@ def fault_data(tmp_path_factory):
     from conftest import viggo_rows, write_jsonl
 
     base = tmp_path_factory.mktemp("fault-data")
-    return {split: write_jsonl(base / f"{split}.jsonl", viggo_rows(split, n))
-            for split, n in (("train", 48), ("validation", 8), ("test", 6))}
+    return {
+        split: write_jsonl(base / f"{split}.jsonl", viggo_rows(split, n))
+        for split, n in (("train", 48), ("validation", 8), ("test", 6))
+    }
 
 
 @pytest.fixture(scope="module")
 def fault_overrides(tiny_model_dir, fault_data):
     return [
-        f"model.name={tiny_model_dir}", "model.dtype=float32", *(f"data.{s}={p}" for s, p in fault_data.items()),
-        "lora.r=4", "lora.alpha=8", "lora.dropout=0.0", "train.batch_size=8", "train.log_every=1",
-        "train.learning_rate=5e-3", "train.warmup_ratio=0.0", "eval.batch_size=4", *FAULT_SETTINGS,
+        f"model.name={tiny_model_dir}",
+        "model.dtype=float32",
+        *(f"data.{s}={p}" for s, p in fault_data.items()),
+        "lora.r=4",
+        "lora.alpha=8",
+        "lora.dropout=0.0",
+        "train.batch_size=8",
+        "train.log_every=1",
+        "train.learning_rate=5e-3",
+        "train.warmup_ratio=0.0",
+        "eval.batch_size=4",
+        *FAULT_SETTINGS,
     ]
 
 
@@ -266,9 +327,11 @@ def fail_backward_at(monkeypatch, call: int, watch: list[Path] = ()) -> dict:
 def test_existing_run_is_refused_without_overwrite(finished_run, tmp_path, capsys, fault_overrides):
     before = snapshot(finished_run.path)
     assert main(["train", "--output-dir", str(finished_run.path), *_sets(fault_overrides)]) == 2
-    assert f"error: output directory {finished_run.path} already holds a run (status: finished): pass " \
-           "--overwrite to replace it, or choose another --output-dir (nothing there was touched)" in \
-           capsys.readouterr().err
+    assert (
+        f"error: output directory {finished_run.path} already holds a run (status: finished): pass "
+        "--overwrite to replace it, or choose another --output-dir (nothing there was touched)"
+        in capsys.readouterr().err
+    )
     stranger = tmp_path / "photos"
     stranger.mkdir()
     (stranger / "cat.jpg").write_bytes(b"\xff\xd8")
@@ -298,16 +361,16 @@ def test_out_of_gpu_memory_while_decoding_names_the_setting(finished_run, monkey
 def test_finished_run_is_not_resumed(finished_run, capsys):
     before = snapshot(finished_run.path)
     assert main(["train", "--resume", str(finished_run.path)]) == 2
-    assert f"run {finished_run.path} already finished (6 steps): there is nothing to resume" in \
-           capsys.readouterr().err
+    assert f"run {finished_run.path} already finished (6 steps): there is nothing to resume" in capsys.readouterr().err
     assert main(["train", "--resume", str(finished_run.path), "--set", "train.max_steps=9"]) == 2
-    assert "--resume RUN continues RUN with its own config.yaml: drop --config, --set, --output-dir and " \
-           "--overwrite" in capsys.readouterr().err
+    assert (
+        "--resume RUN continues RUN with its own config.yaml: drop --config, --set, --output-dir and "
+        "--overwrite" in capsys.readouterr().err
+    )
     assert snapshot(finished_run.path) == before
 
 
-def test_run_in_training_elsewhere_is_neither_replaced_nor_resumed(finished_run, tmp_path, capsys,
-                                                                     fault_overrides):
+def test_run_in_training_elsewhere_is_neither_replaced_nor_resumed(finished_run, tmp_path, capsys, fault_overrides):
     import shutil
 
     live = RunDir(tmp_path / "live")
@@ -345,8 +408,9 @@ def test_out_of_gpu_memory_names_the_settings_and_keeps_the_checkpoint(tmp_path,
     assert json.loads((run.checkpoint / STATE_FILE).read_text())["step"] == 2
 
 
-def test_disk_full_during_a_checkpoint_keeps_the_previous_one_and_resumes(tmp_path, monkeypatch, fault_overrides,
-                                                                          finished_run):
+def test_disk_full_during_a_checkpoint_keeps_the_previous_one_and_resumes(
+    tmp_path, monkeypatch, fault_overrides, finished_run
+):
     from mrtune.train.recipe import train
 
     run = RunDir(tmp_path / "run")
@@ -397,15 +461,17 @@ def test_disk_full_while_saving_the_best_adapter_keeps_the_previous_one(tmp_path
         return real(self, directory, *args, **kwargs)
 
     monkeypatch.setattr(PeftModel, "save_pretrained", save_pretrained)
-    with pytest.raises(MrtuneError, match="the disk filled up while writing to .*continues from the checkpoint of "
-                                          "step 2"):
+    with pytest.raises(
+        MrtuneError, match="the disk filled up while writing to .*continues from the checkpoint of step 2"
+    ):
         train(load_config(None, fault_overrides), run.path, progress=False)
     assert state["before"] and snapshot(run.adapter, run.checkpoint) == state["before"]
     assert not (run.path / "adapter.tmp").exists() and run.info()["best_step"] == 2
 
 
-def test_kill_between_the_renames_of_a_checkpoint_save_loses_nothing(tmp_path, monkeypatch, fault_overrides,
-                                                                     finished_run):
+def test_kill_between_the_renames_of_a_checkpoint_save_loses_nothing(
+    tmp_path, monkeypatch, fault_overrides, finished_run
+):
     """No POSIX call swaps two directories: a kill can land after checkpoint/ became checkpoint.old and before
     checkpoint.tmp became checkpoint/. The resume puts checkpoint.old back and continues from it."""
     from mrtune.train.recipe import train
@@ -516,8 +582,9 @@ def test_divergence_stops_the_run_and_evaluate_says_so(tmp_path, monkeypatch, ca
     assert snapshot(run.path) == before
 
 
-def test_resume_refuses_changed_data_and_a_run_without_checkpoint(tmp_path, monkeypatch, capsys, fault_overrides,
-                                                                  fault_data):
+def test_resume_refuses_changed_data_and_a_run_without_checkpoint(
+    tmp_path, monkeypatch, capsys, fault_overrides, fault_data
+):
     import shutil
 
     from mrtune.train.recipe import train
@@ -530,8 +597,10 @@ def test_resume_refuses_changed_data_and_a_run_without_checkpoint(tmp_path, monk
     assert json.loads((run.checkpoint / STATE_FILE).read_text())["step"] == 2
     before = snapshot(run.path)
     assert main(["train", "--output-dir", str(run.path), *_sets(fault_overrides)]) == 2
-    assert f"output directory {run.path} already holds a run (status: failed): resume it with `mrtune train " \
-           f"--resume {run.path}`, pass --overwrite to replace it" in capsys.readouterr().err
+    assert (
+        f"output directory {run.path} already holds a run (status: failed): resume it with `mrtune train "
+        f"--resume {run.path}`, pass --overwrite to replace it" in capsys.readouterr().err
+    )
     assert snapshot(run.path) == before
 
     changed = tmp_path / "train.jsonl"  # the data file is shared with other tests: point the run at an edited copy
@@ -539,15 +608,19 @@ def test_resume_refuses_changed_data_and_a_run_without_checkpoint(tmp_path, monk
     run.config_file.write_text(run.config_file.read_text().replace(str(fault_data["train"]), str(changed)))
     before = snapshot(run.path)
     assert main(["train", "--resume", str(run.path)]) == 2
-    assert f"cannot resume {run.path} exactly: the training data or tokenizer changed since its checkpoint (step " \
-           "2); restore the original set-up, or start a new run" in capsys.readouterr().err
+    assert (
+        f"cannot resume {run.path} exactly: the training data or tokenizer changed since its checkpoint (step "
+        "2); restore the original set-up, or start a new run" in capsys.readouterr().err
+    )
     assert snapshot(run.path) == before
 
     shutil.rmtree(run.checkpoint)
     before = snapshot(run.path)
     assert main(["train", "--resume", str(run.path)]) == 2
-    assert f"run {run.path} has no checkpoint to resume from (it stopped before its first one, written every 2 " \
-           "steps)" in capsys.readouterr().err
+    assert (
+        f"run {run.path} has no checkpoint to resume from (it stopped before its first one, written every 2 "
+        "steps)" in capsys.readouterr().err
+    )
     assert snapshot(run.path) == before
 
 
@@ -557,8 +630,10 @@ def test_duplicates_and_long_rows_are_reported_by_train(tmp_path, capsys, fault_
     from mrtune.train.recipe import train
 
     test_file = write_jsonl(tmp_path / "test.jsonl", viggo_rows("test", 4) + viggo_rows("train", 48)[10:13])
-    config = load_config(None, fault_overrides + [f"data.test={test_file}", "train.max_steps=1",
-                                                  "data.max_length=140", "data.too_long=skip"])
+    config = load_config(
+        None,
+        fault_overrides + [f"data.test={test_file}", "train.max_steps=1", "data.max_length=140", "data.too_long=skip"],
+    )
     run = train(config, tmp_path / "run", progress=False)
     captured = capsys.readouterr()
     info = run.info()

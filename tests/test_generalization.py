@@ -8,11 +8,15 @@ from mrtune.task.generalization import UNSEEN_NAMES, main, unseen_name_rows
 from mrtune.task.mr import parse_mr
 
 ROWS = [
-    {"target": "Is Portal 2 on Mac? I loved Portal 2.", "meaning_representation":
-        "verify_attribute(name[Portal 2], rating[excellent], has_mac_release[yes])"},
+    {
+        "target": "Is Portal 2 on Mac? I loved Portal 2.",
+        "meaning_representation": "verify_attribute(name[Portal 2], rating[excellent], has_mac_release[yes])",
+    },
     {"target": "What do you think of puzzle games?", "meaning_representation": "request_attribute(genres[])"},
-    {"target": "Dirt: Showdown is a racing game.", "meaning_representation":
-        "inform(name[Dirt: Showdown], genres[driving/racing])"},
+    {
+        "target": "Dirt: Showdown is a racing game.",
+        "meaning_representation": "inform(name[Dirt: Showdown], genres[driving/racing])",
+    },
 ]
 
 
@@ -21,8 +25,10 @@ def test_names_are_swapped_in_sentence_and_mr():
     assert [r["original_name"] for r in swapped] == ["Portal 2", "Dirt: Showdown"]  # the row without a name is skipped
     first = swapped[0]
     assert first["target"] == f"Is {UNSEEN_NAMES[0]} on Mac? I loved {UNSEEN_NAMES[0]}."
-    assert first["meaning_representation"] == \
-        f"verify_attribute(name[{UNSEEN_NAMES[0]}], rating[excellent], has_mac_release[yes])"
+    assert (
+        first["meaning_representation"]
+        == f"verify_attribute(name[{UNSEEN_NAMES[0]}], rating[excellent], has_mac_release[yes])"
+    )
     assert dict(parse_mr(swapped[1]["meaning_representation"]).slots)["name"] == UNSEEN_NAMES[1]
 
 

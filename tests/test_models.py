@@ -16,8 +16,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from mrtune.model import resolve as models
 from mrtune.errors import MrtuneError
+from mrtune.model import resolve as models
 from mrtune.model.resolve import EMBEDDED_MODEL, resolve_model_path
 
 HUB_ID = "mistralai/Mistral-7B-v0.1"
@@ -301,7 +301,8 @@ def test_ensure_pad_token(pad, eos, unk, expected):
 
 def test_load_tokenizer_from_tokenizer_only_dir(tmp_path):
     """A run's tokenizer/ directory has no config.json; a tokenizer without pad gets one."""
-    from tokenizers import Tokenizer, models as tok_models
+    from tokenizers import Tokenizer
+    from tokenizers import models as tok_models
     from transformers import PreTrainedTokenizerFast
 
     vocab = {"<unk>": 0, "</s>": 1, "a": 2}

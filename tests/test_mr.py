@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import pytest
@@ -23,7 +23,7 @@ DATA = Path(__file__).parents[1] / "src/mrtune/data"
 SPLITS = ("train", "validation", "test")
 
 
-@lru_cache(maxsize=None)
+@cache
 def _mrs(split: str) -> tuple[str, ...]:
     # Cached: the train split is read by two tests and the suite should stay fast.
     with open(DATA / f"{split}.jsonl", encoding="utf-8") as f:
@@ -61,7 +61,10 @@ def test_parse_keeps_act_slots_and_written_order():
         ("request_attribute(esrb[])", (("esrb", ""),)),
         ("request_attribute(esrb[   ])", (("esrb", ""),)),
         ("inform(name[  Tom   Clancy's\t The\nDivision ])", (("name", "Tom Clancy's The Division"),)),
-        ("  \n inform( name[A] ,rating[good] ,  genres[puzzle]  ) \n", (("name", "A"), ("rating", "good"), ("genres", "puzzle"))),
+        (
+            "  \n inform( name[A] ,rating[good] ,  genres[puzzle]  ) \n",
+            (("name", "A"), ("rating", "good"), ("genres", "puzzle")),
+        ),
     ],
 )
 def test_parse_tricky_values(text, slots):
@@ -69,7 +72,10 @@ def test_parse_tricky_values(text, slots):
 
 
 def test_canonical_string_normalises_spacing_and_handles_no_slots():
-    assert str(parse_mr(" inform( name[  Dirt:   Showdown ] ,rating[good])  ")) == "inform(name[Dirt: Showdown], rating[good])"
+    assert (
+        str(parse_mr(" inform( name[  Dirt:   Showdown ] ,rating[good])  "))
+        == "inform(name[Dirt: Showdown], rating[good])"
+    )
     assert str(parse_mr("request_attribute(esrb[])")) == "request_attribute(esrb[])"
     assert str(parse_mr("request_explanation( )")) == "request_explanation()"
     assert str(MeaningRepresentation("confirm", ())) == "confirm()"
@@ -163,7 +169,10 @@ def test_vocabulary_json_round_trip_and_normalisation():
     assert Vocabulary(("request", "inform", "inform"), ("rating", "name")).dialogue_acts == ("inform", "request")
     restored = Vocabulary.from_dict(json.loads(json.dumps(vocabulary.to_dict())))
     assert restored == vocabulary
-    assert vocabulary.to_dict() == {"dialogue_acts": ["inform", "request"], "attributes": ["name", "rating", "specifier"]}
+    assert vocabulary.to_dict() == {
+        "dialogue_acts": ["inform", "request"],
+        "attributes": ["name", "rating", "specifier"],
+    }
 
 
 def test_vocabulary_rejects_bad_input():
@@ -225,7 +234,9 @@ def test_score_per_dialogue_act():
     assert per_act["inform"]["exact_match"] == pytest.approx(0.0)
     assert per_act["inform"]["dialogue_act_accuracy"] == pytest.approx(0.5)
     assert per_act["inform"]["slot_f1"] == pytest.approx(0.75)  # P = 3/3, R = 3/5
-    assert per_act["request"] == pytest.approx({"n": 1, "exact_match": 1.0, "dialogue_act_accuracy": 1.0, "slot_f1": 1.0})
+    assert per_act["request"] == pytest.approx(
+        {"n": 1, "exact_match": 1.0, "dialogue_act_accuracy": 1.0, "slot_f1": 1.0}
+    )
     assert per_act["verify_attribute"] == pytest.approx(
         {"n": 1, "exact_match": 0.0, "dialogue_act_accuracy": 0.0, "slot_f1": 0.4}  # P = 1/3, R = 1/2
     )
@@ -276,7 +287,11 @@ def test_dialogue_act_confusion():
     }
     # both levels sorted by name, not by first appearance ("inform" is predicted before "<invalid>")
     assert list(dialogue_act_confusion(PREDICTIONS, REFERENCES)["inform"]) == ["<invalid>", "inform"]
-    assert list(dialogue_act_confusion(PREDICTIONS[::-1], REFERENCES[::-1])) == ["inform", "request", "verify_attribute"]
+    assert list(dialogue_act_confusion(PREDICTIONS[::-1], REFERENCES[::-1])) == [
+        "inform",
+        "request",
+        "verify_attribute",
+    ]
     with pytest.raises(ValueError):
         dialogue_act_confusion(["inform(name[A])"], [])
 

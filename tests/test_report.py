@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from mrtune.task.mr import score
 from mrtune.run.report import worst_examples, write_report
 from mrtune.run.rundir import RunDir
+from mrtune.task.mr import score
 
 # (sentence, reference, prediction): two exact matches, one unparseable prediction, one wrong act,
 # one missed slot and one wrong value (with a `|` in the sentence, to check cell escaping).
@@ -18,10 +18,16 @@ ROWS = [
     ("What kind of game do you like?", "request(specifier[short])", "request(specifier[short])"),
     ("BROKEN Halo is fun to play.", "inform(name[Halo], rating[good])", "inform(name[Halo"),
     ("WRONGACT I think Myst is poor.", "give_opinion(name[Myst], rating[poor])", "inform(name[Myst], rating[poor])"),
-    ("MISSED Tetris, a 1984 puzzle game.", "inform(name[Tetris], genres[puzzle], release_year[1984])",
-     "inform(name[Tetris], genres[puzzle])"),
-    ("VALUE Doom | the classic is excellent.", "inform(name[Doom], rating[excellent])",
-     "inform(name[Doom], rating[poor])"),
+    (
+        "MISSED Tetris, a 1984 puzzle game.",
+        "inform(name[Tetris], genres[puzzle], release_year[1984])",
+        "inform(name[Tetris], genres[puzzle])",
+    ),
+    (
+        "VALUE Doom | the classic is excellent.",
+        "inform(name[Doom], rating[excellent])",
+        "inform(name[Doom], rating[poor])",
+    ),
 ]
 
 PICTURES = {"loss_curve.png", "dialogue_acts_test.png", "confusion_test.png"}
@@ -35,16 +41,41 @@ def _make_run(root: Path) -> RunDir:
     run = RunDir(root / "my-run")
     (run.path / "eval" / "test").mkdir(parents=True)
     (run.path / "eval" / "test-base").mkdir(parents=True)
-    (run.path / "run.json").write_text(json.dumps({
-        "mrtune_version": "0.1.0", "status": "finished", "model_path": "HuggingFaceTB/SmolLM2-135M-Instruct",
-        "device": "cuda", "train_rows": 5103, "trainable_parameters": 4_884_480, "total_parameters": 139_400_000,
-        "total_steps": 100, "best_step": 60, "best_validation_loss": 0.1234, "train_seconds": 3725.4,
-        "useful_tokens_per_s": 12345.6, "peak_memory_bytes": 12_300_000_000,
-    }), encoding="utf-8")
-    (run.path / "config.yaml").write_text("model:\n  name: smollm2\ntrain:\n  learning_rate: 0.0002\n",
-                                          encoding="utf-8")
-    history = [{"step": s, "epoch": s / 100, "train_loss": 3.0 / (s / 10) ** 1.5, "learning_rate": 2e-4,
-                "grad_norm": 1.0, "useful_tokens_per_s": 12000.0, "elapsed_s": s * 3.0} for s in range(10, 101, 10)]
+    (run.path / "run.json").write_text(
+        json.dumps(
+            {
+                "mrtune_version": "0.1.0",
+                "status": "finished",
+                "model_path": "HuggingFaceTB/SmolLM2-135M-Instruct",
+                "device": "cuda",
+                "train_rows": 5103,
+                "trainable_parameters": 4_884_480,
+                "total_parameters": 139_400_000,
+                "total_steps": 100,
+                "best_step": 60,
+                "best_validation_loss": 0.1234,
+                "train_seconds": 3725.4,
+                "useful_tokens_per_s": 12345.6,
+                "peak_memory_bytes": 12_300_000_000,
+            }
+        ),
+        encoding="utf-8",
+    )
+    (run.path / "config.yaml").write_text(
+        "model:\n  name: smollm2\ntrain:\n  learning_rate: 0.0002\n", encoding="utf-8"
+    )
+    history = [
+        {
+            "step": s,
+            "epoch": s / 100,
+            "train_loss": 3.0 / (s / 10) ** 1.5,
+            "learning_rate": 2e-4,
+            "grad_norm": 1.0,
+            "useful_tokens_per_s": 12000.0,
+            "elapsed_s": s * 3.0,
+        }
+        for s in range(10, 101, 10)
+    ]
     history += [{"step": s, "validation_loss": loss} for s, loss in ((30, 0.5), (60, 0.1234), (90, 0.13))]
     _write_jsonl(run.history, history)
 
@@ -53,13 +84,30 @@ def _make_run(root: Path) -> RunDir:
     metrics = score(predictions, references)
     metrics.update(split="test", model="fine-tuned", decode_seconds=12.34, rows_per_s=0.49)
     (run.eval_dir("test") / "metrics.json").write_text(json.dumps(metrics), encoding="utf-8")
-    _write_jsonl(run.eval_dir("test") / "predictions.jsonl", [
-        {"target": s, "reference": r, "prediction": p, "exact_match": p == r} for s, r, p in ROWS])
-    (run.eval_dir("test-base") / "metrics.json").write_text(json.dumps({
-        "n": 6, "exact_match": 0.05, "exact_match_unordered": 0.1, "dialogue_act_accuracy": 0.5,
-        "slot_precision": 0.25, "slot_recall": 0.125, "slot_f1": 0.1667, "valid_mr_rate": 0.8333,
-        "per_dialogue_act": {}, "split": "test", "model": "base", "decode_seconds": 75.0, "rows_per_s": 0.08,
-    }), encoding="utf-8")
+    _write_jsonl(
+        run.eval_dir("test") / "predictions.jsonl",
+        [{"target": s, "reference": r, "prediction": p, "exact_match": p == r} for s, r, p in ROWS],
+    )
+    (run.eval_dir("test-base") / "metrics.json").write_text(
+        json.dumps(
+            {
+                "n": 6,
+                "exact_match": 0.05,
+                "exact_match_unordered": 0.1,
+                "dialogue_act_accuracy": 0.5,
+                "slot_precision": 0.25,
+                "slot_recall": 0.125,
+                "slot_f1": 0.1667,
+                "valid_mr_rate": 0.8333,
+                "per_dialogue_act": {},
+                "split": "test",
+                "model": "base",
+                "decode_seconds": 75.0,
+                "rows_per_s": 0.08,
+            }
+        ),
+        encoding="utf-8",
+    )
     return run
 
 
@@ -68,7 +116,7 @@ def _table_after(text: str, heading: str) -> list[str]:
     lines = text.splitlines()
     start = next(i for i, line in enumerate(lines) if line.startswith(heading))
     table = []
-    for line in lines[start + 1:]:
+    for line in lines[start + 1 :]:
         if line.startswith("|"):
             table.append(line)
         elif table:
@@ -166,10 +214,11 @@ def test_damaged_pieces_become_lines_not_exceptions(tmp_path):
         handle.write('{"step": 110, "train_lo')  # torn by a kill
     (run.eval_dir("test-base") / "metrics.json").write_text("{not json", encoding="utf-8")
     (run.eval_dir("mydata")).mkdir()
-    (run.eval_dir("mydata") / "metrics.json").write_text(json.dumps({"n": 1, "model": "fine-tuned"}),
-                                                        encoding="utf-8")
-    _write_jsonl(run.eval_dir("mydata") / "predictions.jsonl",
-                 [{"target": "x", "reference": "not an MR", "prediction": "inform(name[X])", "exact_match": False}])
+    (run.eval_dir("mydata") / "metrics.json").write_text(json.dumps({"n": 1, "model": "fine-tuned"}), encoding="utf-8")
+    _write_jsonl(
+        run.eval_dir("mydata") / "predictions.jsonl",
+        [{"target": "x", "reference": "not an MR", "prediction": "inform(name[X])", "exact_match": False}],
+    )
     text = write_report(run).read_text(encoding="utf-8")
     assert "1 unreadable line(s) of history.jsonl were skipped" in text
     assert "`eval/test-base/metrics.json` is unreadable" in text

@@ -24,8 +24,13 @@ from mrtune.cli import main
 from mrtune.config import load_config
 from mrtune.run.rundir import RunDir
 
-RESUME_SETTINGS = ["train.max_steps=12", "train.checkpoint_every=3", "train.eval_every=4", "lora.dropout=0.1",
-                   "eval.max_new_tokens=4"]
+RESUME_SETTINGS = [
+    "train.max_steps=12",
+    "train.checkpoint_every=3",
+    "train.eval_every=4",
+    "lora.dropout=0.1",
+    "eval.max_new_tokens=4",
+]
 CURVE_KEYS = ("step", "epoch", "train_loss", "grad_norm", "learning_rate", "useful_tokens", "validation_loss")
 
 
@@ -34,12 +39,22 @@ def overrides(tiny_model_dir, tmp_path_factory):
     from conftest import viggo_rows, write_jsonl
 
     base = tmp_path_factory.mktemp("resume-data")
-    data = {split: write_jsonl(base / f"{split}.jsonl", viggo_rows(split, n))
-            for split, n in (("train", 48), ("validation", 8), ("test", 6))}
+    data = {
+        split: write_jsonl(base / f"{split}.jsonl", viggo_rows(split, n))
+        for split, n in (("train", 48), ("validation", 8), ("test", 6))
+    }
     return [
-        f"model.name={tiny_model_dir}", "model.dtype=float32", *(f"data.{s}={p}" for s, p in data.items()),
-        "lora.r=4", "lora.alpha=8", "train.batch_size=8", "train.log_every=1", "train.learning_rate=5e-3",
-        "train.warmup_ratio=0.0", "eval.batch_size=4", *RESUME_SETTINGS,
+        f"model.name={tiny_model_dir}",
+        "model.dtype=float32",
+        *(f"data.{s}={p}" for s, p in data.items()),
+        "lora.r=4",
+        "lora.alpha=8",
+        "train.batch_size=8",
+        "train.log_every=1",
+        "train.learning_rate=5e-3",
+        "train.warmup_ratio=0.0",
+        "eval.batch_size=4",
+        *RESUME_SETTINGS,
     ]
 
 
@@ -85,8 +100,12 @@ def test_sigkilled_training_resumes_to_the_uninterrupted_result(overrides, refer
     # The same intra-op thread count as this process: float sums split over threads must split the same way.
     env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
     with open(log, "w") as output:
-        process = subprocess.Popen([sys.executable, "-m", "mrtune", "train", "--output-dir", str(run.path),
-                                    *_sets(overrides)], stdout=output, stderr=subprocess.STDOUT, env=env)
+        process = subprocess.Popen(
+            [sys.executable, "-m", "mrtune", "train", "--output-dir", str(run.path), *_sets(overrides)],
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
     try:
         deadline = time.monotonic() + 120
         while True:  # kill once a checkpoint exists and a later step has been trained and logged

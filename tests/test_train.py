@@ -8,21 +8,30 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from mrtune.train.batching import collate, tokenize_examples
 from mrtune.cli import main
 from mrtune.config import load_config
+from mrtune.infer.evaluate import evaluate
+from mrtune.infer.merge import merge
+from mrtune.infer.predict import predict
+from mrtune.model.build import attach_lora, load_base_model
 from mrtune.run.rundir import RunDir
 from mrtune.task.data import load_split
-from mrtune.infer.evaluate import evaluate
-from mrtune.infer.predict import predict
-from mrtune.infer.merge import merge
-from mrtune.model.build import attach_lora, load_base_model
+from mrtune.train.batching import collate, tokenize_examples
 from mrtune.train.recipe import train
 
 EXPECTED_RUN_FILES = {
-    "run.json", "config.yaml", "prompt.txt", "vocabulary.json", "history.jsonl", "report.md", "loss_curve.png",
-    "adapter/adapter_config.json", "adapter/adapter_model.safetensors", "adapter/README.md",
-    "tokenizer/tokenizer.json", "tokenizer/tokenizer_config.json",
+    "run.json",
+    "config.yaml",
+    "prompt.txt",
+    "vocabulary.json",
+    "history.jsonl",
+    "report.md",
+    "loss_curve.png",
+    "adapter/adapter_config.json",
+    "adapter/adapter_model.safetensors",
+    "adapter/README.md",
+    "tokenizer/tokenizer.json",
+    "tokenizer/tokenizer_config.json",
 }
 
 
@@ -32,16 +41,29 @@ def trained_run(tmp_path_factory, tiny_model_dir):
     from conftest import viggo_rows, write_jsonl
 
     base = tmp_path_factory.mktemp("run")
-    data = {split: write_jsonl(base / f"{split}.jsonl", viggo_rows(split, n))
-            for split, n in (("train", 48), ("validation", 8), ("test", 6))}
+    data = {
+        split: write_jsonl(base / f"{split}.jsonl", viggo_rows(split, n))
+        for split, n in (("train", 48), ("validation", 8), ("test", 6))
+    }
     overrides = [
-        f"model.name={tiny_model_dir}", "model.dtype=float32",
-        f"data.train={data['train']}", f"data.validation={data['validation']}", f"data.test={data['test']}",
-        "lora.r=4", "lora.alpha=8", "lora.dropout=0.0",
+        f"model.name={tiny_model_dir}",
+        "model.dtype=float32",
+        f"data.train={data['train']}",
+        f"data.validation={data['validation']}",
+        f"data.test={data['test']}",
+        "lora.r=4",
+        "lora.alpha=8",
+        "lora.dropout=0.0",
         # lm_head too (as in the seed recipe): a random-init head keeps logits near uniform otherwise.
         "lora.target_modules=q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj,lm_head",
-        "train.batch_size=8", "train.max_steps=8", "train.eval_every=4", "train.log_every=1",
-        "train.learning_rate=3e-2", "train.warmup_ratio=0.0", "eval.batch_size=4", "eval.max_new_tokens=24",
+        "train.batch_size=8",
+        "train.max_steps=8",
+        "train.eval_every=4",
+        "train.log_every=1",
+        "train.learning_rate=3e-2",
+        "train.warmup_ratio=0.0",
+        "eval.batch_size=4",
+        "eval.max_new_tokens=24",
     ]
     config = load_config(None, overrides)
     run = train(config, base / "run", progress=False)
@@ -84,8 +106,15 @@ def test_evaluate_predict_and_merge(trained_run, tmp_path):
     run, config = trained_run
     metrics = evaluate(run.path, progress=False)
     assert metrics["n"] == 6 and set(metrics) >= {
-        "exact_match", "exact_match_unordered", "dialogue_act_accuracy", "slot_precision", "slot_recall",
-        "slot_f1", "valid_mr_rate", "n"}
+        "exact_match",
+        "exact_match_unordered",
+        "dialogue_act_accuracy",
+        "slot_precision",
+        "slot_recall",
+        "slot_f1",
+        "valid_mr_rate",
+        "n",
+    }
     predictions = [json.loads(line) for line in (run.eval_dir("test") / "predictions.jsonl").read_text().splitlines()]
     assert len(predictions) == 6 and set(predictions[0]) == {"target", "reference", "prediction", "exact_match"}
     base_metrics = evaluate(run.path, base=True, limit=3, progress=False)
@@ -120,12 +149,13 @@ def test_packed_rows_do_not_see_each_other(tiny_model_dir):
     model = load_base_model(config.model, torch.device("cpu")).eval()
     packed = collate(rows, tokenizer.pad_token_id, packing=True)
     with torch.no_grad():
-        packed_logits = model(input_ids=packed["input_ids"], position_ids=packed["position_ids"],
-                              use_cache=False).logits[0]
+        packed_logits = model(
+            input_ids=packed["input_ids"], position_ids=packed["position_ids"], use_cache=False
+        ).logits[0]
         start = 0
         for row in rows:
             alone = model(input_ids=torch.tensor([row.input_ids]), use_cache=False).logits[0]
-            assert torch.allclose(packed_logits[start:start + len(row)], alone, atol=1e-5)
+            assert torch.allclose(packed_logits[start : start + len(row)], alone, atol=1e-5)
             start += len(row)
 
 
@@ -148,7 +178,10 @@ def test_cli_reports_bad_input_in_one_line(tmp_path, capsys, tiny_overrides):
 def test_bf16_base_with_fp32_adapters_trains(tmp_path, tiny_overrides):
     """The default dtype: bf16 frozen weights, fp32 adapters, bf16 compute under autocast (no fp32 input copies)."""
     overrides = [o for o in tiny_overrides if not o.startswith("model.dtype")] + [
-        "model.dtype=bfloat16", "train.max_steps=2", "train.eval_every=2"]
+        "model.dtype=bfloat16",
+        "train.max_steps=2",
+        "train.eval_every=2",
+    ]
     run = train(load_config(None, overrides), tmp_path / "run", progress=False)
     adapter = load_file(run.adapter / "adapter_model.safetensors")
     assert {t.dtype for t in adapter.values()} == {torch.float32}
@@ -172,8 +205,11 @@ def test_top_layers_adapts_only_the_top_blocks(tiny_model_dir):
     model = attach_lora(load_base_model(config.model, torch.device("cpu")), config.lora, config.model)
     adapted = {name.split(".layers.")[1].split(".")[0] for name, p in model.named_parameters() if p.requires_grad}
     assert adapted == {"1"}  # the tiny model has blocks 0 and 1
-    names = {name.rsplit(".lora_A", 1)[0].rsplit(".", 1)[-1] for name, p in model.named_parameters()
-             if p.requires_grad and "lora_A" in name}
+    names = {
+        name.rsplit(".lora_A", 1)[0].rsplit(".", 1)[-1]
+        for name, p in model.named_parameters()
+        if p.requires_grad and "lora_A" in name
+    }
     assert names == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}  # all-linear
     config = load_config(None, [f"model.name={tiny_model_dir}", "lora.top_layers=3"])
     with pytest.raises(MrtuneError, match="lora.top_layers=3 but the model has 2 layers"):
@@ -182,8 +218,12 @@ def test_top_layers_adapts_only_the_top_blocks(tiny_model_dir):
 
 def test_a_time_budget_ends_training_and_its_schedule_in_time(tmp_path, tiny_overrides, capsys):
     overrides = [o for o in tiny_overrides if not o.startswith(("train.max_steps", "train.eval_every"))] + [
-        "train.max_steps=100000", "train.eval_every=100000", "train.time_budget_s=3", "train.warmup_ratio=0.0",
-        "train.log_every=1"]
+        "train.max_steps=100000",
+        "train.eval_every=100000",
+        "train.time_budget_s=3",
+        "train.warmup_ratio=0.0",
+        "train.log_every=1",
+    ]
     from mrtune.cli import main
 
     assert main(["train", "--output-dir", str(tmp_path / "run"), *[a for o in overrides for a in ("--set", o)]]) == 0
@@ -205,8 +245,9 @@ def test_a_time_budget_ends_training_and_its_schedule_in_time(tmp_path, tiny_ove
 def test_loraplus_gives_the_b_matrices_ratio_times_the_rate(tmp_path, tiny_overrides):
     from mrtune.train.recipe import make_optimizer, make_scheduler
 
-    config = load_config(None, [*tiny_overrides, "train.loraplus_ratio=16", "lora.rslora=true",
-                                "train.weight_decay=0.01"])
+    config = load_config(
+        None, [*tiny_overrides, "train.loraplus_ratio=16", "lora.rslora=true", "train.weight_decay=0.01"]
+    )
     model = attach_lora(load_base_model(config.model, torch.device("cpu")), config.lora, config.model)
     assert model.peft_config["default"].use_rslora
     optimizer = make_optimizer(model, config)
@@ -221,8 +262,11 @@ def test_loraplus_gives_the_b_matrices_ratio_times_the_rate(tmp_path, tiny_overr
     assert {rates[n] for n in trainable if "lora_B" in n} == {(5e-3 * 16, 0.01)}
     # The schedule scales both groups from their own rates.
     a, b = (g["lr"] for g in optimizer.param_groups if g["params"])
-    assert [lr for lr, g in zip(make_scheduler(optimizer, config, total_steps=10).base_lrs, optimizer.param_groups)
-            if g["params"]] == [a, b]
+    assert [
+        lr
+        for lr, g in zip(make_scheduler(optimizer, config, total_steps=10).base_lrs, optimizer.param_groups)
+        if g["params"]
+    ] == [a, b]
     # A short run trains with it.
     run = train(config, tmp_path / "run", progress=False)
     assert run.info()["status"] == "finished"
@@ -235,8 +279,10 @@ def test_pissa_and_olora_adapters_are_saved_as_plain_lora_on_the_original_weight
 
     from mrtune.train.distributed import save_adapter
 
-    config = load_config(None, [f"model.name={tiny_model_dir}", "model.dtype=float32", "lora.r=4",
-                                f"lora.init={init}", "lora.dropout=0.0"])
+    config = load_config(
+        None,
+        [f"model.name={tiny_model_dir}", "model.dtype=float32", "lora.r=4", f"lora.init={init}", "lora.dropout=0.0"],
+    )
     model = attach_lora(load_base_model(config.model, torch.device("cpu")), config.lora, config.model).eval()
     ids = torch.tensor([[5, 17, 42, 99, 3, 250, 7]])
     with torch.no_grad():
@@ -244,7 +290,7 @@ def test_pissa_and_olora_adapters_are_saved_as_plain_lora_on_the_original_weight
         # At init the residual base plus the adapter is the original model.
         assert torch.allclose(model(ids).logits, original(ids).logits, atol=1e-4)
         model.save_pretrained(tmp_path / "init")
-        for name, parameter in model.named_parameters():  # "training"
+        for parameter in model.parameters():  # "training"
             if parameter.requires_grad:
                 parameter.add_(0.05 * torch.randn_like(parameter))
         trained = model(ids).logits

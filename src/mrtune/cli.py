@@ -7,7 +7,6 @@ import json
 import os
 import shlex
 import sys
-from pathlib import Path
 
 from mrtune.errors import MrtuneError, TrainingInterrupted
 
@@ -42,17 +41,22 @@ def _train(args) -> None:
         raise MrtuneError(f"--num-gpus must be at least 1, got {args.num_gpus}")
     if (args.num_gpus or 1) > 1 or args.accelerate_config:
         # Become `accelerate launch ... -m mrtune train` with the same arguments, less these two.
-        train_args = [*(["--config", args.config] if args.config else []),
-                      *(arg for item in args.set for arg in ("--set", item)),
-                      *(["--output-dir", args.output_dir] if args.output_dir else []),
-                      *(["--overwrite"] if args.overwrite else []), *(["--resume", args.resume] if args.resume else [])]
+        train_args = [
+            *(["--config", args.config] if args.config else []),
+            *(arg for item in args.set for arg in ("--set", item)),
+            *(["--output-dir", args.output_dir] if args.output_dir else []),
+            *(["--overwrite"] if args.overwrite else []),
+            *(["--resume", args.resume] if args.resume else []),
+        ]
         command = launch_command(args.num_gpus, args.accelerate_config, train_args)
         print("running: accelerate launch", shlex.join(command[3:]), file=sys.stderr, flush=True)
         os.execv(command[0], command)
     if args.resume:
         if args.config or args.set or args.output_dir or args.overwrite:
-            raise MrtuneError("--resume RUN continues RUN with its own config.yaml: drop --config, --set, "
-                              "--output-dir and --overwrite")
+            raise MrtuneError(
+                "--resume RUN continues RUN with its own config.yaml: drop --config, --set, "
+                "--output-dir and --overwrite"
+            )
         from mrtune.run.rundir import RunDir
 
         run = train(RunDir.open(args.resume).config(), args.resume, resume=True)
@@ -66,15 +70,24 @@ def _train(args) -> None:
     info = run.info()
     steps = info.get("stopped_by_time_budget_at_step") or info["total_steps"]
     budget = " (train.time_budget_s ran out)" if info.get("stopped_by_time_budget_at_step") else ""
-    print(f"trained {steps} steps in {info['train_seconds']:.0f} s{budget}; best validation loss "
-          f"{info.get('best_validation_loss', float('nan')):.4f} at step {info.get('best_step')}; run in {run.path}")
+    print(
+        f"trained {steps} steps in {info['train_seconds']:.0f} s{budget}; best validation loss "
+        f"{info.get('best_validation_loss', float('nan')):.4f} at step {info.get('best_step')}; run in {run.path}"
+    )
 
 
 def _evaluate(args) -> None:
     from mrtune.infer.evaluate import evaluate
 
-    metrics = evaluate(args.run, split=args.split, data=args.data, limit=args.limit, base=args.base,
-                       constrained=args.constrained, overrides=args.set)
+    metrics = evaluate(
+        args.run,
+        split=args.split,
+        data=args.data,
+        limit=args.limit,
+        base=args.base,
+        constrained=args.constrained,
+        overrides=args.set,
+    )
     label = "base" if args.base else "fine-tuned"
     print(format_metrics_table({label: metrics}))
     print(f"decoded {metrics['n']} rows in {metrics['decode_seconds']:.1f} s")
@@ -83,8 +96,15 @@ def _evaluate(args) -> None:
 def _predict(args) -> None:
     from mrtune.infer.predict import predict
 
-    outputs = predict(args.run, sentences=args.sentence, input_file=args.input, output_file=args.output,
-                      base=args.base, constrained=args.constrained, overrides=args.set)
+    outputs = predict(
+        args.run,
+        sentences=args.sentence,
+        input_file=args.input,
+        output_file=args.output,
+        base=args.base,
+        constrained=args.constrained,
+        overrides=args.set,
+    )
     if args.output:
         print(f"wrote {len(outputs)} predictions to {args.output}")
     else:
@@ -119,16 +139,33 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("train", help="fine-tune a model with LoRA/QLoRA")
     p.add_argument("--config", help="YAML config (see configs/); defaults are used for what it omits")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key, e.g. --set train.learning_rate=3e-4 (repeatable)")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. --set train.learning_rate=3e-4 (repeatable)",
+    )
     p.add_argument("--output-dir", help="run directory to create")
     p.add_argument("--overwrite", action="store_true", help="replace a run already in --output-dir")
-    p.add_argument("--resume", metavar="RUN", help="continue a stopped run (Ctrl-C, SIGTERM, a kill, a crash) "
-                   "from its last checkpoint, with its own config")
-    p.add_argument("--num-gpus", type=int, metavar="N", help="train on N GPUs of this machine: runs "
-                   "`accelerate launch` (data-parallel, or what --accelerate-config says) with the other arguments")
-    p.add_argument("--accelerate-config", metavar="FILE", help="Accelerate config file for the launch, e.g. "
-                   "configs/accelerate/fsdp-qlora.yaml (sharded 4-bit model); see README, Several GPUs")
+    p.add_argument(
+        "--resume",
+        metavar="RUN",
+        help="continue a stopped run (Ctrl-C, SIGTERM, a kill, a crash) from its last checkpoint, with its own config",
+    )
+    p.add_argument(
+        "--num-gpus",
+        type=int,
+        metavar="N",
+        help="train on N GPUs of this machine: runs "
+        "`accelerate launch` (data-parallel, or what --accelerate-config says) with the other arguments",
+    )
+    p.add_argument(
+        "--accelerate-config",
+        metavar="FILE",
+        help="Accelerate config file for the launch, e.g. "
+        "configs/accelerate/fsdp-qlora.yaml (sharded 4-bit model); see README, Several GPUs",
+    )
     p.set_defaults(func=_train)
 
     p = commands.add_parser("evaluate", help="decode a split with a run's model and score it")
@@ -137,10 +174,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="score this JSONL/CSV file instead of a split")
     p.add_argument("--limit", type=int, help="score only N rows, spread evenly over the split")
     p.add_argument("--base", action="store_true", help="score the untuned base model with the same prompt")
-    p.add_argument("--no-constrained", dest="constrained", action="store_false", default=None,
-                   help="decode freely instead of only valid MRs of the run's vocabulary (eval.constrained)")
-    p.add_argument("--set", action="append", default=[], metavar="eval.KEY=VALUE",
-                   help="change a decoding setting for this command only, e.g. --set eval.batch_size=64 (repeatable)")
+    p.add_argument(
+        "--no-constrained",
+        dest="constrained",
+        action="store_false",
+        default=None,
+        help="decode freely instead of only valid MRs of the run's vocabulary (eval.constrained)",
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="eval.KEY=VALUE",
+        help="change a decoding setting for this command only, e.g. --set eval.batch_size=64 (repeatable)",
+    )
     p.set_defaults(func=_evaluate)
 
     p = commands.add_parser("predict", help="write the meaning representation of sentences")
@@ -149,10 +196,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", help="JSONL/CSV file of rows with the input field (default `target`)")
     p.add_argument("--output", help="JSONL file to write; rows gain the output field")
     p.add_argument("--base", action="store_true", help="use the untuned base model")
-    p.add_argument("--no-constrained", dest="constrained", action="store_false", default=None,
-                   help="decode freely instead of only valid MRs of the run's vocabulary (eval.constrained)")
-    p.add_argument("--set", action="append", default=[], metavar="eval.KEY=VALUE",
-                   help="change a decoding setting for this command only, e.g. --set eval.batch_size=64 (repeatable)")
+    p.add_argument(
+        "--no-constrained",
+        dest="constrained",
+        action="store_false",
+        default=None,
+        help="decode freely instead of only valid MRs of the run's vocabulary (eval.constrained)",
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="eval.KEY=VALUE",
+        help="change a decoding setting for this command only, e.g. --set eval.batch_size=64 (repeatable)",
+    )
     p.set_defaults(func=_predict)
 
     p = commands.add_parser("merge", help="save base + adapter as one standalone model")

@@ -308,8 +308,10 @@ def validate(config: Config) -> list[str]:
     if config.train.max_steps is None and config.train.epochs is not None and config.train.epochs <= 0:
         problems.append("train.epochs must be positive (or set train.max_steps)")
     if config.lora.init != "default" and config.model.quantization != "none":
-        problems.append(f"lora.init={config.lora.init} starts from the base weights' decomposition, which 4-bit "
-                        "weights do not allow: set lora.init=default or model.quantization=none")
+        problems.append(
+            f"lora.init={config.lora.init} starts from the base weights' decomposition, which 4-bit "
+            "weights do not allow: set lora.init=default or model.quantization=none"
+        )
     if config.train.batch_tokens is not None and config.train.batch_tokens < config.data.max_length:
         problems.append(
             f"train.batch_tokens ({config.train.batch_tokens}) must be at least data.max_length "
@@ -331,8 +333,9 @@ def with_eval_overrides(config: Config, overrides: list[str] | tuple[str, ...]) 
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip().startswith("eval."):
-            problems.append(f"--set {item!r}: only eval.* settings can change after training, e.g. "
-                            "--set eval.batch_size=64")
+            problems.append(
+                f"--set {item!r}: only eval.* settings can change after training, e.g. --set eval.batch_size=64"
+            )
             continue
         _apply(config, key.strip(), yaml.safe_load(raw) if raw.strip() else "", problems)
     problems += validate(config)

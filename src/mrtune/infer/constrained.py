@@ -36,18 +36,27 @@ from transformers import LogitsProcessor
 
 from mrtune.errors import MrtuneError
 from mrtune.task.grammar import (
-    ACT, AFTER_VALUE, COMMA, DONE, FINISHED, ORDINARY_TEXT, RBRACKET, SPACE, VALUE, MRGrammar, State,
+    DONE,
+    FINISHED,
+    ORDINARY_TEXT,
+    RBRACKET,
+    SPACE,
+    VALUE,
+    MRGrammar,
+    State,
 )
 from mrtune.task.mr import Vocabulary
 
 __all__ = ["MRConstraint", "MRLogitsProcessor", "token_bytes"]
 
+
 # GPT-2's byte <-> printable-character table, used by every byte-level BPE tokenizer (SmolLM2, Llama 3, Qwen),
 # as a str.translate table from the printable character to the character whose code is the byte.
 @functools.lru_cache(maxsize=1)
 def _byte_level_table() -> dict[int, int]:
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(
-        range(ord("®"), ord("ÿ") + 1))
+    printable = (
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    )
     table, extra = {}, 0
     for byte in range(256):
         if byte in printable:
@@ -78,8 +87,10 @@ def token_bytes(tokenizer) -> list[bytes | None]:
     """
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
-        raise MrtuneError(f"constrained decoding needs a fast (tokenizers) tokenizer, got {type(tokenizer).__name__}:"
-                          " pass --no-constrained")
+        raise MrtuneError(
+            f"constrained decoding needs a fast (tokenizers) tokenizer, got {type(tokenizer).__name__}:"
+            " pass --no-constrained"
+        )
     decoders = _decoder_types(json.loads(backend.decoder.__getstate__())) if backend.decoder else set()
     pieces = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
     added = set(tokenizer.added_tokens_decoder)
@@ -103,8 +114,10 @@ def token_bytes(tokenizer) -> list[bytes | None]:
             else:
                 result.append(piece.replace("\u2581", " ").encode("utf-8"))
     else:
-        raise MrtuneError(f"constrained decoding supports byte-level BPE and SentencePiece tokenizers; this one "
-                          f"decodes with {sorted(decoders) or 'no decoder'}: pass --no-constrained")
+        raise MrtuneError(
+            f"constrained decoding supports byte-level BPE and SentencePiece tokenizers; this one "
+            f"decodes with {sorted(decoders) or 'no decoder'}: pass --no-constrained"
+        )
     return result
 
 
@@ -242,8 +255,10 @@ class MRConstraint:
         """The smallest generation budget that fits a whole MR."""
         cost = self.finish_cost(self.grammar.start)
         if cost == float("inf"):
-            raise MrtuneError("this tokenizer has no tokens to spell a meaning representation (no byte tokens for "
-                              "'(', '[' or ']'?): pass --no-constrained")
+            raise MrtuneError(
+                "this tokenizer has no tokens to spell a meaning representation (no byte tokens for "
+                "'(', '[' or ']'?): pass --no-constrained"
+            )
         return int(cost)
 
     # ---- masks ------------------------------------------------------------------------------------------------
@@ -369,8 +384,8 @@ class MRConstraint:
                 grown[: self._device_rows] = bank[: self._device_rows]
             bank = self._device_bank = grown
         if self._device_rows < count:
-            new = ~np.stack(self._masks[self._device_rows:count])
-            bank[self._device_rows:count, : self.vocab_size] = torch.from_numpy(new).to(device)
+            new = ~np.stack(self._masks[self._device_rows : count])
+            bank[self._device_rows : count, : self.vocab_size] = torch.from_numpy(new).to(device)
             self._device_rows = count
         return bank[torch.tensor(rows, device=device)]
 
@@ -404,9 +419,11 @@ class MRConstraint:
 
     def logits_processor(self, prompt_length: int, max_new_tokens: int) -> MRLogitsProcessor:
         if max_new_tokens < self.min_new_tokens:
-            raise MrtuneError(f"eval.max_new_tokens={max_new_tokens} is too small for any meaning representation "
-                              f"with this tokenizer (it needs at least {self.min_new_tokens}): raise it, or pass "
-                              f"--no-constrained")
+            raise MrtuneError(
+                f"eval.max_new_tokens={max_new_tokens} is too small for any meaning representation "
+                f"with this tokenizer (it needs at least {self.min_new_tokens}): raise it, or pass "
+                f"--no-constrained"
+            )
         return MRLogitsProcessor(self, prompt_length, max_new_tokens)
 
 

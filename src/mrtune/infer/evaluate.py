@@ -42,26 +42,44 @@ def evaluate(
     if split not in ("test", "validation", "train"):
         raise MrtuneError(f"unknown split {split!r}: use test or validation (or --data FILE)")
     spec = data or getattr(config.data, split)
-    examples = spread_sample(load_split(spec, config.data.input_field, config.data.output_field),
-                             limit if limit is not None else config.eval.limit)
+    examples = spread_sample(
+        load_split(spec, config.data.input_field, config.data.output_field),
+        limit if limit is not None else config.eval.limit,
+    )
     tokenizer, model = load_model(run, config, base)
     constrained = config.eval.constrained if constrained is None else constrained
     started = time.perf_counter()
-    predictions, stats = decode(run, config, tokenizer, model, [e.sentence for e in examples], progress,
-                                 constrained)
+    predictions, stats = decode(run, config, tokenizer, model, [e.sentence for e in examples], progress, constrained)
     seconds = time.perf_counter() - started
     references = [e.meaning_representation for e in examples]
     metrics = score(predictions, references)
-    metrics.update(split=split if data is None else str(data), model="base" if base else "fine-tuned",
-                   decode_seconds=round(seconds, 2), rows_per_s=round(len(examples) / seconds, 2),
-                   constrained=constrained, generated_tokens=stats["generated_tokens"],
-                   tokens_per_s=round(stats["generated_tokens"] / seconds, 1))
+    metrics.update(
+        split=split if data is None else str(data),
+        model="base" if base else "fine-tuned",
+        decode_seconds=round(seconds, 2),
+        rows_per_s=round(len(examples) / seconds, 2),
+        constrained=constrained,
+        generated_tokens=stats["generated_tokens"],
+        tokens_per_s=round(stats["generated_tokens"] / seconds, 1),
+    )
     name = (Path(data).stem if data else split) + ("-base" if base else "")
     out = run.eval_dir(name)
-    write_text_atomic(out / "predictions.jsonl", "".join(
-        json.dumps({"target": e.sentence, "reference": e.meaning_representation, "prediction": p,
-                    "exact_match": p.strip() == e.meaning_representation.strip()}, ensure_ascii=False) + "\n"
-        for e, p in zip(examples, predictions)))
+    write_text_atomic(
+        out / "predictions.jsonl",
+        "".join(
+            json.dumps(
+                {
+                    "target": e.sentence,
+                    "reference": e.meaning_representation,
+                    "prediction": p,
+                    "exact_match": p.strip() == e.meaning_representation.strip(),
+                },
+                ensure_ascii=False,
+            )
+            + "\n"
+            for e, p in zip(examples, predictions)
+        ),
+    )
     write_json(out / "metrics.json", metrics)
     from mrtune.run.report import write_report
 

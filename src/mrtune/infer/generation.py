@@ -1,4 +1,7 @@
-"""Batched greedy decoding of meaning representations, optionally constrained to valid ones (`mrtune.infer.constrained`)."""
+"""Batched greedy decoding of meaning representations, optionally constrained to valid ones.
+
+The constraint is `mrtune.infer.constrained.MRConstraint`.
+"""
 
 from __future__ import annotations
 
@@ -65,7 +68,11 @@ def generate(
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     static = kv_cache == "static" or (kv_cache == "auto" and device.type == "cuda")
     generation_config = GenerationConfig(
-        max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos, pad_token_id=pad, use_cache=True,
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        eos_token_id=eos,
+        pad_token_id=pad,
+        use_cache=True,
         # With a static cache, generate would also torch.compile the decoding step by default: a minute of
         # compilation to save seconds, once per process. An evaluation is one process.
         **({"cache_implementation": "static", "disable_compile": True} if static else {}),
@@ -75,15 +82,15 @@ def generate(
     bar = tqdm(total=len(prompts), desc="generating", unit="row", disable=not progress, leave=False)
     with sdpa_for_decoding(model):  # once for all batches
         for start in range(0, len(order), batch_size):
-            indices = order[start:start + batch_size]
+            indices = order[start : start + batch_size]
             longest = max(len(prompt_ids[i]) for i in indices)
             # Left padding: every row's last prompt token sits at the same position, where generation starts.
             input_ids = torch.full((len(indices), longest), pad, dtype=torch.long)
             attention_mask = torch.zeros((len(indices), longest), dtype=torch.long)
             for row, i in enumerate(indices):
                 ids = prompt_ids[i]
-                input_ids[row, longest - len(ids):] = torch.tensor(ids)
-                attention_mask[row, longest - len(ids):] = 1
+                input_ids[row, longest - len(ids) :] = torch.tensor(ids)
+                attention_mask[row, longest - len(ids) :] = 1
             extra = {}
             if constraint is not None:
                 extra["logits_processor"] = LogitsProcessorList([constraint.logits_processor(longest, max_new_tokens)])

@@ -31,22 +31,31 @@ def load_constraint(run: RunDir, tokenizer):
     from mrtune.infer.constrained import MRConstraint
 
     if not run.vocabulary.is_file():
-        raise MrtuneError(f"{run.vocabulary} is missing, so constrained decoding has no vocabulary: "
-                          "pass --no-constrained")
+        raise MrtuneError(
+            f"{run.vocabulary} is missing, so constrained decoding has no vocabulary: pass --no-constrained"
+        )
     vocabulary = Vocabulary.from_dict(json.loads(run.vocabulary.read_text(encoding="utf-8")))
     return MRConstraint(tokenizer, vocabulary)
 
 
-def decode(run: RunDir, config, tokenizer, model, sentences: list[str], progress: bool,
-            constrained: bool) -> tuple[list[str], dict]:
+def decode(
+    run: RunDir, config, tokenizer, model, sentences: list[str], progress: bool, constrained: bool
+) -> tuple[list[str], dict]:
     """Predictions for `sentences`, and the decoding's `generated_tokens` and `seconds`."""
     prompts = [build_prompt(config.data.prompt_style, s) for s in sentences]
     stats: dict = {}
     try:
-        predictions = generate(model, tokenizer, prompts, batch_size=config.eval.batch_size,
-                               max_new_tokens=config.eval.max_new_tokens,
-                               constraint=load_constraint(run, tokenizer) if constrained else None,
-                               kv_cache=config.eval.kv_cache, progress=progress, stats=stats)
+        predictions = generate(
+            model,
+            tokenizer,
+            prompts,
+            batch_size=config.eval.batch_size,
+            max_new_tokens=config.eval.max_new_tokens,
+            constraint=load_constraint(run, tokenizer) if constrained else None,
+            kv_cache=config.eval.kv_cache,
+            progress=progress,
+            stats=stats,
+        )
     except torch.OutOfMemoryError:
         raise MrtuneError(
             f"out of GPU memory decoding {config.eval.batch_size} rows at a time: lower eval.batch_size (or "
@@ -84,10 +93,16 @@ def predict(
         raise MrtuneError('give a sentence (mrtune predict RUN "some sentence") or --input FILE.jsonl')
     tokenizer, model = load_model(run, config, base)
     constrained = config.eval.constrained if constrained is None else constrained
-    predictions, _ = decode(run, config, tokenizer, model, [e.sentence for e in examples],
-                             progress and input_file is not None, constrained)
+    predictions, _ = decode(
+        run, config, tokenizer, model, [e.sentence for e in examples], progress and input_file is not None, constrained
+    )
     if output_file is not None:
-        write_text_atomic(Path(output_file), "".join(
-            json.dumps({config.data.input_field: e.sentence, config.data.output_field: p}, ensure_ascii=False)
-            + "\n" for e, p in zip(examples, predictions)))
+        write_text_atomic(
+            Path(output_file),
+            "".join(
+                json.dumps({config.data.input_field: e.sentence, config.data.output_field: p}, ensure_ascii=False)
+                + "\n"
+                for e, p in zip(examples, predictions)
+            ),
+        )
     return predictions

@@ -23,10 +23,17 @@ def cpu_safe_dtype(name: str, device: torch.device | None) -> torch.dtype:
     reference GEMM, ~180x slower than fp32 (measured on an AVX2-only EPYC: 60 s vs 0.34 s for one 512x49152x576
     matmul), so such a CPU gets fp32, with a notice."""
     dtype = DTYPES[name]
-    if dtype == torch.bfloat16 and (device is None or torch.device(device).type == "cpu") \
-            and not torch.cuda.is_available() and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
-        warnings.warn("model.dtype=bfloat16 has no fast kernels on this CPU (no AVX512-BF16/AMX): using float32; "
-                      "set model.dtype=float32 to silence this", stacklevel=2)
+    if (
+        dtype == torch.bfloat16
+        and (device is None or torch.device(device).type == "cpu")
+        and not torch.cuda.is_available()
+        and not torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    ):
+        warnings.warn(
+            "model.dtype=bfloat16 has no fast kernels on this CPU (no AVX512-BF16/AMX): using float32; "
+            "set model.dtype=float32 to silence this",
+            stacklevel=2,
+        )
         return torch.float32
     return dtype
 
@@ -101,20 +108,29 @@ def apply_liger_kernel(model) -> None:
             _apply_liger_kernel_to_instance,
         )
     except ImportError:
-        raise MrtuneError("model.liger_kernel=true needs the liger-kernel package: pip install liger-kernel, "
-                          "or set model.liger_kernel=false") from None
+        raise MrtuneError(
+            "model.liger_kernel=true needs the liger-kernel package: pip install liger-kernel, "
+            "or set model.liger_kernel=false"
+        ) from None
     if model.config.model_type not in MODEL_TYPE_TO_APPLY_LIGER_FN:  # Liger would only log and go on
-        raise MrtuneError(f"Liger has no kernels for model type {model.config.model_type!r}: set "
-                          "model.liger_kernel=false")
-    _apply_liger_kernel_to_instance(model=model, rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
-                                    fused_linear_cross_entropy=False)
+        raise MrtuneError(
+            f"Liger has no kernels for model type {model.config.model_type!r}: set model.liger_kernel=false"
+        )
+    _apply_liger_kernel_to_instance(
+        model=model, rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=False
+    )
 
 
 def decoder_linear_names(model) -> list[str]:
     """The leaf names of the linear layers inside the decoder layers (q_proj, ..., down_proj): what peft's
     `all-linear` means, spelled out (plain and bitsandbytes 4-bit linears both subclass torch.nn.Linear)."""
-    return sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
-                   if isinstance(module, torch.nn.Linear) and ".layers." in f".{name}"})
+    return sorted(
+        {
+            name.rsplit(".", 1)[-1]
+            for name, module in model.named_modules()
+            if isinstance(module, torch.nn.Linear) and ".layers." in f".{name}"
+        }
+    )
 
 
 def attach_lora(model, lora: LoraSettings, settings: ModelSettings):
@@ -170,9 +186,7 @@ def attach_lora(model, lora: LoraSettings, settings: ModelSettings):
     return model
 
 
-def load_trained_model(
-    settings: ModelSettings, adapter_dir: Path | None, device: torch.device, *, merge: bool = True
-):
+def load_trained_model(settings: ModelSettings, adapter_dir: Path | None, device: torch.device, *, merge: bool = True):
     """Base model plus a run's adapter, ready for generation (merged into the weights when not quantized,
     so decoding pays nothing for the adapter)."""
     model = load_base_model(settings, device)

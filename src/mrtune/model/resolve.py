@@ -20,8 +20,9 @@ import shutil
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING
 
 from mrtune.config import EMBEDDED_MODEL
 from mrtune.errors import MrtuneError
@@ -386,12 +387,7 @@ def check_model_reachable(name: str, timeout: float = HUB_TIMEOUT_S) -> str:
 
 
 def _looks_like_path(name: str) -> bool:
-    return (
-        name.startswith(("/", ".", "~"))
-        or "\\" in name
-        or name.count("/") > 1
-        or not _HUB_ID_RE.match(name)
-    )
+    return name.startswith(("/", ".", "~")) or "\\" in name or name.count("/") > 1 or not _HUB_ID_RE.match(name)
 
 
 def resolve_model_path(
@@ -427,8 +423,7 @@ def resolve_model_path(
         raise MrtuneError(f"cannot load model {name!r}: it is a file, not a directory; {_LOCAL_HINT}")
     if _looks_like_path(name):
         raise MrtuneError(
-            f"cannot load model {name!r}: no such directory; {_LOCAL_HINT}, a hub id like org/name, "
-            f"or {EMBEDDED_MODEL}"
+            f"cannot load model {name!r}: no such directory; {_LOCAL_HINT}, a hub id like org/name, or {EMBEDDED_MODEL}"
         )
     return check_model_reachable(name, timeout) if check_hub else name
 

@@ -34,8 +34,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import yaml  # noqa: E402
 
-from mrtune.task.mr import INVALID_ACT, dialogue_act_confusion, slot_errors, try_parse_mr  # noqa: E402
 from mrtune.run.rundir import RunDir, write_text_atomic  # noqa: E402
+from mrtune.task.mr import INVALID_ACT, dialogue_act_confusion, slot_errors, try_parse_mr  # noqa: E402
 
 __all__ = [
     "metrics_table",
@@ -217,7 +217,9 @@ class _Evaluation:
         """Rows with a string reference and prediction, and how many lines could not be used."""
         if self._predictions is None:
             records, skipped = _read_jsonl(self.folder / "predictions.jsonl")
-            usable = [r for r in records if isinstance(r.get("reference"), str) and isinstance(r.get("prediction"), str)]
+            usable = [
+                r for r in records if isinstance(r.get("reference"), str) and isinstance(r.get("prediction"), str)
+            ]
             self._predictions = (usable, skipped + len(records) - len(usable))
         return self._predictions
 
@@ -313,8 +315,15 @@ def _mark_best(ax: plt.Axes, validation: list[tuple[float, float]], best_step: A
         ax.axvline(point[0], color="grey", linestyle="--", linewidth=1)
     else:
         return
-    ax.plot([point[0]], [point[1]], linestyle="none", marker="*", markersize=15, color="tab:red",
-            label=f"best: step {point[0]:g}, {point[1]:.4f}")
+    ax.plot(
+        [point[0]],
+        [point[1]],
+        linestyle="none",
+        marker="*",
+        markersize=15,
+        color="tab:red",
+        label=f"best: step {point[0]:g}, {point[1]:.4f}",
+    )
 
 
 def plot_dialogue_acts(per_dialogue_act: dict[str, dict[str, Any]], path: Path, title: str) -> bool:
@@ -433,8 +442,9 @@ def worst_examples(rows: list[dict[str, Any]], limit: int = WORST_LIMIT) -> list
             share = correct / total if total else 1.0
             same_act = prediction is not None and prediction.dialogue_act == reference.dialogue_act
         key = (prediction is not None, share, same_act, index)
-        ranked.append((key, {**row, "parsed": prediction is not None, "correct_slots": correct,
-                             "reference_slots": total}))
+        ranked.append(
+            (key, {**row, "parsed": prediction is not None, "correct_slots": correct, "reference_slots": total})
+        )
     ranked.sort(key=lambda pair: pair[0])
     return [example for _, example in ranked[:limit]]
 
@@ -442,12 +452,19 @@ def worst_examples(rows: list[dict[str, Any]], limit: int = WORST_LIMIT) -> list
 def _worst_examples_table(examples: list[dict[str, Any]]) -> list[str]:
     rows = []
     for rank, example in enumerate(examples, 1):
-        slots = (f"{example['correct_slots']}/{example['reference_slots']}" if example["parsed"]
-                 else "unparseable")
-        rows.append([str(rank), _cell(example.get("target", "")), _code(example["reference"]),
-                     _code(example["prediction"]), slots])
-    return _table(["#", "Sentence", "Expected", "Predicted", "Slots right"], rows,
-                  ["---:", "---", "---", "---", "---:"])
+        slots = f"{example['correct_slots']}/{example['reference_slots']}" if example["parsed"] else "unparseable"
+        rows.append(
+            [
+                str(rank),
+                _cell(example.get("target", "")),
+                _code(example["reference"]),
+                _code(example["prediction"]),
+                slots,
+            ]
+        )
+    return _table(
+        ["#", "Sentence", "Expected", "Predicted", "Slots right"], rows, ["---:", "---", "---", "---", "---:"]
+    )
 
 
 def _slot_error_table(rows: list[dict[str, Any]]) -> list[str]:
@@ -462,8 +479,11 @@ def _slot_error_table(rows: list[dict[str, Any]]) -> list[str]:
         left = [f"`{missed[rank][0]}`", format_count(missed[rank][1])] if rank < len(missed) else ["", ""]
         right = [f"`{invented[rank][0]}`", format_count(invented[rank][1])] if rank < len(invented) else ["", ""]
         table_rows.append([str(rank + 1)] + left + right)
-    return _table(["#", "Missed attribute", "Rows", "Invented attribute", "Rows"], table_rows,
-                  ["---:", "---", "---:", "---", "---:"])
+    return _table(
+        ["#", "Missed attribute", "Rows", "Invented attribute", "Rows"],
+        table_rows,
+        ["---:", "---", "---:", "---", "---:"],
+    )
 
 
 # -- sections --------------------------------------------------------------------------------------
@@ -501,8 +521,12 @@ def _summary_rows(info: dict[str, Any]) -> list[list[str]]:
             rows.append([label, _format(info[key], formatter) if formatter is not str else _cell(info[key])])
     trainable, total = info.get("trainable_parameters"), info.get("total_parameters")
     if _is_number(trainable) and _is_number(total) and total > 0:
-        rows.append(["Trainable parameters",
-                     f"{format_millions(trainable)} of {format_millions(total)} ({trainable / total:.2%})"])
+        rows.append(
+            [
+                "Trainable parameters",
+                f"{format_millions(trainable)} of {format_millions(total)} ({trainable / total:.2%})",
+            ]
+        )
     else:
         for label, value in (("Trainable parameters", trainable), ("Total parameters", total)):
             if value is not None:
@@ -567,8 +591,11 @@ def _details_section(run: RunDir, evaluation: _Evaluation, produced: set[str]) -
     scorable = [r for r in rows if try_parse_mr(r["reference"]) is not None]
     if len(scorable) < len(rows):
         # `mr` rejects a whole list over one bad reference; leave those rows out of confusion and slots only.
-        lines += [f"_{len(rows) - len(scorable)} row(s) have a reference that is not a valid MR; "
-                  "they are left out of the confusion matrix and slot counts._", ""]
+        lines += [
+            f"_{len(rows) - len(scorable)} row(s) have a reference that is not a valid MR; "
+            "they are left out of the confusion matrix and slot counts._",
+            "",
+        ]
     if not rows:
         return lines + ["No predictions.jsonl rows to analyse.", ""]
 
@@ -610,8 +637,17 @@ def _config_section(run: RunDir) -> list[str]:
     except yaml.YAMLError:
         note = ["_config.yaml does not parse as YAML; shown as written._", ""]
     # A blank line after <summary> lets GitHub render the fence inside <details> as markdown.
-    return ["## Configuration", "", *note, "<details><summary>config.yaml</summary>", "",
-            *_fence(text, "yaml"), "", "</details>", ""]
+    return [
+        "## Configuration",
+        "",
+        *note,
+        "<details><summary>config.yaml</summary>",
+        "",
+        *_fence(text, "yaml"),
+        "",
+        "</details>",
+        "",
+    ]
 
 
 def _remove_stale_pictures(run: RunDir, produced: set[str]) -> None:
@@ -654,11 +690,11 @@ def write_report(run: RunDir) -> Path:
     lines += _section(lambda: _evaluation_section(evaluations, eval_notes), "the metrics table")
     for evaluation in evaluations:
         if not evaluation.is_base:
-            lines += _section(lambda e=evaluation: _details_section(run, e, produced),
-                              f"the details of {evaluation.name}")
+            lines += _section(
+                lambda e=evaluation: _details_section(run, e, produced), f"the details of {evaluation.name}"
+            )
     lines += _section(lambda: _config_section(run), "the configuration")
     _remove_stale_pictures(run, produced)
     report = run.path / REPORT_NAME
     write_text_atomic(report, "\n".join(lines).rstrip("\n") + "\n")
     return report
-

@@ -1,17 +1,17 @@
 """The run directory: everything needed to reproduce, evaluate, predict and merge a run, and nothing else.
 
-    RUN/
-      run.json            what ran: mrtune version, model path, status, best step, timings
-      config.yaml         the resolved config (every default spelled out)
-      prompt.txt          the prompt template, as the model saw it
-      vocabulary.json     dialogue acts and attributes of the training split (for constrained decoding)
-      tokenizer/          the tokenizer, with its pad token
-      adapter/            the best LoRA adapter by validation loss (PEFT format)
-      checkpoint/         while training: what `mrtune train --resume` needs (see checkpoint.py); removed at the end
-      history.jsonl       one line per logged step: train loss, lr, tokens/s, validation loss
-      tensorboard/        the same curves for TensorBoard
-      eval/<name>/        metrics.json and predictions.jsonl of each `mrtune evaluate` (name: split, -base)
-      report.md           the report, with loss_curve.png, dialogue_acts_<name>.png, confusion_<name>.png
+RUN/
+  run.json            what ran: mrtune version, model path, status, best step, timings
+  config.yaml         the resolved config (every default spelled out)
+  prompt.txt          the prompt template, as the model saw it
+  vocabulary.json     dialogue acts and attributes of the training split (for constrained decoding)
+  tokenizer/          the tokenizer, with its pad token
+  adapter/            the best LoRA adapter by validation loss (PEFT format)
+  checkpoint/         while training: what `mrtune train --resume` needs (see checkpoint.py); removed at the end
+  history.jsonl       one line per logged step: train loss, lr, tokens/s, validation loss
+  tensorboard/        the same curves for TensorBoard
+  eval/<name>/        metrics.json and predictions.jsonl of each `mrtune evaluate` (name: split, -base)
+  report.md           the report, with loss_curve.png, dialogue_acts_<name>.png, confusion_<name>.png
 """
 
 from __future__ import annotations
@@ -20,8 +20,9 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 try:
     import fcntl
@@ -167,7 +168,7 @@ class RunDir:
 
     # -- life cycle ----------------------------------------------------------------------------------
     @classmethod
-    def create(cls, path: str | Path, overwrite: bool = False) -> "RunDir":
+    def create(cls, path: str | Path, overwrite: bool = False) -> RunDir:
         path = Path(path)
         if path.exists() and not path.is_dir():
             raise MrtuneError(f"output directory {path} is a file: choose another --output-dir")
@@ -184,8 +185,9 @@ class RunDir:
                     "another --output-dir (nothing there was touched)"
                 )
             if not overwrite:
-                resumable = (existing.checkpoint / "state.json").is_file() or \
-                    (existing.path / "checkpoint.old" / "state.json").is_file()
+                resumable = (existing.checkpoint / "state.json").is_file() or (
+                    existing.path / "checkpoint.old" / "state.json"
+                ).is_file()
                 hint = f"resume it with `mrtune train --resume {path}`, " if resumable else ""
                 raise MrtuneError(
                     f"output directory {path} already holds a run (status: {existing.status()}): {hint}pass "
@@ -196,7 +198,7 @@ class RunDir:
         return cls(path)
 
     @classmethod
-    def open(cls, path: str | Path) -> "RunDir":
+    def open(cls, path: str | Path) -> RunDir:
         run = cls(Path(path))
         if not run.path.is_dir():
             raise MrtuneError(f"run directory {path} does not exist: pass the --output-dir of a `mrtune train` run")

@@ -69,8 +69,9 @@ def _read_file(path: Path) -> tuple[list[tuple[str, dict]], list[str]]:
             line.decode("utf-8")
         except UnicodeDecodeError as error:
             bad_lines.add(number)
-            problems.append(f"{path.name}:{number}: the line is not UTF-8 (its byte {error.start + 1}): re-save "
-                            "the file as UTF-8")
+            problems.append(
+                f"{path.name}:{number}: the line is not UTF-8 (its byte {error.start + 1}): re-save the file as UTF-8"
+            )
     text = raw.decode("utf-8", errors="replace")  # the bad lines are reported above; read on for the others
     if suffix == ".csv":
         return _read_csv(path, text, bad_lines, problems)
@@ -166,8 +167,11 @@ def load_split(
     from mrtune.task.mr import try_parse_mr
 
     rows, problems = _read_rows(spec)
-    absent = [name for name in (input_field, output_field)
-              if name is not None and len(rows) > 1 and all(name not in record for _, record in rows)]
+    absent = [
+        name
+        for name in (input_field, output_field)
+        if name is not None and len(rows) > 1 and all(name not in record for _, record in rows)
+    ]
     if absent:
         found = ", ".join(sorted({key for _, record in rows for key in record})[:8])
         problems[:0] = [f"no row has the field '{name}' (fields found: {found})" for name in absent]

@@ -21,9 +21,21 @@ from mrtune.task.mr import MeaningRepresentation, parse_mr
 
 # Invented titles: two or three words, mixed lengths, one with a colon and one with a digit, as ViGGO's names have.
 UNSEEN_NAMES = (
-    "Quillmoor Saga", "Ashen Lanterns", "Vexaria: Tides of Brass", "Copperfield Drift", "Nimbus Foundry",
-    "Glasswing Odyssey 3", "Tessellate", "Harrow & Hearth", "Orbital Gardeners", "The Saltmarsh Accord",
-    "Kestrel Run", "Emberline Tactics", "Mossback Kingdoms", "Lumen Cartographer", "Driftwood Sheriff",
+    "Quillmoor Saga",
+    "Ashen Lanterns",
+    "Vexaria: Tides of Brass",
+    "Copperfield Drift",
+    "Nimbus Foundry",
+    "Glasswing Odyssey 3",
+    "Tessellate",
+    "Harrow & Hearth",
+    "Orbital Gardeners",
+    "The Saltmarsh Accord",
+    "Kestrel Run",
+    "Emberline Tactics",
+    "Mossback Kingdoms",
+    "Lumen Cartographer",
+    "Driftwood Sheriff",
 )
 
 
@@ -47,8 +59,13 @@ def unseen_name_rows(rows: list[dict], training_text: str, names: tuple[str, ...
         if not old or old not in row["target"]:
             continue
         new = names[len(swapped) % len(names)]
-        swapped.append({"target": row["target"].replace(old, new),
-                        "meaning_representation": str(with_name(mr, new)), "original_name": old})
+        swapped.append(
+            {
+                "target": row["target"].replace(old, new),
+                "meaning_representation": str(with_name(mr, new)),
+                "original_name": old,
+            }
+        )
     return swapped
 
 
@@ -60,8 +77,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     training = load_split(args.train)
     training_text = "\n".join(f"{e.sentence}\n{e.meaning_representation}" for e in training)
-    rows = [{"target": e.sentence, "meaning_representation": e.meaning_representation}
-            for e in load_split(args.split)]
+    rows = [{"target": e.sentence, "meaning_representation": e.meaning_representation} for e in load_split(args.split)]
     swapped = unseen_name_rows(rows, training_text)
     args.out.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in swapped), encoding="utf-8")
     print(f"wrote {len(swapped)} rows with unseen game names to {args.out}")

@@ -26,7 +26,20 @@ from typing import NamedTuple
 from mrtune.errors import MrtuneError
 from mrtune.task.mr import Vocabulary
 
-__all__ = ["MRGrammar", "State", "ORDINARY_TEXT", "SPACE", "RBRACKET", "ACT", "ATTR", "VALUE", "AFTER_VALUE", "COMMA", "DONE", "FINISHED"]
+__all__ = [
+    "MRGrammar",
+    "State",
+    "ORDINARY_TEXT",
+    "SPACE",
+    "RBRACKET",
+    "ACT",
+    "ATTR",
+    "VALUE",
+    "AFTER_VALUE",
+    "COMMA",
+    "DONE",
+    "FINISHED",
+]
 
 # Phases of the automaton. ACT with an empty prefix is the start.
 ACT, ATTR, VALUE, AFTER_VALUE, COMMA, DONE, FINISHED = range(7)
@@ -66,10 +79,12 @@ def _utf8_continuations(byte: int) -> int | None:
 
 # Printable ASCII other than brackets and spaces, single spaces between, and whole multi-byte characters; the
 # automaton decides on every other token.
-ORDINARY_TEXT = re.compile(rb"(?:[\x21-\x5a\x5c\x5e-\x7e]| (?! )|[\xc2-\xdf][\x80-\xbf]"
-                            rb"|[\xe1-\xec\xee\xef][\x80-\xbf]{2}|\xe0[\xa0-\xbf][\x80-\xbf]"
-                            rb"|\xed[\x80-\x9f][\x80-\xbf]|[\xf1-\xf3][\x80-\xbf]{3}"
-                            rb"|\xf0[\x90-\xbf][\x80-\xbf]{2}|\xf4[\x80-\x8f][\x80-\xbf]{2})+")
+ORDINARY_TEXT = re.compile(
+    rb"(?:[\x21-\x5a\x5c\x5e-\x7e]| (?! )|[\xc2-\xdf][\x80-\xbf]"
+    rb"|[\xe1-\xec\xee\xef][\x80-\xbf]{2}|\xe0[\xa0-\xbf][\x80-\xbf]"
+    rb"|\xed[\x80-\x9f][\x80-\xbf]|[\xf1-\xf3][\x80-\xbf]{3}"
+    rb"|\xf0[\x90-\xbf][\x80-\xbf]{2}|\xf4[\x80-\x8f][\x80-\xbf]{2})+"
+)
 
 
 def _is_value_byte(byte: int) -> bool:
@@ -91,14 +106,22 @@ class MRGrammar:
         self.attribute_prefixes: dict[str, int] = {}  # prefix -> bits of the attributes that start with it
         for attribute in self.attributes:
             for i in range(len(attribute) + 1):
-                self.attribute_prefixes[attribute[:i]] = self.attribute_prefixes.get(attribute[:i], 0) | self.bit[
-                    attribute]
+                self.attribute_prefixes[attribute[:i]] = (
+                    self.attribute_prefixes.get(attribute[:i], 0) | self.bit[attribute]
+                )
         self.start = State(ACT)
 
     # Bytes that `step` can accept in each phase (VALUE: nearly all): it is asked about these only.
     _NAME = b"abcdefghijklmnopqrstuvwxyz_"
-    CANDIDATE_BYTES = {ACT: _NAME + b"( ", ATTR: _NAME + b"[", VALUE: bytes(range(256)), AFTER_VALUE: b",)",
-                       COMMA: b" ", DONE: b"", FINISHED: b""}
+    CANDIDATE_BYTES = {
+        ACT: _NAME + b"( ",
+        ATTR: _NAME + b"[",
+        VALUE: bytes(range(256)),
+        AFTER_VALUE: b",)",
+        COMMA: b" ",
+        DONE: b"",
+        FINISHED: b"",
+    }
 
     def step(self, state: State, byte: int) -> State | None:
         """The state after one more byte, or None when the grammar does not allow it."""
@@ -162,13 +185,17 @@ class MRGrammar:
         unused = [a for a in self.attributes if not self.bit[a] & state.used]
         if phase == ACT:
             endings = [f"({attribute}[])" for attribute in self.attributes]
-            strings = [act[len(state.prefix):] + ending for act in self.dialogue_acts
-                       if act.startswith(state.prefix) for ending in endings]
+            strings = [
+                act[len(state.prefix) :] + ending
+                for act in self.dialogue_acts
+                if act.startswith(state.prefix)
+                for ending in endings
+            ]
             if not state.prefix and not state.space:
                 strings += [" " + s for s in strings]
             return [s.encode() for s in strings]
         if phase == ATTR:
-            return [(a[len(state.prefix):] + "[])").encode() for a in unused if a.startswith(state.prefix)]
+            return [(a[len(state.prefix) :] + "[])").encode() for a in unused if a.startswith(state.prefix)]
         if phase == VALUE:
             if state.pending:
                 first = _FIRST_CONTINUATION.get(state.lead, (0x80, 0xBF))[0]

@@ -286,9 +286,7 @@ def score(predictions: list[str], references: list[str]) -> dict:
     by_act: dict[str, _Tally] = {}
     for prediction_text, reference_text, (prediction, reference) in zip(predictions, references, pairs):
         overall.add(prediction_text, reference_text, prediction, reference)
-        by_act.setdefault(reference.dialogue_act, _Tally()).add(
-            prediction_text, reference_text, prediction, reference
-        )
+        by_act.setdefault(reference.dialogue_act, _Tally()).add(prediction_text, reference_text, prediction, reference)
 
     precision, recall = overall.precision(), overall.recall()
     return {
@@ -407,5 +405,7 @@ class Vocabulary:
         """Inverse of `to_dict`; raises ValueError when a key is missing."""
         missing = [key for key in ("dialogue_acts", "attributes") if key not in d]
         if missing:
-            raise ValueError(f"vocabulary is missing {', '.join(missing)}; expected keys 'dialogue_acts' and 'attributes'")
+            raise ValueError(
+                f"vocabulary is missing {', '.join(missing)}; expected keys 'dialogue_acts' and 'attributes'"
+            )
         return cls(tuple(d["dialogue_acts"]), tuple(d["attributes"]))

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
-from mrtune.task.data import Example
 from mrtune.errors import MrtuneError
+from mrtune.task.data import Example
 from mrtune.task.prompts import build_prompt
 
 IGNORE_INDEX = -100  # the label value torch's cross-entropy skips
@@ -51,9 +51,7 @@ def tokenize_examples(
     too_long: str = "error",
 ) -> tuple[list[TokenizedRow], TokenizeReport]:
     prompts = encode_prompts(tokenizer, [build_prompt(prompt_style, e.sentence) for e in examples])
-    completions = tokenizer(
-        [e.meaning_representation for e in examples], add_special_tokens=False
-    )["input_ids"]
+    completions = tokenizer([e.meaning_representation for e in examples], add_special_tokens=False)["input_ids"]
     eos = tokenizer.eos_token_id
     rows, over = [], []
     for example, prompt_ids, completion_ids in zip(examples, prompts, completions):
@@ -98,8 +96,11 @@ def plan_batches(
     rng.shuffle(order)
     if group_by_length:
         mega = 64 * batch_size if batch_tokens is None else max(64 * batch_tokens // max(1, max(lengths)), 1)
-        order = [i for start in range(0, len(order), mega)
-                 for i in sorted(order[start:start + mega], key=lambda i: -lengths[i])]
+        order = [
+            i
+            for start in range(0, len(order), mega)
+            for i in sorted(order[start : start + mega], key=lambda i: -lengths[i])
+        ]
     batches: list[list[int]] = []
     current: list[int] = []
     longest = 0
@@ -108,8 +109,11 @@ def plan_batches(
             fits = len(current) < batch_size
         else:
             # A padded batch costs rows x longest; a packed one only the sum of its rows.
-            cost = (sum(lengths[i] for i in current) + lengths[index]) if packing else \
-                (len(current) + 1) * max(longest, lengths[index])
+            cost = (
+                (sum(lengths[i] for i in current) + lengths[index])
+                if packing
+                else (len(current) + 1) * max(longest, lengths[index])
+            )
             fits = cost <= batch_tokens
         if current and not fits:
             batches.append(current)

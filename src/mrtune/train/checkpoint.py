@@ -86,8 +86,15 @@ def restore_rng(state: dict[str, Any]) -> None:
 
 
 # -- save and load --------------------------------------------------------------------------------------------
-def save_checkpoint(run: RunDir, accelerator, model, optimizer, scheduler, state: dict[str, Any],
-                    adapter_keys: dict[str, str] | None = None) -> None:
+def save_checkpoint(
+    run: RunDir,
+    accelerator,
+    model,
+    optimizer,
+    scheduler,
+    state: dict[str, Any],
+    adapter_keys: dict[str, str] | None = None,
+) -> None:
     """Write RUN/checkpoint/ for resuming after step `state["step"]` (collective: every rank calls it).
 
     `adapter_keys`: under FSDP, where the adapter's tensors are in the model's state dict (distributed.adapter_keys).
@@ -100,6 +107,7 @@ def save_checkpoint(run: RunDir, accelerator, model, optimizer, scheduler, state
     adapter = adapter_state_dict(accelerator, model, adapter_keys)  # None (peft reads it) unless FSDP
     optimizer_state = optimizer_state_dict(accelerator, model, optimizer)
     if accelerator.is_main_process:
+
         def write(directory: Path) -> None:
             # Never converted (lora.init=pissa|olora): a resume loads it back onto the same rebuilt residual weights.
             save_adapter(accelerator, model, directory / "adapter", adapter)
@@ -134,8 +142,9 @@ def read_checkpoint_state(run: RunDir) -> dict[str, Any]:
         raise MrtuneError(f"{path} is unreadable ({error}): the checkpoint is damaged; start the run again") from None
 
 
-def load_checkpoint(run: RunDir, accelerator, model, optimizer, scheduler,
-                    adapter_keys: dict[str, str] | None = None) -> None:
+def load_checkpoint(
+    run: RunDir, accelerator, model, optimizer, scheduler, adapter_keys: dict[str, str] | None = None
+) -> None:
     """Put the adapter, optimizer, scheduler and random states of RUN/checkpoint/ back in place (collective under
     FSDP, whose `adapter_keys` say where the adapter's tensors go: see save_checkpoint)."""
     from peft import set_peft_model_state_dict
@@ -169,8 +178,9 @@ def load_checkpoint(run: RunDir, accelerator, model, optimizer, scheduler,
         scheduler.load_state_dict(torch.load(directory / "scheduler.pt", weights_only=True))
         rng_states = torch.load(directory / "rng.pt", weights_only=True)
     except (OSError, RuntimeError, ValueError) as error:
-        raise MrtuneError(f"the checkpoint in {directory} is unreadable ({str(error)[:160]}): start the run "
-                          "again") from None
+        raise MrtuneError(
+            f"the checkpoint in {directory} is unreadable ({str(error)[:160]}): start the run again"
+        ) from None
     restore_rng(rng_states[accelerator.process_index])
 
 
@@ -186,7 +196,7 @@ class StopSignals:
         self.signal_number: int | None = None
         self._previous: dict[int, Any] = {}
 
-    def __enter__(self) -> "StopSignals":
+    def __enter__(self) -> StopSignals:
         if threading.current_thread() is threading.main_thread():
             for signum in (signal.SIGINT, signal.SIGTERM):
                 self._previous[signum] = signal.signal(signum, self._handle)
@@ -204,8 +214,11 @@ class StopSignals:
             return
         self.signal_number = signum
         # os.write, not print: a handler that prints while the loop is printing can raise "reentrant call".
-        os.write(2, f"\n{signal.Signals(signum).name}: stopping after this step and saving a checkpoint "
-                    "(Ctrl-C again stops at once)\n".encode())
+        os.write(
+            2,
+            f"\n{signal.Signals(signum).name}: stopping after this step and saving a checkpoint "
+            "(Ctrl-C again stops at once)\n".encode(),
+        )
 
     def requested(self, accelerator) -> int | None:
         """The signal that asked to stop, on any rank (every rank must stop at the same step), or None."""

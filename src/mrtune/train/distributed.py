@@ -56,9 +56,12 @@ def _full_state_dicts(accelerator, model, *, rank0_only: bool):
     # Gathered into CPU memory (one unit at a time on the GPU), but not when the model is there already (FSDP on
     # CPU, the tests): FSDP1 would then free the storage of the tensors it returns.
     offload = accelerator.device.type != "cpu"
-    return FSDP.state_dict_type(model, StateDictType.FULL_STATE_DICT,
-                                FullStateDictConfig(offload_to_cpu=offload, rank0_only=rank0_only),
-                                FullOptimStateDictConfig(offload_to_cpu=offload, rank0_only=rank0_only))
+    return FSDP.state_dict_type(
+        model,
+        StateDictType.FULL_STATE_DICT,
+        FullStateDictConfig(offload_to_cpu=offload, rank0_only=rank0_only),
+        FullOptimStateDictConfig(offload_to_cpu=offload, rank0_only=rank0_only),
+    )
 
 
 def adapter_keys(model, adapter_name: str = "default") -> dict[str, str]:
@@ -81,8 +84,10 @@ def adapter_keys(model, adapter_name: str = "default") -> dict[str, str]:
         if saved_key in saved:
             keys[saved_key] = key
     if set(keys) != saved:
-        raise MrtuneError(f"cannot map the adapter's tensors to the model's state dict for FSDP (no model key for "
-                          f"{sorted(saved - set(keys))[:3]}): this LoRA set-up is not supported under FSDP")
+        raise MrtuneError(
+            f"cannot map the adapter's tensors to the model's state dict for FSDP (no model key for "
+            f"{sorted(saved - set(keys))[:3]}): this LoRA set-up is not supported under FSDP"
+        )
     return keys
 
 
@@ -102,8 +107,10 @@ def adapter_state_dict(accelerator, model, keys: dict[str, str] | None) -> dict 
         return {}
     missing = sorted(key for key in keys.values() if key not in full)
     if missing:
-        raise MrtuneError(f"the state dict gathered by FSDP has no {missing[:3]} ({len(missing)} of the adapter's "
-                          f"{len(keys)} tensors missing): the adapter cannot be saved")
+        raise MrtuneError(
+            f"the state dict gathered by FSDP has no {missing[:3]} ({len(missing)} of the adapter's "
+            f"{len(keys)} tensors missing): the adapter cannot be saved"
+        )
     return {saved_key: full[key] for saved_key, key in keys.items()}
 
 
@@ -152,14 +159,20 @@ def save_adapter(accelerator, model, directory: Path, tensors: dict | None, init
     if tensors is None:
         # save_embedding_layers=False: with lm_head adapted, peft would also save the frozen head (262 MB for
         # Mistral-7B); the base model already has it.
-        peft_model.save_pretrained(directory, save_embedding_layers=False,
-                                   path_initial_model_for_weight_conversion=None if initial is None else str(initial))
+        peft_model.save_pretrained(
+            directory,
+            save_embedding_layers=False,
+            path_initial_model_for_weight_conversion=None if initial is None else str(initial),
+        )
         return
     # Under FSDP, the files PeftModel.save_pretrained writes, from the gathered tensors: passed to it as its
     # state_dict, they would go through the name filter that `adapter_keys` works around.
     Path(directory).mkdir(parents=True, exist_ok=True)
-    save_file({key: tensor.contiguous() for key, tensor in tensors.items()},
-              str(Path(directory) / "adapter_model.safetensors"), metadata={"format": "pt"})
+    save_file(
+        {key: tensor.contiguous() for key, tensor in tensors.items()},
+        str(Path(directory) / "adapter_model.safetensors"),
+        metadata={"format": "pt"},
+    )
     config = copy.copy(peft_model.peft_config["default"])
     config.inference_mode = True  # as save_pretrained writes it
     config.save_pretrained(str(directory))
@@ -175,12 +188,16 @@ def launch_command(num_gpus: int | None, accelerate_config: str | None, train_ar
     import torch
 
     if accelerate_config is not None and not Path(accelerate_config).is_file():
-        raise MrtuneError(f"--accelerate-config {accelerate_config} does not exist: pass an Accelerate config file "
-                          "such as configs/accelerate/ddp.yaml or configs/accelerate/fsdp-qlora.yaml")
+        raise MrtuneError(
+            f"--accelerate-config {accelerate_config} does not exist: pass an Accelerate config file "
+            "such as configs/accelerate/ddp.yaml or configs/accelerate/fsdp-qlora.yaml"
+        )
     available = torch.cuda.device_count()
     if num_gpus is not None and num_gpus > available:
-        raise MrtuneError(f"--num-gpus {num_gpus} asks for more GPUs than this machine has ({available}); on a CPU "
-                          "machine, try several processes with `torchrun --nproc_per_node N -m mrtune train ...`")
+        raise MrtuneError(
+            f"--num-gpus {num_gpus} asks for more GPUs than this machine has ({available}); on a CPU "
+            "machine, try several processes with `torchrun --nproc_per_node N -m mrtune train ...`"
+        )
     command = [sys.executable, "-m", "accelerate.commands.launch"]
     if accelerate_config is not None:
         command += ["--config_file", accelerate_config]

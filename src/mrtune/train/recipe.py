@@ -19,23 +19,32 @@ import torch
 from tqdm.auto import tqdm
 
 from mrtune import __version__
-from mrtune.train.batching import IGNORE_INDEX, collate, count_targets, plan_batches, tokenize_examples
 from mrtune.config import Config
-from mrtune.train.checkpoint import (
-    StopSignals, data_fingerprint, is_disk_full, load_checkpoint, read_checkpoint_state, recover_run,
-    save_checkpoint,
-)
-from mrtune.task.data import find_duplicates, load_splits, spread_sample
-from mrtune.train.distributed import (
-    adapter_keys, adapter_state_dict, save_adapter, uses_fsdp, wrap_adapters_separately,
-)
 from mrtune.errors import MrtuneError, TrainingInterrupted
 from mrtune.infer.generation import generate
-from mrtune.model.resolve import load_tokenizer, resolve_model_path
 from mrtune.model.build import attach_lora, load_base_model, quantization_config
+from mrtune.model.resolve import load_tokenizer, resolve_model_path
+from mrtune.run.rundir import RunDir, write_dir_atomic, write_json, write_text_atomic
+from mrtune.task.data import find_duplicates, load_splits, spread_sample
 from mrtune.task.mr import Vocabulary
 from mrtune.task.prompts import build_prompt, template
-from mrtune.run.rundir import RunDir, write_dir_atomic, write_json, write_text_atomic
+from mrtune.train.batching import IGNORE_INDEX, collate, count_targets, plan_batches, tokenize_examples
+from mrtune.train.checkpoint import (
+    StopSignals,
+    data_fingerprint,
+    is_disk_full,
+    load_checkpoint,
+    read_checkpoint_state,
+    recover_run,
+    save_checkpoint,
+)
+from mrtune.train.distributed import (
+    adapter_keys,
+    adapter_state_dict,
+    save_adapter,
+    uses_fsdp,
+    wrap_adapters_separately,
+)
 
 
 def make_optimizer(model, config: Config) -> torch.optim.Optimizer:
@@ -53,9 +62,14 @@ def make_optimizer(model, config: Config) -> torch.optim.Optimizer:
         from peft.optimizers import create_loraplus_optimizer
 
         # The parameter groups need the adapters' names: those of the model inside the DDP wrapper.
-        return create_loraplus_optimizer(extract_model_from_parallel(model), kind, lr=settings.learning_rate,
-                                         loraplus_lr_ratio=settings.loraplus_ratio,
-                                         loraplus_weight_decay=settings.weight_decay, **options)
+        return create_loraplus_optimizer(
+            extract_model_from_parallel(model),
+            kind,
+            lr=settings.learning_rate,
+            loraplus_lr_ratio=settings.loraplus_ratio,
+            loraplus_weight_decay=settings.weight_decay,
+            **options,
+        )
     return kind(parameters, lr=settings.learning_rate, weight_decay=settings.weight_decay, **options)
 
 
@@ -94,8 +108,9 @@ def compute_autocast(model, device_type: str | None = None):
     embeddings = extract_model_from_parallel(model).get_input_embeddings().weight
     dtype, device_type = embeddings.dtype, device_type or embeddings.device.type
     # CUDA only: see modeling.attach_lora for why the CPU keeps peft's fp32 adapter compute.
-    return torch.autocast(device_type=device_type, dtype=dtype,
-                          enabled=device_type == "cuda" and dtype != torch.float32)
+    return torch.autocast(
+        device_type=device_type, dtype=dtype, enabled=device_type == "cuda" and dtype != torch.float32
+    )
 
 
 def target_positions(labels: torch.Tensor) -> torch.Tensor:
@@ -136,7 +151,7 @@ def validation_loss(model, rows, pad_token_id, batch_size, device, accelerator) 
     mine.sort(key=lambda i: len(rows[i]))  # similar lengths together: little padding
     most_rows = math.ceil(len(rows) / accelerator.num_processes)  # the share of rank 0, the largest
     for start in range(0, most_rows, batch_size):
-        indices = mine[start:start + batch_size]
+        indices = mine[start : start + batch_size]
         counted = 1.0 if indices else 0.0
         batch = collate([rows[i] for i in indices or mine[:batch_size] or [0]], pad_token_id)
         keep, n = target_positions(batch["labels"]).to(device), count_targets(batch)
@@ -157,14 +172,19 @@ def check_hardware(config: Config) -> None:
         except MrtuneError as error:
             problems.append(str(error))
     if config.train.optimizer == "paged_adamw_8bit" and not torch.cuda.is_available():
-        problems.append("train.optimizer=paged_adamw_8bit needs a CUDA GPU (bitsandbytes): on this machine set "
-                        "--set train.optimizer=adamw")
+        problems.append(
+            "train.optimizer=paged_adamw_8bit needs a CUDA GPU (bitsandbytes): on this machine set "
+            "--set train.optimizer=adamw"
+        )
     if config.model.attn_implementation == "flex_attention" and not torch.cuda.is_available():
-        problems.append("model.attn_implementation=flex_attention cannot train on this machine (PyTorch has no "
-                        "flex attention backward on CPU): set --set model.attn_implementation=sdpa")
+        problems.append(
+            "model.attn_implementation=flex_attention cannot train on this machine (PyTorch has no "
+            "flex attention backward on CPU): set --set model.attn_implementation=sdpa"
+        )
     if config.model.liger_kernel and not torch.cuda.is_available():
-        problems.append("model.liger_kernel=true needs a CUDA GPU (Liger's kernels are Triton): set "
-                        "--set model.liger_kernel=false")
+        problems.append(
+            "model.liger_kernel=true needs a CUDA GPU (Liger's kernels are Triton): set --set model.liger_kernel=false"
+        )
     if problems:
         raise MrtuneError("; ".join(problems))
 
@@ -175,8 +195,10 @@ def out_of_memory_message(config: Config, error: BaseException) -> str:
     if config.train.batch_tokens:
         advice = [f"lower train.batch_tokens (now {config.train.batch_tokens})"]
     else:
-        advice = [f"lower train.batch_size (now {config.train.batch_size}; raise train.gradient_accumulation to "
-                  "keep the step size) or set train.batch_tokens to cap the tokens of a micro-batch"]
+        advice = [
+            f"lower train.batch_size (now {config.train.batch_size}; raise train.gradient_accumulation to "
+            "keep the step size) or set train.batch_tokens to cap the tokens of a micro-batch"
+        ]
     if not config.model.gradient_checkpointing:
         advice.append("set model.gradient_checkpointing=true (~1/3 more compute, a fraction of the activations)")
     if config.model.quantization != "nf4":
@@ -187,6 +209,7 @@ def out_of_memory_message(config: Config, error: BaseException) -> str:
 @dataclass
 class _RunInProgress:
     """What `train`'s failure handling knows of the run being trained."""
+
     locked: RunDir | None = None  # the run directory this process holds the lock of
     run: RunDir | None = None  # set once the run is ours to mark failed (created, or checked for a resume)
     checkpoint_step: int | None = None  # the step of the last checkpoint on disk
@@ -203,8 +226,9 @@ def train(
     progress_state = _RunInProgress()
     try:
         with StopSignals() as stop:
-            return _train(config, Path(output_dir), progress_state, stop, overwrite=overwrite, progress=progress,
-                          resume=resume)
+            return _train(
+                config, Path(output_dir), progress_state, stop, overwrite=overwrite, progress=progress, resume=resume
+            )
     except TrainingInterrupted:
         raise
     except BaseException as error:
@@ -213,8 +237,11 @@ def train(
             message = out_of_memory_message(config, error)
         elif is_disk_full(error):
             message = _disk_full_message(progress_state, error)
-        _mark_failed(progress_state, message or str(error) or type(error).__name__,
-                     "interrupted" if isinstance(error, KeyboardInterrupt) else "failed")
+        _mark_failed(
+            progress_state,
+            message or str(error) or type(error).__name__,
+            "interrupted" if isinstance(error, KeyboardInterrupt) else "failed",
+        )
         if message:
             raise MrtuneError(message) from None
         raise
@@ -231,10 +258,14 @@ def _disk_full_message(progress_state: _RunInProgress, error: OSError) -> str:
     if progress_state.checkpoint_step is None:
         saved = "no checkpoint was written yet, so start the run again with --overwrite"
     else:
-        saved = (f"then `mrtune train --resume {run.path}` continues from the checkpoint of step "
-                 f"{progress_state.checkpoint_step}")
-    return (f"the disk filled up while writing to {run.path}{where}: the files saved before are intact (a save "
-            f"in progress was dropped); free some space, {saved}")
+        saved = (
+            f"then `mrtune train --resume {run.path}` continues from the checkpoint of step "
+            f"{progress_state.checkpoint_step}"
+        )
+    return (
+        f"the disk filled up while writing to {run.path}{where}: the files saved before are intact (a save "
+        f"in progress was dropped); free some space, {saved}"
+    )
 
 
 def _mark_failed(progress_state: _RunInProgress, message: str, status: str = "failed") -> None:
@@ -276,8 +307,14 @@ def _checkpoint_to_resume(run: RunDir, progress_state: _RunInProgress, accelerat
 
 
 def _train(
-    config: Config, output_dir: Path, progress_state: _RunInProgress, stop: StopSignals, *, overwrite: bool,
-    progress: bool, resume: bool,
+    config: Config,
+    output_dir: Path,
+    progress_state: _RunInProgress,
+    stop: StopSignals,
+    *,
+    overwrite: bool,
+    progress: bool,
+    resume: bool,
 ) -> RunDir:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
@@ -288,18 +325,25 @@ def _train(
     fsdp = uses_fsdp(accelerator)
     settings = config.train
     if fsdp and config.lora.init != "default":
-        raise MrtuneError(f"lora.init={config.lora.init} is not available under FSDP (the adapter's conversion to "
-                          "plain LoRA needs the whole model on one rank): set lora.init=default, or train with DDP")
+        raise MrtuneError(
+            f"lora.init={config.lora.init} is not available under FSDP (the adapter's conversion to "
+            "plain LoRA needs the whole model on one rank): set lora.init=default, or train with DDP"
+        )
     if fsdp and settings.loraplus_ratio is not None:
-        raise MrtuneError("train.loraplus_ratio is not available under FSDP (its flat parameters hide which adapter "
-                          "tensor is A and which B): unset it, or train with DDP")
+        raise MrtuneError(
+            "train.loraplus_ratio is not available under FSDP (its flat parameters hide which adapter "
+            "tensor is A and which B): unset it, or train with DDP"
+        )
     if resume:
         _refuse_unresumable(RunDir.open(output_dir))
 
     # 1. Data first, so that bad data fails in a second, before any model is loaded: the problems of every split
     #    (train, validation and test) in one error; then what this machine cannot run.
-    splits = load_splits({"train": config.data.train, "validation": config.data.validation,
-                          "test": config.data.test}, config.data.input_field, config.data.output_field)
+    splits = load_splits(
+        {"train": config.data.train, "validation": config.data.validation, "test": config.data.test},
+        config.data.input_field,
+        config.data.output_field,
+    )
     train_examples = spread_sample(splits["train"], config.data.train_limit)
     validation_examples = spread_sample(splits["validation"], settings.eval_rows)
     data_warnings = find_duplicates({**splits, "train": train_examples})
@@ -317,13 +361,16 @@ def _train(
     limit = min(config.data.max_length, getattr(tokenizer, "model_max_length", 10**9) or 10**9)
     tokenize = dict(completion_only=config.data.completion_only, max_length=limit, too_long=config.data.too_long)
     train_rows, report = tokenize_examples(train_examples, tokenizer, config.data.prompt_style, **tokenize)
-    validation_rows, validation_report = tokenize_examples(validation_examples, tokenizer,
-                                                           config.data.prompt_style, **tokenize)
+    validation_rows, validation_report = tokenize_examples(
+        validation_examples, tokenizer, config.data.prompt_style, **tokenize
+    )
     for split, split_report in (("training", report), ("validation", validation_report)):
         if split_report.too_long:
             verb = "skipped" if split_report.action == "skip" else "truncated"
-            data_warnings.append(f"{split_report.too_long} {split} row(s) longer than {limit} tokens were {verb} "
-                                 f"(data.too_long={split_report.action})")
+            data_warnings.append(
+                f"{split_report.too_long} {split} row(s) longer than {limit} tokens were {verb} "
+                f"(data.too_long={split_report.action})"
+            )
             if is_main:
                 tqdm.write(f"warning: {data_warnings[-1]}")
     if not train_rows or not validation_rows:
@@ -343,8 +390,9 @@ def _train(
             elif checkpoint["processes"] != world:
                 changed = f"it ran on {checkpoint['processes']} process(es), this resume on {world}"
             else:  # the optimizer state is saved keyed by parameter name under FSDP, by position elsewhere
-                changed = ("it ran with FSDP, this resume without" if sharded
-                           else "it ran without FSDP, this resume with it")
+                changed = (
+                    "it ran with FSDP, this resume without" if sharded else "it ran without FSDP, this resume with it"
+                )
             raise MrtuneError(
                 f"cannot resume {run.path} exactly: {changed} since its checkpoint (step {checkpoint['step']}); "
                 "restore the original set-up, or start a new run"
@@ -379,15 +427,21 @@ def _train(
         if is_main:  # a resumed run rebuilds the same init (an exact decomposition), and saves it again
             with warnings.catch_warnings():  # peft's advice to convert the adapter: save_adapter does, every time
                 warnings.filterwarnings("ignore", message=".*(PiSSA|OLoRA) changes the base weights")
-                write_dir_atomic(initial, lambda directory: model.save_pretrained(directory,
-                                                                                  save_embedding_layers=False))
+                write_dir_atomic(
+                    initial, lambda directory: model.save_pretrained(directory, save_embedding_layers=False)
+                )
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total_parameters = sum(p.numel() for p in model.parameters())
 
     # 5. Steps: an optimizer step consumes gradient_accumulation micro-batches on each rank.
     lengths = [len(r) for r in train_rows]
-    plan = dict(batch_size=settings.batch_size, batch_tokens=settings.batch_tokens, packing=settings.packing,
-                group_by_length=settings.group_by_length, seed=settings.seed)
+    plan = dict(
+        batch_size=settings.batch_size,
+        batch_tokens=settings.batch_tokens,
+        packing=settings.packing,
+        group_by_length=settings.group_by_length,
+        seed=settings.seed,
+    )
     micro_per_step = settings.gradient_accumulation * world
     steps_per_epoch = max(1, len(plan_batches(lengths, epoch=0, **plan)) // micro_per_step)
     total_steps = settings.max_steps or max(1, math.ceil(settings.epochs * steps_per_epoch))
@@ -418,10 +472,19 @@ def _train(
         vocabulary = Vocabulary.from_mrs(e.meaning_representation for e in train_examples)
         write_json(run.vocabulary, vocabulary.to_dict())
         run.update_info(
-            mrtune_version=__version__, status="running", model_path=str(model_path), device=str(device),
-            processes=world, train_rows=len(train_rows), validation_rows=len(validation_rows),
-            rows_too_long=report.too_long, trainable_parameters=trainable, total_parameters=total_parameters,
-            total_steps=total_steps, steps_per_epoch=steps_per_epoch, started=time.strftime("%Y-%m-%d %H:%M:%S"),
+            mrtune_version=__version__,
+            status="running",
+            model_path=str(model_path),
+            device=str(device),
+            processes=world,
+            train_rows=len(train_rows),
+            validation_rows=len(validation_rows),
+            rows_too_long=report.too_long,
+            trainable_parameters=trainable,
+            total_parameters=total_parameters,
+            total_steps=total_steps,
+            steps_per_epoch=steps_per_epoch,
+            started=time.strftime("%Y-%m-%d %H:%M:%S"),
             data_warnings=data_warnings,
         )
     writer = _tensorboard(run, purge_step=start_step + 1 if checkpoint else None) if is_main else None
@@ -438,8 +501,7 @@ def _train(
     def evaluate_and_keep_best(step: int, best: float) -> float:
         nonlocal eval_seconds
         eval_started = time.perf_counter()
-        loss = validation_loss(model, validation_rows, tokenizer.pad_token_id, settings.batch_size, device,
-                               accelerator)
+        loss = validation_loss(model, validation_rows, tokenizer.pad_token_id, settings.batch_size, device, accelerator)
         record = {"step": step, "validation_loss": loss}
         improved = loss < best  # the same on every rank: the loss is summed over ranks
         best = min(best, loss)
@@ -451,8 +513,9 @@ def _train(
             if wandb_run:
                 wandb_run.log(record, step=step)
             if improved:
-                write_dir_atomic(run.adapter, lambda directory: save_adapter(accelerator, model, directory, tensors,
-                                                                             initial))
+                write_dir_atomic(
+                    run.adapter, lambda directory: save_adapter(accelerator, model, directory, tensors, initial)
+                )
                 run.update_info(best_step=step, best_validation_loss=loss)
             sample = validation_examples[0]
             if fsdp:  # rank 0 alone cannot run the model: its weights are sharded over the ranks
@@ -460,13 +523,19 @@ def _train(
             else:
                 model.eval()
                 with compute_autocast(accelerator.unwrap_model(model)):
-                    output = generate(accelerator.unwrap_model(model), tokenizer,
-                                      [build_prompt(config.data.prompt_style, sample.sentence)],
-                                      max_new_tokens=config.eval.max_new_tokens, progress=False)[0]
+                    output = generate(
+                        accelerator.unwrap_model(model),
+                        tokenizer,
+                        [build_prompt(config.data.prompt_style, sample.sentence)],
+                        max_new_tokens=config.eval.max_new_tokens,
+                        progress=False,
+                    )[0]
                 model.train()
-            tqdm.write(f"step {step}: validation loss {loss:.4f}{' (best)' if loss == best else ''}\n"
-                       f"  sentence:  {sample.sentence}\n  expected:  {sample.meaning_representation}\n"
-                       f"  generated: {output}")
+            tqdm.write(
+                f"step {step}: validation loss {loss:.4f}{' (best)' if loss == best else ''}\n"
+                f"  sentence:  {sample.sentence}\n  expected:  {sample.meaning_representation}\n"
+                f"  generated: {output}"
+            )
         accelerator.wait_for_everyone()
         eval_seconds += time.perf_counter() - eval_started
         return best
@@ -474,11 +543,19 @@ def _train(
     def checkpoint_and_maybe_stop(done: int, signum: int | None) -> None:
         """Save RUN/checkpoint/ after `done` steps; then, if a signal asked for it, stop with a way to resume."""
         state = {
-            "step": done, "total_steps": total_steps, "processes": world, "data_fingerprint": fingerprint,
-            "best_validation_loss": None if math.isinf(best) else best, "bad_in_a_row": bad_in_a_row,
-            "skipped_steps": skipped, "useful_tokens": useful_tokens, "padded_tokens": padded_tokens,
-            "train_seconds": time.perf_counter() - started - eval_seconds, "eval_seconds": eval_seconds,
-            "fsdp": fsdp, "mrtune_version": __version__,
+            "step": done,
+            "total_steps": total_steps,
+            "processes": world,
+            "data_fingerprint": fingerprint,
+            "best_validation_loss": None if math.isinf(best) else best,
+            "bad_in_a_row": bad_in_a_row,
+            "skipped_steps": skipped,
+            "useful_tokens": useful_tokens,
+            "padded_tokens": padded_tokens,
+            "train_seconds": time.perf_counter() - started - eval_seconds,
+            "eval_seconds": eval_seconds,
+            "fsdp": fsdp,
+            "mrtune_version": __version__,
         }
         save_checkpoint(run, accelerator, model, optimizer, scheduler, state, saved_keys)
         progress_state.checkpoint_step = done
@@ -493,8 +570,11 @@ def _train(
                 writer.close()
             if wandb_run:
                 wandb_run.finish()
-        raise TrainingInterrupted(f"interrupted at step {done} of {total_steps} ({signal.Signals(signum).name}): "
-                                  f"resume with `mrtune train --resume {run.path}`", signum)
+        raise TrainingInterrupted(
+            f"interrupted at step {done} of {total_steps} ({signal.Signals(signum).name}): "
+            f"resume with `mrtune train --resume {run.path}`",
+            signum,
+        )
 
     # 7. The loop.
     stream = micro_batches()
@@ -511,9 +591,13 @@ def _train(
     started = time.perf_counter() - train_seconds_before - eval_seconds
     stopped_early = None  # the step at which train.time_budget_s ran out
     # With a time budget the bar's total is the step count's upper bound; its postfix says the time left.
-    bar = tqdm(total=total_steps, initial=start_step, unit="step", disable=not (progress and is_main),
-               desc="training" if settings.time_budget_s is None else
-               f"training ({settings.time_budget_s:.0f} s budget)")
+    bar = tqdm(
+        total=total_steps,
+        initial=start_step,
+        unit="step",
+        disable=not (progress and is_main),
+        desc="training" if settings.time_budget_s is None else f"training ({settings.time_budget_s:.0f} s budget)",
+    )
     model.train()
     for step in range(start_step + 1, total_steps + 1):
         # Between two steps, the only moment the adapter, optimizer and data position agree: the periodic
@@ -527,11 +611,13 @@ def _train(
         # every step, so flex attention and torch.compile compile once; varying lengths cost a recompilation
         # (~0.5 s) per step, measured as a fixed 0.6 s step on the Mistral-7B shape.
         pad_to = settings.batch_tokens if settings.packing else None
-        batches = [collate([train_rows[i] for i in indices], tokenizer.pad_token_id, settings.packing, pad_to)
-                   for _, indices in group]
+        batches = [
+            collate([train_rows[i] for i in indices], tokenizer.pad_token_id, settings.packing, pad_to)
+            for _, indices in group
+        ]
         row_tokens = [sum(len(train_rows[i]) for i in indices) for _, indices in group]
         step_targets = sum(count_targets(b) for b in batches)  # over all ranks: every rank divides by the same
-        mine = batches[accelerator.process_index::world]
+        mine = batches[accelerator.process_index :: world]
         step_loss = torch.zeros((), device=device)
         useful_tokens += sum(row_tokens)  # the whole step's, all ranks': each rank knows the step's micro-batches
         padded_tokens += sum(b["input_ids"].numel() for b in batches)
@@ -549,7 +635,8 @@ def _train(
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), settings.max_grad_norm)
         clock["elapsed"] = time.perf_counter() - started - eval_seconds
         out_of_time = settings.time_budget_s is not None and _any_rank(
-            accelerator, clock["elapsed"] >= settings.time_budget_s, device)
+            accelerator, clock["elapsed"] >= settings.time_budget_s, device
+        )
         # One host sync for both checks (each `bool(tensor)` waits for the device).
         health = torch.stack([step_loss.float(), torch.as_tensor(grad_norm, device=device).float()])
         if not bool(torch.isfinite(health).all()):
@@ -575,14 +662,27 @@ def _train(
         elapsed = time.perf_counter() - started - eval_seconds
         last = step == total_steps or out_of_time
         if is_main and (step % settings.log_every == 0 or last):
-            record = {"step": step, "epoch": round(epoch + 0.0, 3), "train_loss": step_loss.item(),
-                      "learning_rate": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
-                      "useful_tokens": useful_tokens, "padded_tokens": padded_tokens,
-                      "useful_tokens_per_s": round(useful_tokens / elapsed, 1), "elapsed_s": round(elapsed, 3)}
+            record = {
+                "step": step,
+                "epoch": round(epoch + 0.0, 3),
+                "train_loss": step_loss.item(),
+                "learning_rate": scheduler.get_last_lr()[0],
+                "grad_norm": float(grad_norm),
+                "useful_tokens": useful_tokens,
+                "padded_tokens": padded_tokens,
+                "useful_tokens_per_s": round(useful_tokens / elapsed, 1),
+                "elapsed_s": round(elapsed, 3),
+            }
             run.append_history(record)
-            bar.set_postfix(loss=f"{record['train_loss']:.4f}", tok_s=f"{record['useful_tokens_per_s']:.0f}",
-                            **({"left": f"{max(0.0, settings.time_budget_s - elapsed):.0f}s"}
-                               if settings.time_budget_s is not None else {}))
+            bar.set_postfix(
+                loss=f"{record['train_loss']:.4f}",
+                tok_s=f"{record['useful_tokens_per_s']:.0f}",
+                **(
+                    {"left": f"{max(0.0, settings.time_budget_s - elapsed):.0f}s"}
+                    if settings.time_budget_s is not None
+                    else {}
+                ),
+            )
             if writer:
                 for key in ("train_loss", "learning_rate", "grad_norm", "useful_tokens_per_s"):
                     writer.add_scalar(key.replace("train_loss", "loss/train"), record[key], step)
@@ -597,9 +697,13 @@ def _train(
     train_seconds = time.perf_counter() - started - eval_seconds
     if is_main:
         run.update_info(
-            status="finished", finished=time.strftime("%Y-%m-%d %H:%M:%S"), train_seconds=round(train_seconds, 1),
+            status="finished",
+            finished=time.strftime("%Y-%m-%d %H:%M:%S"),
+            train_seconds=round(train_seconds, 1),
             eval_seconds=round(eval_seconds, 1),
-            useful_tokens=useful_tokens, padded_tokens=padded_tokens, skipped_steps=skipped,
+            useful_tokens=useful_tokens,
+            padded_tokens=padded_tokens,
+            skipped_steps=skipped,
             useful_tokens_per_s=round(useful_tokens / train_seconds, 1),
             **({"stopped_by_time_budget_at_step": stopped_early} if stopped_early else {}),
             peak_memory_bytes=torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
@@ -640,5 +744,6 @@ def _wandb(config: Config, run: RunDir):
         import wandb
     except ImportError:
         raise MrtuneError("train.wandb_project is set but wandb is not installed: pip install wandb") from None
-    return wandb.init(project=config.train.wandb_project, config=config.to_dict(), dir=str(run.path),
-                      name=run.path.name)
+    return wandb.init(
+        project=config.train.wandb_project, config=config.to_dict(), dir=str(run.path), name=run.path.name
+    )
