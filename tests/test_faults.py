@@ -21,7 +21,8 @@ from safetensors.torch import load_file
 from mrtune.cli import main
 from mrtune.config import load_config
 from mrtune.errors import MrtuneError
-from mrtune.run.rundir import RunDir, write_dir_atomic
+from mrtune.run.durable import write_dir_atomic
+from mrtune.run.rundir import RunDir
 from mrtune.task.data import Example, find_duplicates, load_split
 from mrtune.train.batching import tokenize_examples
 from mrtune.train.checkpoint import STATE_FILE, recover_run

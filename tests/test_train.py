@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import stat
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ from mrtune.infer.evaluate import evaluate
 from mrtune.infer.merge import merge
 from mrtune.infer.predict import predict
 from mrtune.model.build import attach_lora, load_base_model
+from mrtune.run.durable import current_umask
 from mrtune.run.rundir import RunDir
 from mrtune.task.data import load_split
 from mrtune.train.batching import collate, tokenize_examples
@@ -100,6 +102,11 @@ def test_run_directory_holds_exactly_the_expected_files(trained_run):
     info = run.info()
     assert info["status"] == "finished" and info["best_step"] in (4, 8) and info["total_steps"] == 8
     assert any((run.path / "tensorboard").iterdir())
+    # Every file readable by others (issue 12: safetensors used to leave the adapter 0600), as umask allows.
+    readable = 0o666 & ~current_umask()
+    assert {str(p): stat.S_IMODE(p.stat().st_mode) for p in run.path.rglob("*") if p.is_file()} == {
+        str(p): readable for p in run.path.rglob("*") if p.is_file()
+    }
 
 
 def test_evaluate_predict_and_merge(trained_run, tmp_path):

@@ -10,25 +10,21 @@ import sys
 
 from mrtune.errors import MrtuneError, TrainingInterrupted
 
-METRIC_ROWS = [
-    ("exact_match", "exact match"),
-    ("exact_match_unordered", "exact match (any slot order)"),
-    ("dialogue_act_accuracy", "dialogue-act accuracy"),
-    ("slot_precision", "slot precision"),
-    ("slot_recall", "slot recall"),
-    ("slot_f1", "slot F1"),
-    ("valid_mr_rate", "valid MR rate"),
-]
-
 
 def format_metrics_table(columns: dict[str, dict]) -> str:
-    """A plain-text table, one column per evaluation (e.g. base vs fine-tuned)."""
+    """A plain-text table, one column per evaluation (e.g. base vs fine-tuned), the rows of report.md's."""
+    from mrtune.task.mr import METRIC_ROWS
+
+    def cell(value, kind: str) -> str:
+        if not isinstance(value, (int, float)):
+            return "-"
+        return {"count": f"{value}", "percent": f"{100 * value:.1f}%", "seconds": f"{value:.1f} s"}[kind]
+
     names = list(columns)
-    width = max(len(label) for _, label in METRIC_ROWS) + 2
+    width = max(len(label) for label, _, _ in METRIC_ROWS) + 2
     lines = ["".ljust(width) + "".join(n.rjust(14) for n in names)]
-    lines.append("rows".ljust(width) + "".join(str(columns[n]["n"]).rjust(14) for n in names))
-    for key, label in METRIC_ROWS:
-        lines.append(label.ljust(width) + "".join(f"{100 * columns[n][key]:13.1f}%" for n in names))
+    for label, key, kind in METRIC_ROWS:
+        lines.append(label.ljust(width) + "".join(cell(columns[n].get(key), kind).rjust(14) for n in names))
     return "\n".join(lines)
 
 

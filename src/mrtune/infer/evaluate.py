@@ -9,7 +9,8 @@ from pathlib import Path
 from mrtune.config import with_eval_overrides
 from mrtune.errors import MrtuneError
 from mrtune.infer.predict import decode, load_model
-from mrtune.run.rundir import RunDir, write_json, write_text_atomic
+from mrtune.run.durable import write_json, write_text_atomic
+from mrtune.run.rundir import RunDir
 from mrtune.task.data import load_split, spread_sample
 from mrtune.task.mr import score
 

@@ -9,7 +9,8 @@ from pathlib import Path
 from mrtune.errors import MrtuneError
 from mrtune.model.build import default_device, load_trained_model
 from mrtune.model.resolve import load_tokenizer
-from mrtune.run.rundir import RunDir, replace_dir
+from mrtune.run.durable import replace_dir
+from mrtune.run.rundir import RunDir
 
 
 def merge(run_dir: str | Path, output_dir: str | Path, *, overwrite: bool = False) -> Path:

@@ -12,7 +12,8 @@ from mrtune.errors import MrtuneError
 from mrtune.infer.generation import generate
 from mrtune.model.build import default_device, load_trained_model
 from mrtune.model.resolve import load_tokenizer
-from mrtune.run.rundir import RunDir, write_text_atomic
+from mrtune.run.durable import write_text_atomic
+from mrtune.run.rundir import RunDir
 from mrtune.task.data import Example, load_split
 from mrtune.task.mr import Vocabulary
 from mrtune.task.prompts import build_prompt

@@ -10,22 +10,20 @@ importing this module stays cheap.
 
 from __future__ import annotations
 
-import contextlib
 import importlib.metadata
 import json
 import logging
 import os
 import re
 import shutil
-import tempfile
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from mrtune.config import EMBEDDED_MODEL
 from mrtune.errors import MrtuneError
+from mrtune.run.durable import file_lock, recover_dir, write_dir_atomic, write_json
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -117,39 +115,6 @@ def is_converted(directory: Path) -> bool:
     return _read_marker(directory) is not None
 
 
-@contextlib.contextmanager
-def _exclusive_lock(lock_path: Path) -> Iterator[None]:
-    """An advisory inter-process lock (no-op where fcntl is unavailable)."""
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - non-POSIX
-        yield
-        return
-    with open(lock_path, "a+") as handle:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
-
-
-def _fsync_tree(directory: Path) -> None:
-    for path in directory.rglob("*"):
-        if path.is_file():
-            with open(path, "rb") as handle:
-                os.fsync(handle.fileno())
-    _fsync_dir(directory)
-
-
-def _fsync_dir(directory: Path) -> None:
-    with contextlib.suppress(OSError):  # not supported on every platform/filesystem
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
 def _convert_gguf(gguf_path: Path, out_dir: Path) -> None:
     """Dequantize `gguf_path` and save it into the (existing, empty) `out_dir` as a plain HF checkpoint."""
     import torch
@@ -227,21 +192,12 @@ def _gguf_record_hash(gguf_path: Path) -> str | None:
     return None
 
 
-def _make_readable(directory: Path) -> None:
-    """Give cache files the usual umask-based modes (safetensors writes 0600 temporary files)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    for path in [directory, *directory.rglob("*")]:
-        with contextlib.suppress(OSError):
-            os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
-
-
 def ensure_embedded_model(cache_dir: Path | None = None) -> Path:
     """Directory of the converted embedded model, converting it first if needed (about 30 s, once).
 
-    The conversion is written into a temporary sibling directory that is renamed into place only once
-    complete (with its marker file), so an interrupted conversion never leaves a half cache; leftovers of
-    interrupted runs are removed by the next conversion. Concurrent processes serialize on a lock file.
+    The conversion is written into a temporary sibling directory that is swapped into place only once complete
+    (with its marker file: durable.write_dir_atomic), so an interrupted conversion never leaves a half cache;
+    leftovers of interrupted runs are removed by the next conversion. Concurrent processes serialize on a lock file.
     """
     root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     final = root / EMBEDDED_CACHE_NAME
@@ -257,42 +213,29 @@ def ensure_embedded_model(cache_dir: Path | None = None) -> Path:
             "writable directory"
         ) from None
 
-    tmp_prefix = f".{EMBEDDED_CACHE_NAME}.tmp-"
-    with _exclusive_lock(root / f".{EMBEDDED_CACHE_NAME}.lock"):
+    def convert(directory: Path) -> None:
+        logger.info("converting the embedded model %s into %s (one time)", gguf_path.name, final)
+        started = time.monotonic()
+        _convert_gguf(gguf_path, directory)
+        marker = {
+            "format": CONVERSION_FORMAT,
+            "model": EMBEDDED_MODEL,
+            "source": f"{EMBEDDED_DISTRIBUTION}:{gguf_path.name}",
+            "source_hash": _gguf_record_hash(gguf_path),
+            "dtype": "float32",
+            "seconds": round(time.monotonic() - started, 1),
+        }
+        write_json(directory / CACHE_MARKER, marker)
+
+    with file_lock(root / f".{EMBEDDED_CACHE_NAME}.lock"):
         if is_converted(final):  # another process finished while we waited for the lock
             return final
-        for stale in root.glob(f"{tmp_prefix}*"):  # leftovers of killed conversions (we hold the lock)
+        recover_dir(final)  # leftovers of a killed conversion (we hold the lock)
+        for stale in root.glob(f".{EMBEDDED_CACHE_NAME}.tmp-*"):  # those of mrtune before durable.write_dir_atomic
             shutil.rmtree(stale, ignore_errors=True)
-
-        tmp = Path(tempfile.mkdtemp(prefix=tmp_prefix, dir=root))
-        try:
-            logger.info("converting the embedded model %s into %s (one time)", gguf_path.name, final)
-            started = time.monotonic()
-            _convert_gguf(gguf_path, tmp)
-            marker = {
-                "format": CONVERSION_FORMAT,
-                "model": EMBEDDED_MODEL,
-                "source": f"{EMBEDDED_DISTRIBUTION}:{gguf_path.name}",
-                "source_hash": _gguf_record_hash(gguf_path),
-                "dtype": "float32",
-                "seconds": round(time.monotonic() - started, 1),
-            }
-            (tmp / CACHE_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
-            _make_readable(tmp)
-            _fsync_tree(tmp)
-            if final.exists() or final.is_symlink():
-                # An incomplete or outdated-format cache: move it aside first (rename cannot replace a
-                # non-empty directory), then drop it.
-                old = Path(tempfile.mkdtemp(prefix=tmp_prefix, dir=root))
-                os.rename(final, old / "old")
-                os.rename(tmp, final)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.rename(tmp, final)
-            _fsync_dir(root)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+        # An incomplete or outdated-format cache is replaced whole; its files get the usual modes (safetensors
+        # writes 0600 temporary files) in the swap.
+        write_dir_atomic(final, convert)
     return final
 
 

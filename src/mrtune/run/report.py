@@ -17,8 +17,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -34,8 +32,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import yaml  # noqa: E402
 
-from mrtune.run.rundir import RunDir, write_text_atomic  # noqa: E402
-from mrtune.task.mr import INVALID_ACT, dialogue_act_confusion, slot_errors, try_parse_mr  # noqa: E402
+from mrtune.run.durable import atomic_file, read_jsonl, write_text_atomic  # noqa: E402
+from mrtune.run.rundir import RunDir  # noqa: E402
+from mrtune.task.mr import INVALID_ACT, METRIC_ROWS, dialogue_act_confusion, slot_errors, try_parse_mr  # noqa: E402
 
 __all__ = [
     "metrics_table",
@@ -56,19 +55,6 @@ OWNED_PICTURES = (LOSS_CURVE, "dialogue_acts_*.png", "confusion_*.png")
 WORST_LIMIT = 20
 SLOT_LIMIT = 10
 DPI = 110
-
-# (label, metrics.json key, formatter name) in display order.
-METRIC_ROWS = (
-    ("Rows (n)", "n", "count"),
-    ("Exact match", "exact_match", "percent"),
-    ("Exact match (any slot order)", "exact_match_unordered", "percent"),
-    ("Dialogue-act accuracy", "dialogue_act_accuracy", "percent"),
-    ("Slot precision", "slot_precision", "percent"),
-    ("Slot recall", "slot_recall", "percent"),
-    ("Slot F1", "slot_f1", "percent"),
-    ("Valid MR rate", "valid_mr_rate", "percent"),
-    ("Decode time", "decode_seconds", "seconds"),
-)
 
 
 # -- formatting ------------------------------------------------------------------------------------
@@ -172,26 +158,6 @@ def _image(alt: str, filename: str) -> str:
 # -- reading what is on disk -----------------------------------------------------------------------
 
 
-def _read_jsonl(path: Path) -> tuple[list[dict[str, Any]], int]:
-    """Records of a JSONL file and how many lines were skipped (torn by a kill, or not an object)."""
-    if not path.is_file():
-        return [], 0
-    records, skipped = [], 0
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            skipped += 1
-            continue
-        if isinstance(record, dict):
-            records.append(record)
-        else:
-            skipped += 1
-    return records, skipped
-
-
 def _read_json_object(path: Path) -> dict[str, Any]:
     data = json.loads(path.read_text(encoding="utf-8"))
     if not isinstance(data, dict):
@@ -216,7 +182,7 @@ class _Evaluation:
     def predictions(self) -> tuple[list[dict[str, Any]], int]:
         """Rows with a string reference and prediction, and how many lines could not be used."""
         if self._predictions is None:
-            records, skipped = _read_jsonl(self.folder / "predictions.jsonl")
+            records, skipped = read_jsonl(self.folder / "predictions.jsonl")
             usable = [
                 r for r in records if isinstance(r.get("reference"), str) and isinstance(r.get("prediction"), str)
             ]
@@ -250,18 +216,8 @@ def _load_evaluations(run: RunDir, notes: list[str]) -> list[_Evaluation]:
 
 def _save_png(fig: plt.Figure, path: Path) -> None:
     """Save beside the target and rename, so a reader (or a kill) never sees half a PNG."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            fig.savefig(handle, format="png", dpi=DPI)
-            handle.flush()
-            os.fsync(handle.fileno())
-        # mkstemp creates the file 0600; a picture is as public as the report that shows it.
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path, "wb") as handle:
+        fig.savefig(handle, format="png", dpi=DPI)
 
 
 def _series(history: list[dict[str, Any]], key: str) -> list[tuple[float, float]]:
@@ -549,7 +505,7 @@ def _summary_section(info: dict[str, Any]) -> list[str]:
 
 def _training_section(run: RunDir, info: dict[str, Any], produced: set[str]) -> list[str]:
     lines = ["## Training", ""]
-    history, skipped = _read_jsonl(run.history)
+    history, skipped = read_jsonl(run.history)
     if skipped:
         lines += [f"_{skipped} unreadable line(s) of history.jsonl were skipped._", ""]
     train_points = len(_series(history, "train_loss"))

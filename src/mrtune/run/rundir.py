@@ -17,111 +17,24 @@ RUN/
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-
-try:
-    import fcntl
-except ImportError:  # Windows: runs are not locked there
-    fcntl = None
 
 import yaml
 
 from mrtune.config import Config, from_dict, to_yaml
 from mrtune.errors import MrtuneError
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write via a temporary file, fsync and rename: a kill or a full disk never leaves half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes files private (0600); these are ordinary results
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_json(path: Path, data: Any) -> None:
-    write_text_atomic(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Make a rename or a new entry in `directory` durable (no-op where directories cannot be opened)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def replace_dir(tmp_dir: Path, final_dir: Path) -> None:
-    """Swap a fully written directory into place; the previous version stays whole until the swap.
-
-    POSIX has no atomic swap of two directories, so there is a moment between the two renames when only
-    `final.old` exists; `recover_dir` puts it back after a kill in that moment.
-    """
-    for file in tmp_dir.rglob("*"):
-        if file.is_file():
-            with open(file, "rb") as handle:
-                os.fsync(handle.fileno())
-    for directory in [tmp_dir, *(d for d in tmp_dir.rglob("*") if d.is_dir())]:
-        _fsync_dir(directory)
-    old = final_dir.with_name(final_dir.name + ".old")
-    if old.exists():
-        if not final_dir.exists():  # a kill left only the previous version: it becomes the fallback again
-            os.replace(old, final_dir)
-        else:
-            shutil.rmtree(old)
-    if final_dir.exists():
-        os.replace(final_dir, old)
-    os.replace(tmp_dir, final_dir)
-    _fsync_dir(final_dir.parent)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def write_dir_atomic(final_dir: Path, write: Callable[[Path], None]) -> None:
-    """Build a directory as `final.tmp` with `write(tmp_dir)`, then swap it in with `replace_dir`.
-
-    On any failure (a full disk, an exception, Ctrl-C) the temporary directory is removed and the previous
-    version of `final_dir` is left as it was.
-    """
-    tmp = final_dir.with_name(final_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        write(tmp)
-        replace_dir(tmp, final_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def recover_dir(final_dir: Path) -> None:
-    """Undo what a kill in the middle of `replace_dir` or `write_dir_atomic` left behind.
-
-    A half-written `final.tmp` is dropped; if the kill came between the two renames, `final.old` (the previous,
-    complete version) is put back as `final`.
-    """
-    old = final_dir.with_name(final_dir.name + ".old")
-    if not final_dir.exists() and old.is_dir():
-        os.replace(old, final_dir)
-    shutil.rmtree(old, ignore_errors=True)
-    shutil.rmtree(final_dir.with_name(final_dir.name + ".tmp"), ignore_errors=True)
+from mrtune.run.durable import (
+    FileLock,
+    LockHeld,
+    append_jsonl,
+    is_locked,
+    read_jsonl,
+    write_dir_atomic,
+    write_json,
+    write_text_atomic,
+)
 
 
 class RunDir:
@@ -219,40 +132,28 @@ class RunDir:
     def lock(self) -> None:
         """Hold an exclusive lock on the run directory while training writes it.
 
-        flock on the directory itself, so no lock file is left behind, and the kernel releases it when the
-        process dies, SIGKILL included: a stale lock never blocks a resume.
+        flock on the directory itself (durable.file_lock), so no lock file is left behind, and the kernel releases
+        it when the process dies, SIGKILL included: a stale lock never blocks a resume.
         """
-        if fcntl is None:
-            return
-        fd = os.open(self.path, os.O_RDONLY)
+        lock = FileLock(self.path)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            os.close(fd)
+            lock.acquire(blocking=False)
+        except LockHeld:
             raise MrtuneError(
                 f"run {self.path} is being trained by another process right now: wait for it to end, or stop "
                 f"it (Ctrl-C or SIGTERM saves a checkpoint) and then `mrtune train --resume {self.path}`"
             ) from None
-        self._lock_fd = fd
+        self._lock = lock
 
     def unlock(self) -> None:
-        fd = getattr(self, "_lock_fd", None)
-        if fd is not None:
-            os.close(fd)  # closing the descriptor releases the flock
-            self._lock_fd = None
+        lock = getattr(self, "_lock", None)
+        if lock is not None:
+            lock.release()
+            self._lock = None
 
     def is_locked(self) -> bool:
         """Whether another process holds `lock()` on this run right now."""
-        if fcntl is None or getattr(self, "_lock_fd", None) is not None:
-            return False
-        fd = os.open(self.path, os.O_RDONLY)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            return True
-        finally:
-            os.close(fd)  # also releases the probe's own lock
-        return False
+        return getattr(self, "_lock", None) is None and is_locked(self.path)
 
     def info(self) -> dict[str, Any]:
         try:
@@ -275,6 +176,9 @@ class RunDir:
     def save_config(self, config: Config) -> None:
         write_text_atomic(self.config_file, to_yaml(config))
 
+    def save_tokenizer(self, tokenizer) -> None:
+        write_dir_atomic(self.tokenizer, tokenizer.save_pretrained)
+
     def require_adapter(self) -> Path:
         if not (self.adapter / "adapter_config.json").is_file():
             status = self.info().get("status", "unknown")
@@ -285,22 +189,11 @@ class RunDir:
         return self.adapter
 
     def append_history(self, record: dict[str, Any]) -> None:
-        with open(self.history, "a", encoding="utf-8") as handle:
-            handle.write(json.dumps(record) + "\n")
+        append_jsonl(self.history, record)
 
     def read_history(self) -> list[dict[str, Any]]:
         """The history's records; a line torn by a kill in the middle of an append is left out."""
-        if not self.history.is_file():
-            return []
-        records = []
-        for line in self.history.read_text(encoding="utf-8", errors="replace").split("\n"):
-            if not line.strip():
-                continue
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-        return records
+        return read_jsonl(self.history)[0]
 
     def truncate_history(self, last_step: int) -> int:
         """Keep only the records up to `last_step` (the resumed checkpoint's step), so that the steps replayed

@@ -261,6 +261,21 @@ class _Tally:
         return _ratio(self.true_positive, self.gold)
 
 
+# The metrics of an evaluation as tables show them (report.md, `mrtune evaluate` and `compare`), in display order:
+# (label, metrics.json key, kind). `score` gives the rates; evaluate adds n and decode_seconds.
+METRIC_ROWS = (
+    ("Rows (n)", "n", "count"),
+    ("Exact match", "exact_match", "percent"),
+    ("Exact match (any slot order)", "exact_match_unordered", "percent"),
+    ("Dialogue-act accuracy", "dialogue_act_accuracy", "percent"),
+    ("Slot precision", "slot_precision", "percent"),
+    ("Slot recall", "slot_recall", "percent"),
+    ("Slot F1", "slot_f1", "percent"),
+    ("Valid MR rate", "valid_mr_rate", "percent"),
+    ("Decode time", "decode_seconds", "seconds"),
+)
+
+
 def score(predictions: list[str], references: list[str]) -> dict:
     """Compare predicted MR strings with reference MR strings, row by row.
 

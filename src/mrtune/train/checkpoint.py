@@ -39,7 +39,8 @@ from typing import Any
 import torch
 
 from mrtune.errors import MrtuneError
-from mrtune.run.rundir import RunDir, recover_dir, write_dir_atomic, write_json
+from mrtune.run.durable import recover_dir, write_dir_atomic, write_json
+from mrtune.run.rundir import RunDir
 
 STATE_FILE = "state.json"
 DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)

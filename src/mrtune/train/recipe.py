@@ -24,7 +24,8 @@ from mrtune.errors import MrtuneError, TrainingInterrupted
 from mrtune.infer.generation import generate
 from mrtune.model.build import attach_lora, load_base_model, quantization_config
 from mrtune.model.resolve import load_tokenizer, resolve_model_path
-from mrtune.run.rundir import RunDir, write_dir_atomic, write_json, write_text_atomic
+from mrtune.run.durable import write_dir_atomic, write_json, write_text_atomic
+from mrtune.run.rundir import RunDir
 from mrtune.task.data import find_duplicates, load_splits, spread_sample
 from mrtune.task.mr import Vocabulary
 from mrtune.task.prompts import build_prompt, template
@@ -468,7 +469,7 @@ def _train(
     elif is_main:
         run.save_config(config)
         write_text_atomic(run.path / "prompt.txt", template(config.data.prompt_style))
-        tokenizer.save_pretrained(run.tokenizer)
+        run.save_tokenizer(tokenizer)
         vocabulary = Vocabulary.from_mrs(e.meaning_representation for e in train_examples)
         write_json(run.vocabulary, vocabulary.to_dict())
         run.update_info(
