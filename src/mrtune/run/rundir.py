@@ -81,7 +81,9 @@ class RunDir:
 
     # -- life cycle ----------------------------------------------------------------------------------
     @classmethod
-    def create(cls, path: str | Path, overwrite: bool = False) -> RunDir:
+    def check_new(cls, path: str | Path, overwrite: bool = False) -> None:
+        """Refuse an output directory that `create` would not take, touching nothing: `mrtune train` asks this
+        first, and replaces an old run (--overwrite) only once the config, data and model have all been checked."""
         path = Path(path)
         if path.exists() and not path.is_dir():
             raise MrtuneError(f"output directory {path} is a file: choose another --output-dir")
@@ -106,6 +108,13 @@ class RunDir:
                     f"output directory {path} already holds a run (status: {existing.status()}): {hint}pass "
                     "--overwrite to replace it, or choose another --output-dir (nothing there was touched)"
                 )
+
+    @classmethod
+    def create(cls, path: str | Path, overwrite: bool = False) -> RunDir:
+        """A new, empty run directory at `path`; with `overwrite`, the run there is removed first."""
+        cls.check_new(path, overwrite)
+        path = Path(path)
+        if path.is_dir() and any(path.iterdir()):
             shutil.rmtree(path)
         path.mkdir(parents=True, exist_ok=True)
         return cls(path)

@@ -12,6 +12,7 @@ import shutil
 import signal
 import time
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +32,7 @@ from mrtune.task.mr import Vocabulary
 from mrtune.task.prompts import build_prompt, template
 from mrtune.train.batching import IGNORE_INDEX, collate, count_targets, plan_batches, tokenize_examples
 from mrtune.train.checkpoint import (
+    STATE_FILE,
     StopSignals,
     data_fingerprint,
     is_disk_full,
@@ -46,6 +48,8 @@ from mrtune.train.distributed import (
     uses_fsdp,
     wrap_adapters_separately,
 )
+from mrtune.train.sinks import MetricSinks, ProgressBar
+from mrtune.train.state import LoopState
 
 
 def make_optimizer(model, config: Config) -> torch.optim.Optimizer:
@@ -227,9 +231,14 @@ def train(
     progress_state = _RunInProgress()
     try:
         with StopSignals() as stop:
-            return _train(
-                config, Path(output_dir), progress_state, stop, overwrite=overwrite, progress=progress, resume=resume
-            )
+            recipe = Recipe(config, Path(output_dir), progress_state, stop, progress=progress)
+            try:
+                recipe.setup(overwrite=overwrite, resume=resume)
+                recipe.fit()
+                recipe.finish()
+            finally:
+                recipe.cleanup()
+            return recipe.run
     except TrainingInterrupted:
         raise
     except BaseException as error:
@@ -297,431 +306,476 @@ def _refuse_unresumable(run: RunDir) -> None:
         )
 
 
-def _checkpoint_to_resume(run: RunDir, progress_state: _RunInProgress, accelerator) -> dict:
-    """Take the run's lock, put back what a kill mid-save left, and read the state of its last checkpoint."""
-    if accelerator.is_main_process:
-        run.lock()
-        progress_state.locked = run
-        recover_run(run)
-    accelerator.wait_for_everyone()
-    return read_checkpoint_state(run)
+def micro_batches(lengths: list[int], plan: dict) -> Iterator[tuple[int, list[int]]]:
+    """(epoch, micro-batch row indices) forever, in the deterministic order of each epoch's plan."""
+    epoch = 0
+    while True:
+        for indices in plan_batches(lengths, epoch=epoch, **plan):
+            yield epoch, indices
+        epoch += 1
 
 
-def _train(
-    config: Config,
-    output_dir: Path,
-    progress_state: _RunInProgress,
-    stop: StopSignals,
-    *,
-    overwrite: bool,
-    progress: bool,
-    resume: bool,
-) -> RunDir:
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
+class Recipe:
+    """One `mrtune train` run, in the shape of torchtune's recipes: `setup()` checks everything and builds the data,
+    model, optimizer and loop state; `fit()` is the loop, `validate()` and `checkpoint()` what it calls between
+    steps; `finish()` records the result; `cleanup()` closes the metric sinks however the run ended.
 
-    accelerator = Accelerator()
-    is_main = accelerator.is_main_process
-    world = accelerator.num_processes
-    fsdp = uses_fsdp(accelerator)
-    settings = config.train
-    if fsdp and config.lora.init != "default":
-        raise MrtuneError(
-            f"lora.init={config.lora.init} is not available under FSDP (the adapter's conversion to "
-            "plain LoRA needs the whole model on one rank): set lora.init=default, or train with DDP"
-        )
-    if fsdp and settings.loraplus_ratio is not None:
-        raise MrtuneError(
-            "train.loraplus_ratio is not available under FSDP (its flat parameters hide which adapter "
-            "tensor is A and which B): unset it, or train with DDP"
-        )
-    if resume:
-        _refuse_unresumable(RunDir.open(output_dir))
+    Only the main rank writes the run directory; every rank runs the same collective calls in the same order.
+    """
 
-    # 1. Data first, so that bad data fails in a second, before any model is loaded: the problems of every split
-    #    (train, validation and test) in one error; then what this machine cannot run.
-    splits = load_splits(
-        {"train": config.data.train, "validation": config.data.validation, "test": config.data.test},
-        config.data.input_field,
-        config.data.output_field,
-    )
-    train_examples = spread_sample(splits["train"], config.data.train_limit)
-    validation_examples = spread_sample(splits["validation"], settings.eval_rows)
-    data_warnings = find_duplicates({**splits, "train": train_examples})
-    if is_main:
-        for warning in data_warnings:
-            tqdm.write(f"warning: {warning}")
-    template(config.data.prompt_style)  # unknown style: fail now
-    check_hardware(config)
+    def __init__(self, config: Config, output_dir: Path, failure: _RunInProgress, stop: StopSignals, *, progress):
+        from accelerate import Accelerator
 
-    # 2. Tokenizer and tokenized rows (the run directory is still untouched if the model cannot be had).
-    model_path = resolve_model_path(config.model.name) if is_main else None
-    accelerator.wait_for_everyone()
-    model_path = model_path or resolve_model_path(config.model.name)  # other ranks reuse the main rank's cache
-    tokenizer = load_tokenizer(model_path)
-    limit = min(config.data.max_length, getattr(tokenizer, "model_max_length", 10**9) or 10**9)
-    tokenize = dict(completion_only=config.data.completion_only, max_length=limit, too_long=config.data.too_long)
-    train_rows, report = tokenize_examples(train_examples, tokenizer, config.data.prompt_style, **tokenize)
-    validation_rows, validation_report = tokenize_examples(
-        validation_examples, tokenizer, config.data.prompt_style, **tokenize
-    )
-    for split, split_report in (("training", report), ("validation", validation_report)):
-        if split_report.too_long:
-            verb = "skipped" if split_report.action == "skip" else "truncated"
-            data_warnings.append(
-                f"{split_report.too_long} {split} row(s) longer than {limit} tokens were {verb} "
-                f"(data.too_long={split_report.action})"
-            )
-            if is_main:
-                tqdm.write(f"warning: {data_warnings[-1]}")
-    if not train_rows or not validation_rows:
-        split = "training" if not train_rows else "validation"
-        raise MrtuneError(f"no {split} rows left after data.too_long={report.action}: raise data.max_length")
+        self.config, self.settings, self.output_dir = config, config.train, output_dir
+        self.failure, self.stop, self.show_progress = failure, stop, progress
+        self.accelerator = Accelerator()
+        self.is_main = self.accelerator.is_main_process
+        self.world = self.accelerator.num_processes
+        self.fsdp = uses_fsdp(self.accelerator)
+        self.device = self.accelerator.device
+        self.run: RunDir | None = None
+        self.sinks = MetricSinks([])
+        self.schedule_clock = {"elapsed": 0.0}  # training seconds so far, for a schedule on a time budget
 
-    # 3. The run directory: a new one, or the stopped run to resume (its checkpoint checked before any model
-    #    is loaded, against the data it was trained on).
-    fingerprint = data_fingerprint(train_rows)
-    if resume:
-        run = RunDir.open(output_dir)
-        checkpoint = _checkpoint_to_resume(run, progress_state, accelerator)
-        sharded = checkpoint.get("fsdp", False)  # checkpoints of mrtune before FSDP's have no such key
-        if checkpoint["data_fingerprint"] != fingerprint or checkpoint["processes"] != world or sharded != fsdp:
-            if checkpoint["data_fingerprint"] != fingerprint:
-                changed = "the training data or tokenizer changed"
-            elif checkpoint["processes"] != world:
-                changed = f"it ran on {checkpoint['processes']} process(es), this resume on {world}"
-            else:  # the optimizer state is saved keyed by parameter name under FSDP, by position elsewhere
-                changed = (
-                    "it ran with FSDP, this resume without" if sharded else "it ran without FSDP, this resume with it"
-                )
+    # -- setup -----------------------------------------------------------------------------------------------------
+    def setup(self, *, overwrite: bool, resume: bool) -> None:
+        """Every check comes first (settings, data, hardware, the model's name, the output directory, a resume's
+        checkpoint), so that a refused run touches nothing; then the model and optimizer; the run directory last,
+        so that --overwrite replaces an old run only once everything else has been checked."""
+        self._check_settings(resume)
+        self._setup_data()
+        self._setup_tokenizer()
+        self._setup_steps()
+        saved = None
+        if resume:
+            saved = self._setup_resume()
+        elif self.is_main:
+            RunDir.check_new(self.output_dir, overwrite)
+        self._setup_model()
+        self._setup_optimizer(saved)
+        self._setup_run_dir(saved, overwrite)
+        self._setup_state(saved)
+
+    def _check_settings(self, resume: bool) -> None:
+        lora_init = self.config.lora.init
+        if self.fsdp and lora_init != "default":
             raise MrtuneError(
-                f"cannot resume {run.path} exactly: {changed} since its checkpoint (step {checkpoint['step']}); "
+                f"lora.init={lora_init} is not available under FSDP (the adapter's conversion to "
+                "plain LoRA needs the whole model on one rank): set lora.init=default, or train with DDP"
+            )
+        if self.fsdp and self.settings.loraplus_ratio is not None:
+            raise MrtuneError(
+                "train.loraplus_ratio is not available under FSDP (its flat parameters hide which adapter "
+                "tensor is A and which B): unset it, or train with DDP"
+            )
+        if resume:
+            _refuse_unresumable(RunDir.open(self.output_dir))
+
+    def _warn(self, message: str) -> None:
+        if self.is_main:
+            tqdm.write(f"warning: {message}")
+
+    def _setup_data(self) -> None:
+        """Data first, so that bad data fails in a second, before any model is loaded: the problems of every split
+        (train, validation and test) in one error; then what this machine cannot run."""
+        data = self.config.data
+        splits = load_splits(
+            {"train": data.train, "validation": data.validation, "test": data.test},
+            data.input_field,
+            data.output_field,
+        )
+        self.train_examples = spread_sample(splits["train"], data.train_limit)
+        self.validation_examples = spread_sample(splits["validation"], self.settings.eval_rows)
+        self.data_warnings = find_duplicates({**splits, "train": self.train_examples})
+        for warning in self.data_warnings:
+            self._warn(warning)
+        template(data.prompt_style)  # unknown style: fail now
+        check_hardware(self.config)
+
+    def _setup_tokenizer(self) -> None:
+        """The tokenizer and the tokenized rows (the output directory is still untouched if the model cannot be had)."""
+        data, name = self.config.data, self.config.model.name
+        model_path = resolve_model_path(name) if self.is_main else None
+        self.accelerator.wait_for_everyone()
+        self.model_path = model_path or resolve_model_path(name)  # other ranks reuse the main rank's cache
+        self.tokenizer = load_tokenizer(self.model_path)
+        limit = min(data.max_length, getattr(self.tokenizer, "model_max_length", 10**9) or 10**9)
+        tokenize = dict(completion_only=data.completion_only, max_length=limit, too_long=data.too_long)
+        self.train_rows, report = tokenize_examples(self.train_examples, self.tokenizer, data.prompt_style, **tokenize)
+        self.validation_rows, validation_report = tokenize_examples(
+            self.validation_examples, self.tokenizer, data.prompt_style, **tokenize
+        )
+        self.rows_too_long = report.too_long
+        for split, split_report in (("training", report), ("validation", validation_report)):
+            if split_report.too_long:
+                verb = "skipped" if split_report.action == "skip" else "truncated"
+                self.data_warnings.append(
+                    f"{split_report.too_long} {split} row(s) longer than {limit} tokens were {verb} "
+                    f"(data.too_long={split_report.action})"
+                )
+                self._warn(self.data_warnings[-1])
+        if not self.train_rows or not self.validation_rows:
+            split = "training" if not self.train_rows else "validation"
+            raise MrtuneError(f"no {split} rows left after data.too_long={report.action}: raise data.max_length")
+
+    def _setup_steps(self) -> None:
+        """The step count: an optimizer step consumes gradient_accumulation micro-batches on each rank."""
+        settings = self.settings
+        self.lengths = [len(r) for r in self.train_rows]
+        self.plan = dict(
+            batch_size=settings.batch_size,
+            batch_tokens=settings.batch_tokens,
+            packing=settings.packing,
+            group_by_length=settings.group_by_length,
+            seed=settings.seed,
+        )
+        self.micro_per_step = settings.gradient_accumulation * self.world
+        self.steps_per_epoch = max(1, len(plan_batches(self.lengths, epoch=0, **self.plan)) // self.micro_per_step)
+        self.total_steps = settings.max_steps or max(1, math.ceil(settings.epochs * self.steps_per_epoch))
+
+    def _new_state(self) -> LoopState:
+        return LoopState(
+            total_steps=self.total_steps,
+            processes=self.world,
+            data_fingerprint=data_fingerprint(self.train_rows),
+            fsdp=self.fsdp,
+        )
+
+    def _setup_resume(self) -> LoopState:
+        """The stopped run: its lock taken, what a kill mid-save left put back, and its checkpoint checked against
+        this set-up (data, processes, FSDP, steps) before any model is loaded."""
+        run = RunDir.open(self.output_dir)
+        if self.is_main:
+            run.lock()
+            self.failure.locked = run
+            recover_run(run)
+        self.accelerator.wait_for_everyone()
+        saved = LoopState.from_state_dict(read_checkpoint_state(run), str(run.checkpoint / STATE_FILE))
+        changed = saved.resume_refusal(self._new_state())
+        if changed:
+            raise MrtuneError(
+                f"cannot resume {run.path} exactly: {changed} since its checkpoint (step {saved.step}); "
                 "restore the original set-up, or start a new run"
             )
-        progress_state.checkpoint_step = checkpoint["step"]
-    else:
-        checkpoint = None
-        run = RunDir.create(output_dir, overwrite) if is_main else RunDir(output_dir)
-        if is_main:
-            run.lock()
-            progress_state.locked = run
-    progress_state.run = run
-    accelerator.wait_for_everyone()
+        if saved.total_steps != self.total_steps:
+            raise MrtuneError(
+                f"cannot resume {run.path}: {run.config_file} now gives {self.total_steps} steps, its checkpoint "
+                f"{saved.total_steps}; restore the original config.yaml"
+            )
+        self.failure.checkpoint_step = saved.step
+        self.run = self.failure.run = run
+        return saved
 
-    # 4. Model: frozen base + fp32 LoRA adapters.
-    set_seed(settings.seed)
-    device = accelerator.device
-    # Under FSDP the model is loaded with no device map: 4-bit weights go to this rank's GPU (bitsandbytes' default),
-    # others stay where accelerate's cpu_ram_efficient_loading puts them (rank 0: CPU, others: meta), and FSDP
-    # moves its shards to the GPU (or keeps them in CPU memory with offload) and broadcasts rank 0's values.
-    model = load_base_model(config.model, None if fsdp else device, model_path)
-    model = attach_lora(model, config.lora, config.model)
-    saved_keys = None  # under FSDP, where the saved adapter's tensors are in the gathered state dict
-    if fsdp:
-        wrap_adapters_separately(model, accelerator)
-        saved_keys = adapter_keys(model)
-    if settings.compile:
-        model.compile()  # in place: the module keeps its type, so peft's and accelerate's APIs still apply
-    initial = None
-    if config.lora.init != "default":  # what saved adapters are converted against (see save_adapter)
-        initial = run.initial_adapter
-        if is_main:  # a resumed run rebuilds the same init (an exact decomposition), and saves it again
+    def _setup_model(self) -> None:
+        """The frozen base model with fp32 LoRA adapters."""
+        from accelerate.utils import set_seed
+
+        set_seed(self.settings.seed)
+        # Under FSDP the model is loaded with no device map: 4-bit weights go to this rank's GPU (bitsandbytes'
+        # default), others stay where accelerate's cpu_ram_efficient_loading puts them (rank 0: CPU, others: meta),
+        # and FSDP moves its shards to the GPU (or keeps them in CPU memory with offload) and broadcasts rank 0's.
+        model = load_base_model(self.config.model, None if self.fsdp else self.device, self.model_path)
+        model = attach_lora(model, self.config.lora, self.config.model)
+        self.saved_keys = None  # under FSDP, where the saved adapter's tensors are in the gathered state dict
+        if self.fsdp:
+            wrap_adapters_separately(model, self.accelerator)
+            self.saved_keys = adapter_keys(model)
+        if self.settings.compile:
+            model.compile()  # in place: the module keeps its type, so peft's and accelerate's APIs still apply
+        self.trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        self.total_parameters = sum(p.numel() for p in model.parameters())
+        self.model = model
+
+    def _setup_optimizer(self, saved: LoopState | None) -> None:
+        """The optimizer and schedule; a resume puts back their state, the adapter's and the random states."""
+        # The model first: FSDP replaces its parameters by flat shards, and the optimizer must be built on those.
+        self.model = self.accelerator.prepare(self.model)
+        optimizer = make_optimizer(self.model, self.config)
+        self.scheduler = make_scheduler(optimizer, self.config, self.total_steps, self.schedule_clock)
+        self.optimizer = self.accelerator.prepare(optimizer)
+        if saved is not None:
+            load_checkpoint(self.run, self.accelerator, self.model, self.optimizer, self.scheduler, self.saved_keys)
+
+    def _setup_run_dir(self, saved: LoopState | None, overwrite: bool) -> None:
+        """The run directory describes itself before the first step: a new one (an old run replaced only now, with
+        --overwrite), or the resumed one, whose steps after the checkpoint are replayed and logged again."""
+        if saved is None:
+            self.run = RunDir.create(self.output_dir, overwrite) if self.is_main else RunDir(self.output_dir)
+            if self.is_main:
+                self.run.lock()
+                self.failure.locked = self.run
+            self.failure.run = self.run
+        self._save_initial_adapter()
+        if self.is_main and saved is not None:
+            self.run.truncate_history(saved.step)
+            resumed = self.run.info().get("resumed_at_steps", []) + [saved.step]
+            self.run.update_info(status="running", resumed_at_steps=resumed)
+        elif self.is_main:
+            self._describe_new_run()
+        self.accelerator.wait_for_everyone()
+
+    def _save_initial_adapter(self) -> None:
+        """Under lora.init=pissa|olora, the adapter as initialized: what saved adapters are converted against."""
+        self.initial = None
+        if self.config.lora.init == "default":
+            return
+        self.initial = self.run.initial_adapter
+        if self.is_main:  # a resumed run rebuilds the same init (an exact decomposition), and saves it again
+            peft_model = self.accelerator.unwrap_model(self.model)
             with warnings.catch_warnings():  # peft's advice to convert the adapter: save_adapter does, every time
                 warnings.filterwarnings("ignore", message=".*(PiSSA|OLoRA) changes the base weights")
                 write_dir_atomic(
-                    initial, lambda directory: model.save_pretrained(directory, save_embedding_layers=False)
+                    self.initial, lambda directory: peft_model.save_pretrained(directory, save_embedding_layers=False)
                 )
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total_parameters = sum(p.numel() for p in model.parameters())
 
-    # 5. Steps: an optimizer step consumes gradient_accumulation micro-batches on each rank.
-    lengths = [len(r) for r in train_rows]
-    plan = dict(
-        batch_size=settings.batch_size,
-        batch_tokens=settings.batch_tokens,
-        packing=settings.packing,
-        group_by_length=settings.group_by_length,
-        seed=settings.seed,
-    )
-    micro_per_step = settings.gradient_accumulation * world
-    steps_per_epoch = max(1, len(plan_batches(lengths, epoch=0, **plan)) // micro_per_step)
-    total_steps = settings.max_steps or max(1, math.ceil(settings.epochs * steps_per_epoch))
-    # The model first: FSDP replaces its parameters by flat shards, and the optimizer must be built on those.
-    model = accelerator.prepare(model)
-    optimizer = make_optimizer(model, config)
-    clock = {"elapsed": 0.0}  # training seconds so far, for a schedule on a time budget
-    scheduler = make_scheduler(optimizer, config, total_steps, clock)
-    optimizer = accelerator.prepare(optimizer)
-    start_step = 0
-    if checkpoint is not None:
-        if checkpoint["total_steps"] != total_steps:
-            raise MrtuneError(
-                f"cannot resume {run.path}: {run.config_file} now gives {total_steps} steps, its checkpoint "
-                f"{checkpoint['total_steps']}; restore the original config.yaml"
-            )
-        load_checkpoint(run, accelerator, model, optimizer, scheduler, saved_keys)
-        start_step = checkpoint["step"]
-
-    # 6. The run directory describes itself before the first step.
-    if is_main and checkpoint is not None:
-        run.truncate_history(start_step)  # the steps after the checkpoint are replayed and logged again
-        run.update_info(status="running", resumed_at_steps=run.info().get("resumed_at_steps", []) + [start_step])
-    elif is_main:
+    def _describe_new_run(self) -> None:
+        run, config = self.run, self.config
         run.save_config(config)
         write_text_atomic(run.path / "prompt.txt", template(config.data.prompt_style))
-        run.save_tokenizer(tokenizer)
-        vocabulary = Vocabulary.from_mrs(e.meaning_representation for e in train_examples)
+        run.save_tokenizer(self.tokenizer)
+        vocabulary = Vocabulary.from_mrs(e.meaning_representation for e in self.train_examples)
         write_json(run.vocabulary, vocabulary.to_dict())
         run.update_info(
             mrtune_version=__version__,
             status="running",
-            model_path=str(model_path),
-            device=str(device),
-            processes=world,
-            train_rows=len(train_rows),
-            validation_rows=len(validation_rows),
-            rows_too_long=report.too_long,
-            trainable_parameters=trainable,
-            total_parameters=total_parameters,
-            total_steps=total_steps,
-            steps_per_epoch=steps_per_epoch,
+            model_path=str(self.model_path),
+            device=str(self.device),
+            processes=self.world,
+            train_rows=len(self.train_rows),
+            validation_rows=len(self.validation_rows),
+            rows_too_long=self.rows_too_long,
+            trainable_parameters=self.trainable,
+            total_parameters=self.total_parameters,
+            total_steps=self.total_steps,
+            steps_per_epoch=self.steps_per_epoch,
             started=time.strftime("%Y-%m-%d %H:%M:%S"),
-            data_warnings=data_warnings,
-        )
-    writer = _tensorboard(run, purge_step=start_step + 1 if checkpoint else None) if is_main else None
-    wandb_run = _wandb(config, run) if is_main and settings.wandb_project else None
-
-    def micro_batches():
-        """(epoch, micro-batch row indices) forever, in the deterministic order of each epoch's plan."""
-        epoch = 0
-        while True:
-            for indices in plan_batches(lengths, epoch=epoch, **plan):
-                yield epoch, indices
-            epoch += 1
-
-    def evaluate_and_keep_best(step: int, best: float) -> float:
-        nonlocal eval_seconds
-        eval_started = time.perf_counter()
-        loss = validation_loss(model, validation_rows, tokenizer.pad_token_id, settings.batch_size, device, accelerator)
-        record = {"step": step, "validation_loss": loss}
-        improved = loss < best  # the same on every rank: the loss is summed over ranks
-        best = min(best, loss)
-        tensors = adapter_state_dict(accelerator, model, saved_keys) if improved else None  # FSDP: every rank gathers
-        if is_main:
-            run.append_history(record)
-            if writer:
-                writer.add_scalar("loss/validation", loss, step)
-            if wandb_run:
-                wandb_run.log(record, step=step)
-            if improved:
-                write_dir_atomic(
-                    run.adapter, lambda directory: save_adapter(accelerator, model, directory, tensors, initial)
-                )
-                run.update_info(best_step=step, best_validation_loss=loss)
-            sample = validation_examples[0]
-            if fsdp:  # rank 0 alone cannot run the model: its weights are sharded over the ranks
-                output = "(no sample under FSDP; `mrtune evaluate` the run)"
-            else:
-                model.eval()
-                with compute_autocast(accelerator.unwrap_model(model)):
-                    output = generate(
-                        accelerator.unwrap_model(model),
-                        tokenizer,
-                        [build_prompt(config.data.prompt_style, sample.sentence)],
-                        max_new_tokens=config.eval.max_new_tokens,
-                        progress=False,
-                    )[0]
-                model.train()
-            tqdm.write(
-                f"step {step}: validation loss {loss:.4f}{' (best)' if loss == best else ''}\n"
-                f"  sentence:  {sample.sentence}\n  expected:  {sample.meaning_representation}\n"
-                f"  generated: {output}"
-            )
-        accelerator.wait_for_everyone()
-        eval_seconds += time.perf_counter() - eval_started
-        return best
-
-    def checkpoint_and_maybe_stop(done: int, signum: int | None) -> None:
-        """Save RUN/checkpoint/ after `done` steps; then, if a signal asked for it, stop with a way to resume."""
-        state = {
-            "step": done,
-            "total_steps": total_steps,
-            "processes": world,
-            "data_fingerprint": fingerprint,
-            "best_validation_loss": None if math.isinf(best) else best,
-            "bad_in_a_row": bad_in_a_row,
-            "skipped_steps": skipped,
-            "useful_tokens": useful_tokens,
-            "padded_tokens": padded_tokens,
-            "train_seconds": time.perf_counter() - started - eval_seconds,
-            "eval_seconds": eval_seconds,
-            "fsdp": fsdp,
-            "mrtune_version": __version__,
-        }
-        save_checkpoint(run, accelerator, model, optimizer, scheduler, state, saved_keys)
-        progress_state.checkpoint_step = done
-        if writer:
-            writer.flush()  # its events up to the checkpoint must survive a kill (it flushes every 2 min otherwise)
-        if signum is None:
-            return
-        bar.close()
-        if is_main:
-            run.update_info(status="interrupted", interrupted_at_step=done)
-            if writer:
-                writer.close()
-            if wandb_run:
-                wandb_run.finish()
-        raise TrainingInterrupted(
-            f"interrupted at step {done} of {total_steps} ({signal.Signals(signum).name}): "
-            f"resume with `mrtune train --resume {run.path}`",
-            signum,
+            data_warnings=self.data_warnings,
         )
 
-    # 7. The loop.
-    stream = micro_batches()
-    best, bad_in_a_row, skipped = math.inf, 0, 0
-    useful_tokens = padded_tokens = 0
-    eval_seconds = train_seconds_before = 0.0  # evaluation is kept out of the training throughput
-    if checkpoint is not None:  # the counters as they were at the checkpoint, the data stream at its position
-        best = checkpoint["best_validation_loss"] if checkpoint["best_validation_loss"] is not None else math.inf
-        bad_in_a_row, skipped = checkpoint["bad_in_a_row"], checkpoint["skipped_steps"]
-        useful_tokens, padded_tokens = checkpoint["useful_tokens"], checkpoint["padded_tokens"]
-        eval_seconds, train_seconds_before = checkpoint["eval_seconds"], checkpoint["train_seconds"]
-        for _ in range(start_step * micro_per_step):
+    def _setup_state(self, saved: LoopState | None) -> None:
+        """The loop's counters (a resume's as they were at its checkpoint) and the metric sinks."""
+        self.state = saved if saved is not None else self._new_state()
+        resumed_at = None if saved is None else saved.step
+        self.sinks = MetricSinks.for_run(self.config, self.run, resumed_at=resumed_at, is_main=self.is_main)
+        self.progress = ProgressBar(
+            total=self.total_steps,
+            initial=self.state.step,
+            time_budget_s=self.settings.time_budget_s,
+            enabled=self.show_progress and self.is_main,
+        )
+        self.sinks.add(self.progress)
+
+    # -- the loop ----------------------------------------------------------------------------------------------------
+    def fit(self) -> None:
+        """Train from the state's step to the last one, or until the time budget runs out."""
+        state, settings = self.state, self.settings
+        start_step = state.step
+        stream = micro_batches(self.lengths, self.plan)
+        for _ in range(start_step * self.micro_per_step):  # a resume continues the data stream where it stopped
             next(stream)
-    started = time.perf_counter() - train_seconds_before - eval_seconds
-    stopped_early = None  # the step at which train.time_budget_s ran out
-    # With a time budget the bar's total is the step count's upper bound; its postfix says the time left.
-    bar = tqdm(
-        total=total_steps,
-        initial=start_step,
-        unit="step",
-        disable=not (progress and is_main),
-        desc="training" if settings.time_budget_s is None else f"training ({settings.time_budget_s:.0f} s budget)",
-    )
-    model.train()
-    for step in range(start_step + 1, total_steps + 1):
-        # Between two steps, the only moment the adapter, optimizer and data position agree: the periodic
-        # checkpoint, and the clean stop that SIGINT/SIGTERM asked for.
-        signum = stop.requested(accelerator)
-        if signum or (step - 1 > start_step and (step - 1) % settings.checkpoint_every == 0):
-            checkpoint_and_maybe_stop(step - 1, signum)
-        group = [next(stream) for _ in range(micro_per_step)]
-        epoch = group[-1][0]
+        state.start_clock()
+        self.model.train()
+        for step in range(start_step + 1, self.total_steps + 1):
+            # Between two steps, the only moment the adapter, optimizer and data position agree: the periodic
+            # checkpoint, and the clean stop that SIGINT/SIGTERM asked for.
+            signum = self.stop.requested(self.accelerator)
+            if signum or (state.step > start_step and state.step % settings.checkpoint_every == 0):
+                self.checkpoint(signum)
+            epoch, batches = self._next_batches(stream)
+            step_loss, grad_norm = self._forward_backward(batches)
+            self.schedule_clock["elapsed"] = state.elapsed()
+            out_of_time = settings.time_budget_s is not None and _any_rank(
+                self.accelerator, self.schedule_clock["elapsed"] >= settings.time_budget_s, self.device
+            )
+            state.step = step
+            if not self._update(step_loss, grad_norm):
+                continue
+            self.progress.advance()
+            last = step == self.total_steps or out_of_time
+            if self.is_main and (step % settings.log_every == 0 or last):
+                self.sinks.log(self._training_record(epoch, step_loss, grad_norm))
+            if step % settings.eval_every == 0 or last:
+                self.validate()
+            if out_of_time:
+                state.stopped_early = step
+                break
+
+    def _next_batches(self, stream: Iterator[tuple[int, list[int]]]) -> tuple[int, list[dict[str, torch.Tensor]]]:
+        """The step's micro-batches, all ranks' (each rank knows them all), and the epoch they come from."""
+        settings, rows = self.settings, self.train_rows
+        group = [next(stream) for _ in range(self.micro_per_step)]
         # A packed micro-batch is padded to the token budget (one padding row, < one row's worth): one shape for
         # every step, so flex attention and torch.compile compile once; varying lengths cost a recompilation
-        # (~0.5 s) per step, measured as a fixed 0.6 s step on the Mistral-7B shape.
+        # (~0.5 s) per step.
         pad_to = settings.batch_tokens if settings.packing else None
         batches = [
-            collate([train_rows[i] for i in indices], tokenizer.pad_token_id, settings.packing, pad_to)
+            collate([rows[i] for i in indices], self.tokenizer.pad_token_id, settings.packing, pad_to)
             for _, indices in group
         ]
-        row_tokens = [sum(len(train_rows[i]) for i in indices) for _, indices in group]
+        self.state.useful_tokens += sum(len(rows[i]) for _, indices in group for i in indices)
+        self.state.padded_tokens += sum(b["input_ids"].numel() for b in batches)
+        return group[-1][0], batches
+
+    def _forward_backward(self, batches: list[dict[str, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Forward and backward through this rank's share of the step's micro-batches; the step's loss (summed
+        over ranks) and its gradient norm before clipping."""
+        accelerator, world, device = self.accelerator, self.world, self.device
         step_targets = sum(count_targets(b) for b in batches)  # over all ranks: every rank divides by the same
         mine = batches[accelerator.process_index :: world]
         step_loss = torch.zeros((), device=device)
-        useful_tokens += sum(row_tokens)  # the whole step's, all ranks': each rank knows the step's micro-batches
-        padded_tokens += sum(b["input_ids"].numel() for b in batches)
         for i, batch in enumerate(mine):
             keep = target_positions(batch["labels"]).to(device, non_blocking=True)
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-            sync = accelerator.no_sync(model) if i < len(mine) - 1 else contextlib.nullcontext()
+            sync = accelerator.no_sync(self.model) if i < len(mine) - 1 else contextlib.nullcontext()
             with sync:
                 # Divide by the whole step's target count, so the step's gradient is the mean over all of its
                 # target tokens whatever their split into micro-batches (DDP averages over ranks: x world).
-                loss = target_loss(model, batch, keep) / step_targets
+                loss = target_loss(self.model, batch, keep) / step_targets
                 accelerator.backward(loss * world)
             step_loss += loss.detach()
         step_loss = accelerator.reduce(step_loss, reduction="sum")
-        grad_norm = accelerator.clip_grad_norm_(model.parameters(), settings.max_grad_norm)
-        clock["elapsed"] = time.perf_counter() - started - eval_seconds
-        out_of_time = settings.time_budget_s is not None and _any_rank(
-            accelerator, clock["elapsed"] >= settings.time_budget_s, device
-        )
-        # One host sync for both checks (each `bool(tensor)` waits for the device).
-        health = torch.stack([step_loss.float(), torch.as_tensor(grad_norm, device=device).float()])
-        if not bool(torch.isfinite(health).all()):
-            # A non-finite loss or gradient would poison the adapter: drop this step's update.
-            optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
-            skipped += 1
-            bad_in_a_row += 1
-            if bad_in_a_row >= settings.max_skipped_in_a_row:
-                if is_main:
-                    run.update_info(status="diverged", diverged_at_step=step, skipped_steps=skipped)
-                raise MrtuneError(
-                    f"training diverged: {bad_in_a_row} steps in a row had a non-finite loss or gradient (step "
-                    f"{step}): lower train.learning_rate or use model.dtype=float32; the best adapter so far "
-                    f"is kept in {run.adapter}"
-                )
-            continue
-        bad_in_a_row = 0
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        bar.update(1)
-        elapsed = time.perf_counter() - started - eval_seconds
-        last = step == total_steps or out_of_time
-        if is_main and (step % settings.log_every == 0 or last):
-            record = {
-                "step": step,
-                "epoch": round(epoch + 0.0, 3),
-                "train_loss": step_loss.item(),
-                "learning_rate": scheduler.get_last_lr()[0],
-                "grad_norm": float(grad_norm),
-                "useful_tokens": useful_tokens,
-                "padded_tokens": padded_tokens,
-                "useful_tokens_per_s": round(useful_tokens / elapsed, 1),
-                "elapsed_s": round(elapsed, 3),
-            }
-            run.append_history(record)
-            bar.set_postfix(
-                loss=f"{record['train_loss']:.4f}",
-                tok_s=f"{record['useful_tokens_per_s']:.0f}",
-                **(
-                    {"left": f"{max(0.0, settings.time_budget_s - elapsed):.0f}s"}
-                    if settings.time_budget_s is not None
-                    else {}
-                ),
-            )
-            if writer:
-                for key in ("train_loss", "learning_rate", "grad_norm", "useful_tokens_per_s"):
-                    writer.add_scalar(key.replace("train_loss", "loss/train"), record[key], step)
-            if wandb_run:
-                wandb_run.log(record, step=step)
-        if step % settings.eval_every == 0 or last:
-            best = evaluate_and_keep_best(step, best)
-        if out_of_time:
-            stopped_early = step
-            break
-    bar.close()
-    train_seconds = time.perf_counter() - started - eval_seconds
-    if is_main:
-        run.update_info(
-            status="finished",
-            finished=time.strftime("%Y-%m-%d %H:%M:%S"),
-            train_seconds=round(train_seconds, 1),
-            eval_seconds=round(eval_seconds, 1),
-            useful_tokens=useful_tokens,
-            padded_tokens=padded_tokens,
-            skipped_steps=skipped,
-            useful_tokens_per_s=round(useful_tokens / train_seconds, 1),
-            **({"stopped_by_time_budget_at_step": stopped_early} if stopped_early else {}),
-            peak_memory_bytes=torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
-        )
-        if writer:
-            writer.close()
-        if wandb_run:
-            wandb_run.finish()
-        # A finished run cannot be resumed: its checkpoint (adapter + 2x its size of optimizer state) would be
-        # dead weight.
-        shutil.rmtree(run.checkpoint, ignore_errors=True)
-        shutil.rmtree(run.initial_adapter, ignore_errors=True)  # the saved adapter is converted already
-        from mrtune.run.report import write_report
+        grad_norm = accelerator.clip_grad_norm_(self.model.parameters(), self.settings.max_grad_norm)
+        return step_loss, grad_norm
 
-        write_report(run)
-    accelerator.wait_for_everyone()
-    return run
+    def _update(self, step_loss: torch.Tensor, grad_norm: torch.Tensor) -> bool:
+        """Take the optimizer step, or drop it (False) when its loss or gradient is not finite: a non-finite update
+        would poison the adapter. Too many dropped in a row is divergence, which ends the run."""
+        state = self.state
+        # One host sync for both checks (each `bool(tensor)` waits for the device).
+        health = torch.stack([step_loss.float(), torch.as_tensor(grad_norm, device=self.device).float()])
+        if not bool(torch.isfinite(health).all()):
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scheduler.step()
+            state.skipped_steps += 1
+            state.bad_in_a_row += 1
+            if state.bad_in_a_row >= self.settings.max_skipped_in_a_row:
+                self._diverged()
+            return False
+        state.bad_in_a_row = 0
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return True
+
+    def _diverged(self) -> None:
+        state = self.state
+        if self.is_main:
+            self.run.update_info(status="diverged", diverged_at_step=state.step, skipped_steps=state.skipped_steps)
+        raise MrtuneError(
+            f"training diverged: {state.bad_in_a_row} steps in a row had a non-finite loss or gradient (step "
+            f"{state.step}): lower train.learning_rate or use model.dtype=float32; the best adapter so far "
+            f"is kept in {self.run.adapter}"
+        )
+
+    def _training_record(self, epoch: int, step_loss: torch.Tensor, grad_norm: torch.Tensor) -> dict:
+        state = self.state
+        elapsed = state.elapsed()
+        return {
+            "step": state.step,
+            "epoch": round(epoch + 0.0, 3),
+            "train_loss": step_loss.item(),
+            "learning_rate": self.scheduler.get_last_lr()[0],
+            "grad_norm": float(grad_norm),
+            "useful_tokens": state.useful_tokens,
+            "padded_tokens": state.padded_tokens,
+            "useful_tokens_per_s": round(state.useful_tokens / elapsed, 1),
+            "elapsed_s": round(elapsed, 3),
+        }
+
+    # -- between steps -------------------------------------------------------------------------------------------------
+    def validate(self) -> None:
+        """The validation loss; the adapter saved as RUN/adapter/ when it is the best so far; a sample shown."""
+        state, accelerator = self.state, self.accelerator
+        eval_started = time.perf_counter()
+        rows, pad_token_id, batch_size = self.validation_rows, self.tokenizer.pad_token_id, self.settings.batch_size
+        loss = validation_loss(self.model, rows, pad_token_id, batch_size, self.device, accelerator)
+        improved = loss < state.best_validation_loss  # the same on every rank: the loss is summed over ranks
+        state.best_validation_loss = min(state.best_validation_loss, loss)
+        # FSDP: every rank takes part in gathering the adapter.
+        tensors = adapter_state_dict(accelerator, self.model, self.saved_keys) if improved else None
+        if self.is_main:
+            self.sinks.log({"step": state.step, "validation_loss": loss})
+            if improved:
+                write_dir_atomic(
+                    self.run.adapter,
+                    lambda directory: save_adapter(accelerator, self.model, directory, tensors, self.initial),
+                )
+                self.run.update_info(best_step=state.step, best_validation_loss=loss)
+            self._show_sample(loss)
+        accelerator.wait_for_everyone()
+        state.eval_seconds += time.perf_counter() - eval_started
+
+    def _show_sample(self, loss: float) -> None:
+        """One validation sentence, its expected MR and the model's, below the validation loss (main rank)."""
+        sample = self.validation_examples[0]
+        if self.fsdp:  # rank 0 alone cannot run the model: its weights are sharded over the ranks
+            output = "(no sample under FSDP; `mrtune evaluate` the run)"
+        else:
+            model = self.accelerator.unwrap_model(self.model)
+            self.model.eval()
+            with compute_autocast(model):
+                output = generate(
+                    model,
+                    self.tokenizer,
+                    [build_prompt(self.config.data.prompt_style, sample.sentence)],
+                    max_new_tokens=self.config.eval.max_new_tokens,
+                    progress=False,
+                )[0]
+            self.model.train()
+        best = " (best)" if loss == self.state.best_validation_loss else ""
+        tqdm.write(
+            f"step {self.state.step}: validation loss {loss:.4f}{best}\n"
+            f"  sentence:  {sample.sentence}\n  expected:  {sample.meaning_representation}\n"
+            f"  generated: {output}"
+        )
+
+    def checkpoint(self, signum: int | None) -> None:
+        """Save RUN/checkpoint/ after `state.step` steps; then, if a signal asked for it, stop with a way to resume."""
+        done = self.state.step
+        saved = self.state.state_dict()
+        save_checkpoint(self.run, self.accelerator, self.model, self.optimizer, self.scheduler, saved, self.saved_keys)
+        self.failure.checkpoint_step = done
+        self.sinks.flush()
+        if signum is None:
+            return
+        if self.is_main:
+            self.run.update_info(status="interrupted", interrupted_at_step=done)
+        raise TrainingInterrupted(
+            f"interrupted at step {done} of {self.total_steps} ({signal.Signals(signum).name}): "
+            f"resume with `mrtune train --resume {self.run.path}`",
+            signum,
+        )
+
+    # -- the end -----------------------------------------------------------------------------------------------------
+    def finish(self) -> None:
+        """Record the result in run.json, drop what only a resume needs, and write the report."""
+        state = self.state
+        train_seconds = state.elapsed()
+        if self.is_main:
+            self.run.update_info(
+                status="finished",
+                finished=time.strftime("%Y-%m-%d %H:%M:%S"),
+                train_seconds=round(train_seconds, 1),
+                eval_seconds=round(state.eval_seconds, 1),
+                useful_tokens=state.useful_tokens,
+                padded_tokens=state.padded_tokens,
+                skipped_steps=state.skipped_steps,
+                useful_tokens_per_s=round(state.useful_tokens / train_seconds, 1),
+                **({"stopped_by_time_budget_at_step": state.stopped_early} if state.stopped_early else {}),
+                peak_memory_bytes=torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
+            )
+            # A finished run cannot be resumed: its checkpoint (adapter + 2x its size of optimizer state) would be
+            # dead weight.
+            shutil.rmtree(self.run.checkpoint, ignore_errors=True)
+            shutil.rmtree(self.run.initial_adapter, ignore_errors=True)  # the saved adapter is converted already
+            from mrtune.run.report import write_report
+
+            write_report(self.run)
+        self.accelerator.wait_for_everyone()
+
+    def cleanup(self) -> None:
+        """Close the metric sinks (history, progress bar, TensorBoard, W&B), however the run ended."""
+        self.sinks.close()
 
 
 def _any_rank(accelerator, flag: bool, device) -> bool:
@@ -729,22 +783,3 @@ def _any_rank(accelerator, flag: bool, device) -> bool:
     if accelerator.num_processes == 1:
         return flag
     return bool(accelerator.reduce(torch.tensor(float(flag), device=device), reduction="sum") > 0)
-
-
-def _tensorboard(run: RunDir, purge_step: int | None = None):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:  # tensorboard is an install dependency; tolerate a trimmed environment
-        return None
-    # purge_step: on resume, TensorBoard drops the events logged after the checkpoint, which are replayed.
-    return SummaryWriter(log_dir=str(run.path / "tensorboard"), purge_step=purge_step)
-
-
-def _wandb(config: Config, run: RunDir):
-    try:
-        import wandb
-    except ImportError:
-        raise MrtuneError("train.wandb_project is set but wandb is not installed: pip install wandb") from None
-    return wandb.init(
-        project=config.train.wandb_project, config=config.to_dict(), dir=str(run.path), name=run.path.name
-    )
