@@ -71,6 +71,7 @@ def evaluate(
     """
     run = RunDir.open(run_dir)
     config = with_eval_overrides(run.config(), overrides)
+    run.check_intact(config, adapter=not base)
     _check_run(run, config, base)
     if split not in ("test", "validation", "train"):
         raise MrtuneError(f"unknown split {split!r}: use test or validation (or --data FILE)")

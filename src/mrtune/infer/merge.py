@@ -27,6 +27,7 @@ def merge(run_dir: str | Path, output_dir: str | Path, *, overwrite: bool = Fals
     output_dir = check_output(
         output_dir, protected={"the run": run.path}, overwrite=overwrite, kind="dir", looks_ours=looks_merged
     )
+    run.check_intact(config)
     adapter = run.require_adapter(config)
     prompt = run.read_prompt()
     tokenizer = load_tokenizer(run.require_tokenizer())

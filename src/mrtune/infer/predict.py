@@ -113,6 +113,7 @@ def predict(
     """
     run = RunDir.open(run_dir)
     config = with_eval_overrides(run.config(), overrides)
+    run.check_intact(config, adapter=not base)
     if input_file is not None:
         if output_file is None:
             raise MrtuneError("--input needs --output FILE.jsonl to write the predictions to")

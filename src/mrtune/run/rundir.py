@@ -10,7 +10,7 @@ RUN/
   checkpoint/         while training: what `mrtune train --resume` needs (see checkpoint.py); removed at the end
   history.jsonl       one line per logged step: train loss, lr, tokens/s, validation loss
   tensorboard/        the same curves for TensorBoard
-  eval/<name>/        metrics.json and predictions.jsonl of each `mrtune evaluate` (name: split, -base)
+  eval/<name>/        metrics.json and predictions.jsonl of each `mrtune evaluate` (name: split or data-<file>, -base)
   report.md           the report, with loss_curve.png, dialogue_acts_<name>.png, confusion_<name>.png
 """
 
@@ -274,7 +274,8 @@ class RunDir:
             reason = f"{error.msg} at line {error.lineno}" if isinstance(error, json.JSONDecodeError) else "too deep"
             raise self.damaged(path, f"not valid JSON ({reason})") from None
         if not isinstance(data, kind):
-            raise self.damaged(path, f"holds a JSON {type(data).__name__}, not an {kind.__name__}")
+            names = {dict: "an object", list: "a list", str: "a string", int: "a number", float: "a number"}
+            raise self.damaged(path, f"holds {names.get(type(data), 'a value')}, not {names.get(kind, kind.__name__)}")
         return data
 
     def read_prompt(self) -> str:
@@ -332,6 +333,17 @@ class RunDir:
 
     def save_config(self, config: Config) -> None:
         write_text_atomic(self.config_file, to_yaml(config))
+
+    def check_intact(self, config: Config, *, adapter: bool = True) -> None:
+        """Read and check every file evaluate, predict and merge use, so that each command refuses a damaged run
+        the same way, before it loads a model or writes anything (the adapter only when it is used)."""
+        self.info()
+        self.read_prompt()
+        self.require_tokenizer()
+        if self.vocabulary.exists():
+            self.read_vocabulary()
+        if adapter:
+            self.require_adapter(config)
 
     def require_adapter(self, config: Config | None = None) -> Path:
         """The adapter directory, checked: its config is readable, its weights file whole, and its rank the one
