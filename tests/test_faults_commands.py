@@ -335,12 +335,14 @@ def test_predict_copies_each_input_row_whole_and_adds_its_field(run_copy, tmp_pa
     capsys.readouterr()
 
 
-def test_a_sentence_over_the_models_limit_is_refused(run_copy, capsys):
+def test_a_sentence_over_the_models_limit_or_not_utf8_is_refused(run_copy, capsys):
     before = snapshot(run_copy)
     assert main(["predict", str(run_copy), "short one", "word " * 3000, *DECODE]) == 2
     err = one_line_error(capsys)
     assert "1 sentence(s) too long for the model (first: sentence 2, " in err
     assert "plus eval.max_new_tokens=8, over the model's limit of 1024 tokens): shorten or split them" in err
+    assert main(["predict", str(run_copy), "caf\udce9 au lait", *DECODE]) == 2  # Latin-1 bytes in a UTF-8 argv
+    assert "error: sentence 1 is not UTF-8 text: pass it in UTF-8" in one_line_error(capsys)
     assert snapshot(run_copy) == before
 
 

@@ -97,18 +97,15 @@ def _train(args) -> None:
     )
 
 
+def _decoding(args) -> dict:
+    """The keyword arguments of the options `_add_decoding_options` gives evaluate and predict."""
+    return {"base": args.base, "constrained": args.constrained, "overrides": args.set}
+
+
 def _evaluate(args) -> None:
     from mrtune.infer.evaluate import evaluate
 
-    metrics = evaluate(
-        args.run,
-        split=args.split,
-        data=args.data,
-        limit=args.limit,
-        base=args.base,
-        constrained=args.constrained,
-        overrides=args.set,
-    )
+    metrics = evaluate(args.run, split=args.split, data=args.data, limit=args.limit, **_decoding(args))
     label = "base" if args.base else "fine-tuned"
     print(format_metrics_table({label: metrics}))
     print(f"decoded {metrics['n']} rows in {metrics['decode_seconds']:.1f} s")
@@ -117,16 +114,8 @@ def _evaluate(args) -> None:
 def _predict(args) -> None:
     from mrtune.infer.predict import predict
 
-    outputs = predict(
-        args.run,
-        sentences=args.sentence,
-        input_file=args.input,
-        output_file=args.output,
-        overwrite=args.overwrite,
-        base=args.base,
-        constrained=args.constrained,
-        overrides=args.set,
-    )
+    files = {"input_file": args.input, "output_file": args.output, "overwrite": args.overwrite}
+    outputs = predict(args.run, sentences=args.sentence, **files, **_decoding(args))
     if args.output:
         print(f"wrote {len(outputs)} predictions to {args.output}")
     else:

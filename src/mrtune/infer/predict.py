@@ -122,6 +122,13 @@ def predict(
     elif sentences:
         rows = None
         examples = [Example(s, None) for s in sentences]
+        for number, sentence in enumerate(sentences, start=1):
+            if not sentence.strip():
+                raise MrtuneError(f"sentence {number} is empty: give the text to parse")
+            try:
+                sentence.encode("utf-8")
+            except UnicodeEncodeError:  # bytes of another encoding on the command line arrive as lone surrogates
+                raise MrtuneError(f"sentence {number} is not UTF-8 text: pass it in UTF-8") from None
     else:
         raise MrtuneError('give a sentence (mrtune predict RUN "some sentence") or --input FILE.jsonl')
     if output_file is not None:

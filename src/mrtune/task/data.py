@@ -197,6 +197,18 @@ def _read_hub(spec: str) -> tuple[list[tuple[str, dict]], list[str]]:
     return [(f"{name}[{split}]:{i}", dict(record)) for i, record in enumerate(dataset)], []
 
 
+def _text_field(record: dict, name: str, location: str, problems: list[str]) -> str | None:
+    """The field's text, stripped, or None with the problem recorded."""
+    value = record.get(name)
+    if value is None:
+        problems.append(f"{location}: missing field '{name}'")
+        return None
+    if not isinstance(value, str) or not value.strip():
+        problems.append(f"{location}: field '{name}' is empty or not text")
+        return None
+    return value.strip()
+
+
 def load_split(
     spec: str, input_field: str = "target", output_field: str | None = "meaning_representation"
 ) -> list[Example]:
@@ -227,27 +239,18 @@ def _checked_rows(spec: str, input_field: str, output_field: str | None) -> list
         rows = []  # one line per field says it all: each row's own 'missing field' would only repeat it
     examples = []
     for location, record in rows:
-        sentence = record.get(input_field)
+        sentence = _text_field(record, input_field, location, problems)
         if sentence is None:
-            problems.append(f"{location}: missing field '{input_field}'")
-            continue
-        if not isinstance(sentence, str) or not sentence.strip():
-            problems.append(f"{location}: field '{input_field}' is empty or not text")
             continue
         meaning_representation = None
         if output_field is not None:
-            meaning_representation = record.get(output_field)
+            meaning_representation = _text_field(record, output_field, location, problems)
             if meaning_representation is None:
-                problems.append(f"{location}: missing field '{output_field}'")
                 continue
-            if not isinstance(meaning_representation, str) or not meaning_representation.strip():
-                problems.append(f"{location}: field '{output_field}' is empty or not text")
-                continue
-            meaning_representation = meaning_representation.strip()
             if try_parse_mr(meaning_representation) is None:
                 problems.append(f"{location}: '{output_field}' is not a meaning representation act(attr[value], ...)")
                 continue
-        examples.append((Example(sentence.strip(), meaning_representation, location), record))
+        examples.append((Example(sentence, meaning_representation, location), record))
     if problems:
         shown = "; ".join(problems[:MAX_PROBLEMS_SHOWN])
         more = f" (and {len(problems) - MAX_PROBLEMS_SHOWN} more)" if len(problems) > MAX_PROBLEMS_SHOWN else ""
