@@ -79,7 +79,7 @@ def test_every_numeric_value_out_of_range_is_refused_before_the_old_run_is_touch
         "train.seed: expected int, got '1e400'",
         "train.warmup_ratio: expected a finite number, got 'nan'",
         "lora.r must be between 1 and 4,096, got 100,000",
-        "lora.dropout must be between 0 and 1, got 1.5",
+        "lora.dropout must be below 1, got 1.5",
         "eval.max_new_tokens must be between 1 and 1,000,000, got 0",
     ]:
         assert fragment in err

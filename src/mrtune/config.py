@@ -35,10 +35,14 @@ class Range:
     high: float
     low_open: bool = False
     """True: `low` itself is not allowed (for fields that must be strictly positive)."""
+    high_open: bool = False
+    """True: `high` itself is not allowed (a dropout of 1 would drop everything)."""
 
     def problem(self, value: float) -> str | None:
         if self.low_open and value <= self.low:
             return f"must be greater than {_number(self.low)}"
+        if self.high_open and value >= self.high:
+            return f"must be below {_number(self.high)}"
         if value < self.low or value > self.high:
             return f"must be between {_number(self.low)} and {_number(self.high)}"
         return None
@@ -79,7 +83,7 @@ class LoraSettings:
     """Rank of the LoRA update matrices."""
     alpha: Annotated[int, Range(1, 1_000_000)] = 32
     """Scaling numerator: the update is multiplied by alpha / r."""
-    dropout: Annotated[float, Range(0, 1)] = 0.05
+    dropout: Annotated[float, Range(0, 1, high_open=True)] = 0.05
     """Dropout on the adapter's input, from 0 (none) to below 1."""
     target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
     """Module names to adapt; `all-linear` means every linear layer but the output head (peft's shorthand)."""
