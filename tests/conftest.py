@@ -6,6 +6,7 @@ mean nothing, its behaviour (parameters change, loss falls, files appear, output
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -98,3 +99,52 @@ def tiny_overrides(tiny_model_dir, tiny_data) -> list[str]:
         "eval.batch_size=4",
         "eval.max_new_tokens=24",
     ]
+
+
+def snapshot(*paths: Path) -> dict[str, str]:
+    """sha256 of every file under `paths` (files or directories), by path: equal snapshots mean nothing changed."""
+    files = {}
+    for path in paths:
+        for file in [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file()):
+            files[str(file)] = hashlib.sha256(file.read_bytes()).hexdigest()
+    return files
+
+
+# -- the fault suite's finished run (tests/test_faults*.py): shared, so never changed; copy it to damage it ------
+FAULT_SETTINGS = ["train.max_steps=6", "train.checkpoint_every=2", "train.eval_every=2", "eval.max_new_tokens=4"]
+
+
+@pytest.fixture(scope="session")
+def fault_data(tmp_path_factory):
+    base = tmp_path_factory.mktemp("fault-data")
+    return {
+        split: write_jsonl(base / f"{split}.jsonl", viggo_rows(split, n))
+        for split, n in (("train", 48), ("validation", 8), ("test", 6))
+    }
+
+
+@pytest.fixture(scope="session")
+def fault_overrides(tiny_model_dir, fault_data):
+    return [
+        f"model.name={tiny_model_dir}",
+        "model.dtype=float32",
+        *(f"data.{s}={p}" for s, p in fault_data.items()),
+        "lora.r=4",
+        "lora.alpha=8",
+        "lora.dropout=0.0",
+        "train.batch_size=8",
+        "train.log_every=1",
+        "train.learning_rate=5e-3",
+        "train.warmup_ratio=0.0",
+        "eval.batch_size=4",
+        *FAULT_SETTINGS,
+    ]
+
+
+@pytest.fixture(scope="session")
+def finished_run(tmp_path_factory, fault_overrides):
+    """The uninterrupted run that the faulted-and-resumed runs must end up equal to."""
+    from mrtune.config import load_config
+    from mrtune.train.recipe import train
+
+    return train(load_config(None, fault_overrides), tmp_path_factory.mktemp("finished") / "run", progress=False)

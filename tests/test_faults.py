@@ -9,13 +9,13 @@ BENCHMARKS.md ("Reliability") counts these tests.
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import snapshot
 from safetensors.torch import load_file
 
 from mrtune.cli import main
@@ -28,15 +28,6 @@ from mrtune.train.batching import tokenize_examples
 from mrtune.train.checkpoint import STATE_FILE, recover_run
 
 GOOD = {"target": "Portal 2 is a great game.", "meaning_representation": "inform(name[Portal 2], rating[excellent])"}
-
-
-def snapshot(*paths: Path) -> dict[str, str]:
-    """sha256 of every file under `paths` (files or directories), by path: equal snapshots mean nothing changed."""
-    files = {}
-    for path in paths:
-        for file in [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file()):
-            files[str(file)] = hashlib.sha256(file.read_bytes()).hexdigest()
-    return files
 
 
 def jsonl(*records) -> str:
@@ -253,46 +244,6 @@ def test_model_out_of_reach_offline(tmp_path, capsys, monkeypatch, tiny_override
 
 
 # -- 3. faults during a run, on the tiny model ------------------------------------------------------------------
-FAULT_SETTINGS = ["train.max_steps=6", "train.checkpoint_every=2", "train.eval_every=2", "eval.max_new_tokens=4"]
-
-
-@pytest.fixture(scope="module")
-def fault_data(tmp_path_factory):
-    from conftest import viggo_rows, write_jsonl
-
-    base = tmp_path_factory.mktemp("fault-data")
-    return {
-        split: write_jsonl(base / f"{split}.jsonl", viggo_rows(split, n))
-        for split, n in (("train", 48), ("validation", 8), ("test", 6))
-    }
-
-
-@pytest.fixture(scope="module")
-def fault_overrides(tiny_model_dir, fault_data):
-    return [
-        f"model.name={tiny_model_dir}",
-        "model.dtype=float32",
-        *(f"data.{s}={p}" for s, p in fault_data.items()),
-        "lora.r=4",
-        "lora.alpha=8",
-        "lora.dropout=0.0",
-        "train.batch_size=8",
-        "train.log_every=1",
-        "train.learning_rate=5e-3",
-        "train.warmup_ratio=0.0",
-        "eval.batch_size=4",
-        *FAULT_SETTINGS,
-    ]
-
-
-@pytest.fixture(scope="module")
-def finished_run(tmp_path_factory, fault_overrides):
-    """The uninterrupted run that the faulted-and-resumed runs must end up equal to."""
-    from mrtune.train.recipe import train
-
-    return train(load_config(None, fault_overrides), tmp_path_factory.mktemp("finished") / "run", progress=False)
-
-
 def assert_same_result(run: RunDir, reference: RunDir) -> None:
     expected = load_file(reference.adapter / "adapter_model.safetensors")
     actual = load_file(run.adapter / "adapter_model.safetensors")

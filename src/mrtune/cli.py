@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shlex
 import sys
 
 from mrtune.errors import MrtuneError, TrainingInterrupted
+from mrtune.task.mr import METRIC_ROWS
 
 
 def format_metrics_table(columns: dict[str, dict]) -> str:
     """A plain-text table, one column per evaluation (e.g. base vs fine-tuned), the rows of report.md's."""
-    from mrtune.task.mr import METRIC_ROWS
 
     def cell(value, kind: str) -> str:
         if not isinstance(value, (int, float)):
@@ -28,6 +27,35 @@ def format_metrics_table(columns: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+LAUNCH_OPTIONS = ("num_gpus", "accelerate_config")
+"""The `train` options that start `accelerate launch`, and so are not passed on to the processes it starts."""
+
+
+def relaunch_args(args: argparse.Namespace, skip: tuple[str, ...] = ()) -> list[str]:
+    """The command-line arguments that parse back to `args` under its sub-command's parser, less `skip` (dests).
+
+    Derived from the parser's own actions, so an option added to a sub-command is passed on without a change here.
+    """
+    argv: list[str] = []
+    for action in args.command_parser._actions:
+        value = getattr(args, action.dest, None)
+        if action.dest in skip or action.dest == "help" or value == action.default:
+            continue
+        if not action.option_strings:
+            argv += [str(v) for v in value] if isinstance(value, list) else [str(value)]
+            continue
+        option = max(action.option_strings, key=len)
+        if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+            argv.append(option)
+        elif isinstance(action, argparse._AppendAction):
+            argv += [arg for item in value for arg in (option, str(item))]
+        elif isinstance(action, argparse._StoreAction):
+            argv += [option, str(value)]
+        else:
+            raise TypeError(f"relaunch_args does not know how to pass on {type(action).__name__} {option}")
+    return argv
+
+
 def _train(args) -> None:
     from mrtune.config import load_config
     from mrtune.train.distributed import is_main_process, launch_command
@@ -36,15 +64,8 @@ def _train(args) -> None:
     if args.num_gpus is not None and args.num_gpus < 1:
         raise MrtuneError(f"--num-gpus must be at least 1, got {args.num_gpus}")
     if (args.num_gpus or 1) > 1 or args.accelerate_config:
-        # Become `accelerate launch ... -m mrtune train` with the same arguments, less these two.
-        train_args = [
-            *(["--config", args.config] if args.config else []),
-            *(arg for item in args.set for arg in ("--set", item)),
-            *(["--output-dir", args.output_dir] if args.output_dir else []),
-            *(["--overwrite"] if args.overwrite else []),
-            *(["--resume", args.resume] if args.resume else []),
-        ]
-        command = launch_command(args.num_gpus, args.accelerate_config, train_args)
+        # Become `accelerate launch ... -m mrtune train` with the same arguments, less the two that launch it.
+        command = launch_command(args.num_gpus, args.accelerate_config, relaunch_args(args, LAUNCH_OPTIONS))
         print("running: accelerate launch", shlex.join(command[3:]), file=sys.stderr, flush=True)
         os.execv(command[0], command)
     if args.resume:
@@ -72,18 +93,15 @@ def _train(args) -> None:
     )
 
 
+def _decoding(args) -> dict:
+    """The keyword arguments of the options `_add_decoding_options` gives evaluate and predict."""
+    return {"base": args.base, "constrained": args.constrained, "overrides": args.set}
+
+
 def _evaluate(args) -> None:
     from mrtune.infer.evaluate import evaluate
 
-    metrics = evaluate(
-        args.run,
-        split=args.split,
-        data=args.data,
-        limit=args.limit,
-        base=args.base,
-        constrained=args.constrained,
-        overrides=args.set,
-    )
+    metrics = evaluate(args.run, split=args.split, data=args.data, limit=args.limit, **_decoding(args))
     label = "base" if args.base else "fine-tuned"
     print(format_metrics_table({label: metrics}))
     print(f"decoded {metrics['n']} rows in {metrics['decode_seconds']:.1f} s")
@@ -92,15 +110,8 @@ def _evaluate(args) -> None:
 def _predict(args) -> None:
     from mrtune.infer.predict import predict
 
-    outputs = predict(
-        args.run,
-        sentences=args.sentence,
-        input_file=args.input,
-        output_file=args.output,
-        base=args.base,
-        constrained=args.constrained,
-        overrides=args.set,
-    )
+    files = {"input_file": args.input, "output_file": args.output, "overwrite": args.overwrite}
+    outputs = predict(args.run, sentences=args.sentence, **files, **_decoding(args))
     if args.output:
         print(f"wrote {len(outputs)} predictions to {args.output}")
     else:
@@ -122,17 +133,20 @@ def _compare(args) -> None:
     columns = {}
     for name in args.names:
         path = run.eval_dir(name) / "metrics.json"
-        if not path.is_file():
+        if "/" in name or "\\" in name or name in (".", "..") or not path.is_file():
             raise MrtuneError(f"no evaluation {name!r} in {run.path}: run `mrtune evaluate {run.path}` first")
-        columns[name] = json.loads(path.read_text(encoding="utf-8"))
+        columns[name] = run.read_json(path)
+        missing = [key for _, key, _ in METRIC_ROWS if not isinstance(columns[name].get(key), (int, float))]
+        if missing or not isinstance(columns[name].get("n"), int):
+            raise run.damaged(path, f"no number for {(missing or ['n'])[0]}")
     print(format_metrics_table(columns))
+    for name, metrics in columns.items():
+        if metrics.get("data_file"):
+            print(f"{name}: the data file {metrics['data_file']}, not a split")
     print(f"report: {run.path / 'report.md'}")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mrtune", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
-
+def _add_train(commands) -> None:
     p = commands.add_parser("train", help="fine-tune a model with LoRA/QLoRA")
     p.add_argument("--config", help="YAML config (see configs/); defaults are used for what it omits")
     p.add_argument(
@@ -162,14 +176,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="Accelerate config file for the launch, e.g. "
         "configs/accelerate/fsdp-qlora.yaml (sharded 4-bit model); see README, Several GPUs",
     )
-    p.set_defaults(func=_train)
+    p.set_defaults(func=_train, command_parser=p)
 
-    p = commands.add_parser("evaluate", help="decode a split with a run's model and score it")
-    p.add_argument("run", help="a run directory written by `mrtune train`")
-    p.add_argument("--split", default="test", choices=["test", "validation"])
-    p.add_argument("--data", help="score this JSONL/CSV file instead of a split")
-    p.add_argument("--limit", type=int, help="score only N rows, spread evenly over the split")
-    p.add_argument("--base", action="store_true", help="score the untuned base model with the same prompt")
+
+def _add_decoding_options(p: argparse.ArgumentParser) -> None:
+    """The options evaluate and predict share: the base model, constrained decoding, eval.* overrides."""
+    p.add_argument("--base", action="store_true", help="use the untuned base model with the same prompt")
     p.add_argument(
         "--no-constrained",
         dest="constrained",
@@ -184,40 +196,40 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="eval.KEY=VALUE",
         help="change a decoding setting for this command only, e.g. --set eval.batch_size=64 (repeatable)",
     )
-    p.set_defaults(func=_evaluate)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mrtune", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    _add_train(commands)
+
+    p = commands.add_parser("evaluate", help="decode a split with a run's model and score it")
+    p.add_argument("run", help="a run directory written by `mrtune train`")
+    p.add_argument("--split", default="test", choices=["test", "validation"])
+    p.add_argument("--data", help="score this JSONL/CSV file instead of a split (results in eval/data-<name>)")
+    p.add_argument("--limit", type=int, help="score only N rows, spread evenly over the split")
+    _add_decoding_options(p)
+    p.set_defaults(func=_evaluate, command_parser=p)
 
     p = commands.add_parser("predict", help="write the meaning representation of sentences")
     p.add_argument("run")
     p.add_argument("sentence", nargs="*", help="sentences to parse (or use --input)")
     p.add_argument("--input", help="JSONL/CSV file of rows with the input field (default `target`)")
-    p.add_argument("--output", help="JSONL file to write; rows gain the output field")
-    p.add_argument("--base", action="store_true", help="use the untuned base model")
-    p.add_argument(
-        "--no-constrained",
-        dest="constrained",
-        action="store_false",
-        default=None,
-        help="decode freely instead of only valid MRs of the run's vocabulary (eval.constrained)",
-    )
-    p.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="eval.KEY=VALUE",
-        help="change a decoding setting for this command only, e.g. --set eval.batch_size=64 (repeatable)",
-    )
-    p.set_defaults(func=_predict)
+    p.add_argument("--output", help="JSONL file to write: each input row, whole, with the output field added")
+    p.add_argument("--overwrite", action="store_true", help="replace the --output file if it exists")
+    _add_decoding_options(p)
+    p.set_defaults(func=_predict, command_parser=p)
 
     p = commands.add_parser("merge", help="save base + adapter as one standalone model")
     p.add_argument("run")
-    p.add_argument("--output", required=True, help="directory for the merged model")
-    p.add_argument("--overwrite", action="store_true")
-    p.set_defaults(func=_merge)
+    p.add_argument("--output", required=True, help="directory for the merged model (outside the run)")
+    p.add_argument("--overwrite", action="store_true", help="replace a merged model already in --output")
+    p.set_defaults(func=_merge, command_parser=p)
 
     p = commands.add_parser("compare", help="print evaluations of a run side by side")
     p.add_argument("run")
-    p.add_argument("names", nargs="+", help="evaluation names, e.g. test-base test")
-    p.set_defaults(func=_compare)
+    p.add_argument("names", nargs="+", help="evaluation names, e.g. test-base test (data-<name> for --data files)")
+    p.set_defaults(func=_compare, command_parser=p)
     return parser
 
 

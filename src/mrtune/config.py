@@ -9,31 +9,66 @@ messages, and neither knows which values are valid choices.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
+import reprlib
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import yaml
 
 from mrtune.errors import MrtuneError
+from mrtune.task.prompts import PromptStyle
 
 EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
 """The `model.name` value meaning "the embedded default model" (mrtune.model.resolve finds it)."""
 
-PROMPT_STYLES = ("compact", "seed")
+
+@dataclass(frozen=True)
+class Range:
+    """The values a numeric field accepts (`Annotated[int, Range(1, 2048)]`); NaN and infinities never pass."""
+
+    low: float
+    high: float
+    low_open: bool = False
+    """True: `low` itself is not allowed (for fields that must be strictly positive)."""
+    high_open: bool = False
+    """True: `high` itself is not allowed (a dropout of 1 would drop everything)."""
+
+    def problem(self, value: float) -> str | None:
+        if self.low_open and value <= self.low:
+            return f"must be greater than {_number(self.low)}"
+        if self.high_open and value >= self.high:
+            return f"must be below {_number(self.high)}"
+        if value < self.low or value > self.high:
+            return f"must be between {_number(self.low)} and {_number(self.high)}"
+        return None
+
+
+def _number(value: float) -> str:
+    return f"{int(value):,}" if float(value).is_integer() and abs(value) < 1e15 else f"{value:g}"
+
+
+POSITIVE = Range(0, 1e9, low_open=True)
+"""Any finite value above zero (a learning rate, a ratio, seconds)."""
+COUNT = Range(1, 10**9)
+"""A count of steps, rows or tokens: at least one."""
+SEED = Range(0, 2**32 - 1)
+"""What numpy's and torch's seeding accept."""
 
 
 @dataclass
 class ModelSettings:
     name: str = EMBEDDED_MODEL
     """A Hugging Face model id, a local directory, or `embedded:smollm2-135m-instruct` (ships with the package)."""
-    quantization: str = "none"
+    quantization: Literal["none", "nf4"] = "none"
     """`none` (weights in `dtype`) or `nf4` (bitsandbytes 4-bit NF4 with double quantization; CUDA only)."""
-    dtype: str = "bfloat16"
+    dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
     """Dtype of the frozen base weights and of the compute: `bfloat16`, `float16` or `float32`. Adapters stay fp32."""
-    attn_implementation: str = "sdpa"
+    attn_implementation: Literal["sdpa", "eager", "flex_attention"] = "sdpa"
     """`sdpa`, `eager` or `flex_attention`, passed to transformers."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass: ~1/3 more compute for a fraction of the activation memory."""
@@ -44,18 +79,19 @@ class ModelSettings:
 
 @dataclass
 class LoraSettings:
-    r: int = 16
+    r: Annotated[int, Range(1, 4096)] = 16
     """Rank of the LoRA update matrices."""
-    alpha: int = 32
+    alpha: Annotated[int, Range(1, 1_000_000)] = 32
     """Scaling numerator: the update is multiplied by alpha / r."""
-    dropout: float = 0.05
+    dropout: Annotated[float, Range(0, 1, high_open=True)] = 0.05
+    """Dropout on the adapter's input, from 0 (none) to below 1."""
     target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
     """Module names to adapt; `all-linear` means every linear layer but the output head (peft's shorthand)."""
-    top_layers: int | None = None
+    top_layers: Annotated[int, COUNT] | None = None
     """Adapt only the top N transformer layers (all by default). The backward pass then stops at the lowest adapted
     layer: on a CPU, where the step is compute-bound, half the layers train ~1.5x more rows in the same time. (For
     the CPU demo that did not pay: 15 of 30 layers on 2,000 rows scored 34% exact match, all 30 on 1,360 rows 45%.)"""
-    init: str = "default"
+    init: Literal["default", "pissa", "olora"] = "default"
     """How the adapters start: `default` (A random, B zero: the update starts at zero), `pissa` (A and B from the
     top singular vectors of each weight, which is kept minus them: training starts on the weight's principal
     directions; PiSSA, arXiv 2404.02948) or `olora` (from a QR decomposition; arXiv 2406.01775). Both are peft's and
@@ -75,33 +111,33 @@ class DataSettings:
     input_field: str = "target"
     """Field holding the sentence (ViGGO calls the sentence `target`: it was built for the opposite direction)."""
     output_field: str = "meaning_representation"
-    prompt_style: str = "compact"
+    prompt_style: PromptStyle = "compact"
     """`compact` (two short headers) or `seed` (the original recipe's instruction prompt, ~170 tokens)."""
     completion_only: bool = True
     """Compute the loss on the meaning representation only, not on the prompt."""
-    max_length: int = 512
+    max_length: Annotated[int, Range(8, 1_000_000)] = 512
     """Longest tokenized row (prompt + meaning representation + EOS) accepted."""
-    too_long: str = "error"
+    too_long: Literal["error", "skip", "truncate"] = "error"
     """What to do with rows over max_length: `error`, `skip` or `truncate` (each reported with counts)."""
-    train_limit: int | None = None
+    train_limit: Annotated[int, COUNT] | None = None
     """Use only this many training rows (an evenly spread sample), e.g. for a quick CPU run."""
 
 
 @dataclass
 class TrainSettings:
-    epochs: float = 2.0
-    max_steps: int | None = None
+    epochs: Annotated[float, Range(0, 100_000, low_open=True)] = 2.0
+    max_steps: Annotated[int, COUNT] | None = None
     """Stop after this many optimizer steps (overrides epochs)."""
-    time_budget_s: float | None = None
+    time_budget_s: Annotated[float, POSITIVE] | None = None
     """Stop after this many seconds of training (evaluations not counted), with the learning-rate schedule run to
     its end by then: the schedule follows the budget's elapsed fraction, or the steps' if that is further along.
     For a run that must end in time on any machine (the CPU demo); how many rows it sees then depends on the
     machine, so such runs are not reproducible step for step."""
-    batch_size: int = 8
+    batch_size: Annotated[int, Range(1, 1_000_000)] = 8
     """Rows per micro-batch (ignored when batch_tokens is set)."""
-    batch_tokens: int | None = None
+    batch_tokens: Annotated[int, COUNT] | None = None
     """Token budget per micro-batch instead of a fixed row count (padded rows count their padding)."""
-    gradient_accumulation: int = 1
+    gradient_accumulation: Annotated[int, Range(1, 1_000_000)] = 1
     packing: bool = False
     """Concatenate a micro-batch's rows into one sequence without padding (position ids restart at each row)."""
     group_by_length: bool = True
@@ -109,42 +145,43 @@ class TrainSettings:
     compile: bool = False
     """torch.compile the model: fewer, fused kernels (a small model's step is bound by kernel launches). The first
     steps pay for the compilation (packed micro-batches are always padded to batch_tokens: one shape serves all)."""
-    learning_rate: float = 1e-3
-    schedule: str = "cosine"
+    learning_rate: Annotated[float, Range(0, 1, low_open=True)] = 1e-3
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
     """`cosine`, `linear` or `constant`, after warmup."""
-    warmup_ratio: float = 0.03
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    loraplus_ratio: float | None = None
+    warmup_ratio: Annotated[float, Range(0, 1)] = 0.03
+    weight_decay: Annotated[float, Range(0, 1)] = 0.0
+    max_grad_norm: Annotated[float, POSITIVE] = 1.0
+    """Gradients are clipped to this total norm (a norm, so above zero)."""
+    loraplus_ratio: Annotated[float, Range(0, 10_000, low_open=True)] | None = None
     """LoRA+ (peft's `create_loraplus_optimizer`): the B matrices learn this many times faster than the A matrices,
     which take `learning_rate`. The LoRA+ paper reports faster convergence at a ratio of ~16 with an A rate about
     half plain LoRA's. Not under FSDP (its flat parameters hide which tensor is A and which B)."""
-    optimizer: str = "adamw"
+    optimizer: Literal["adamw", "paged_adamw_8bit"] = "adamw"
     """`adamw` (torch, fused on CUDA) or `paged_adamw_8bit` (bitsandbytes, as in the seed recipe)."""
-    eval_every: int = 100
+    eval_every: Annotated[int, COUNT] = 100
     """Optimizer steps between validation-loss evaluations (the best adapter by validation loss is kept)."""
-    eval_rows: int | None = 200
+    eval_rows: Annotated[int, COUNT] | None = 200
     """Validation rows used for the validation loss (an evenly spread sample); None for all."""
-    log_every: int = 10
-    checkpoint_every: int = 100
+    log_every: Annotated[int, COUNT] = 10
+    checkpoint_every: Annotated[int, COUNT] = 100
     """Optimizer steps between resumable checkpoints in RUN/checkpoint/ (`mrtune train --resume RUN`); one is
     also saved when SIGINT/SIGTERM stops the run. It holds the adapter and 2x its size of optimizer state."""
-    max_skipped_in_a_row: int = 10
+    max_skipped_in_a_row: Annotated[int, COUNT] = 10
     """Steps with a non-finite loss or gradient are skipped (the adapter is left as it was); after this many in a
     row the run stops as diverged."""
-    seed: int = 0
+    seed: Annotated[int, SEED] = 0
     wandb_project: str | None = None
     """Also log to Weights & Biases under this project (needs `pip install wandb`)."""
 
 
 @dataclass
 class EvalSettings:
-    batch_size: int = 32
-    max_new_tokens: int = 160
+    batch_size: Annotated[int, Range(1, 1_000_000)] = 32
+    max_new_tokens: Annotated[int, Range(1, 1_000_000)] = 160
     """Generation budget per row; ViGGO's longest meaning representation is ~110 tokens with SmolLM2's tokenizer."""
-    limit: int | None = None
+    limit: Annotated[int, COUNT] | None = None
     """Score only this many rows (an evenly spread sample, so every dialogue act is represented)."""
-    kv_cache: str = "auto"
+    kv_cache: Literal["auto", "dynamic", "static"] = "auto"
     """`static`: the attention cache is allocated once for the batch's whole budget, so each decoding step reuses the
     same buffers (a growing `dynamic` cache reallocates every step: the first decode of a process on a GPU ran ~3x
     slower per step that way). `auto`: static on CUDA, dynamic on CPU (where a static cache only adds work)."""
@@ -165,58 +202,133 @@ class Config:
         return dataclasses.asdict(self)
 
 
-CHOICES = {
-    "model.quantization": ("none", "nf4"),
-    "lora.init": ("default", "pissa", "olora"),
-    "model.dtype": ("bfloat16", "float16", "float32"),
-    "model.attn_implementation": ("sdpa", "eager", "flex_attention"),
-    "data.prompt_style": PROMPT_STYLES,
-    "data.too_long": ("error", "skip", "truncate"),
-    "train.schedule": ("cosine", "linear", "constant"),
-    "train.optimizer": ("adamw", "paged_adamw_8bit"),
-    "eval.kv_cache": ("auto", "dynamic", "static"),
-}
+_shown = reprlib.Repr()
+_shown.maxlevel, _shown.maxlist, _shown.maxdict, _shown.maxstring, _shown.maxother = 2, 4, 4, 60, 60
 
 
-def _coerce(value: Any, annotation: Any, key: str, problems: list[str]) -> Any:
-    """Convert a YAML or command-line value to the field's type, or record why it cannot be."""
-    if isinstance(annotation, str):
-        annotation = eval(annotation, vars(typing) | {"types": types})  # noqa: S307 - our own annotations only
+def shown(value: Any) -> str:
+    """A value as an error message shows it: capped, so a YAML alias bomb (a few lines that expand to billions of
+    items) or a megabyte string cannot hang or flood the message."""
+    text = _shown.repr(value)
+    return text if len(text) <= 120 else text[:117] + "..."
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key given twice in one mapping (PyYAML silently keeps the last value)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if not isinstance(key, typing.Hashable):
+                continue  # the base class reports an unhashable key
+            if key in seen:
+                line = key_node.start_mark.line + 1
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {shown(key)} (line {line})", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def parse_yaml(text: str) -> Any:
+    """YAML as `yaml.safe_load` reads it, but a duplicated key is an error."""
+    return yaml.load(text, Loader=_StrictLoader)  # a SafeLoader subclass: no arbitrary objects
+
+
+@functools.cache
+def _field_types(section: type) -> dict[str, Any]:
+    """The fields' annotations, resolved (this module uses `from __future__ import annotations`), with Annotated."""
+    return typing.get_type_hints(section, include_extras=True)
+
+
+def _unwrap(annotation: Any) -> tuple[Any, bool, Range | None]:
+    """(the base type, whether None is allowed, the Range if any) of a field's annotation."""
+    optional = False
     args = typing.get_args(annotation)
-    if type(None) in args:  # `X | None`
-        if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "")):
-            return None
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType) and type(None) in args:
+        optional = True
         annotation = next(a for a in args if a is not type(None))
+    bounds = None
+    if typing.get_origin(annotation) is Annotated:
+        annotation, *extras = typing.get_args(annotation)
+        bounds = next((e for e in extras if isinstance(e, Range)), None)
+    return annotation, optional, bounds
+
+
+def _convert(value: Any, annotation: Any) -> Any:
+    """`value` as the annotation's type; TypeError or ValueError when it cannot be."""
     origin = typing.get_origin(annotation)
-    try:
-        if origin is list:
-            if isinstance(value, str):
-                value = [v.strip() for v in value.split(",") if v.strip()]
-            if not isinstance(value, list):
-                raise TypeError
-            return [str(v) for v in value]
-        if annotation is bool:
-            if isinstance(value, bool):
-                return value
-            if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
-                return value.lower() in ("true", "yes", "1")
+    if origin is Literal:
+        if not isinstance(value, str):
             raise TypeError
-        if annotation is int:
-            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-                raise TypeError
-            return int(value)
-        if annotation is float:
-            if isinstance(value, bool):
-                raise TypeError
-            return float(value)
-        if annotation is str:
-            if isinstance(value, (dict, list)):
-                raise TypeError
-            return str(value)
-    except (TypeError, ValueError):
+        return value
+    if origin is list:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list) or not all(isinstance(v, (str, int, float)) for v in value):
+            raise TypeError
+        return [str(v) for v in value]
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "yes", "1")
+        raise TypeError
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise TypeError
+        if isinstance(value, str) and len(value) > 30:  # int() of thousands of digits is slow, and never sane here
+            raise ValueError
+        if isinstance(value, float) and not value.is_integer():
+            raise ValueError
+        return int(value)
+    if annotation is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise TypeError
+        number = float(value)
+        if not math.isfinite(number):
+            raise ValueError
+        return number
+    if annotation is str:
+        if not isinstance(value, (str, int, float, bool)):
+            raise TypeError
+        return str(value)
+    raise TypeError
+
+
+def _coerce(value: Any, annotation: Any, key: str, problems: list[str]) -> tuple[bool, Any]:
+    """(True, the value as the field's type) or (False, None) with the reason recorded in `problems`."""
+    base, optional, _ = _unwrap(annotation)
+    if optional and (value is None or (isinstance(value, str) and value.lower() in ("none", "null", ""))):
+        return True, None
+    try:
+        return True, _convert(value, base)
+    except (TypeError, ValueError, OverflowError):
         pass
-    type_name = getattr(annotation, "__name__", str(annotation))
-    problems.append(f"{key}: expected {type_name}, got {value!r}")
+    if typing.get_origin(base) is Literal:
+        problems.append(f"{key}: {shown(value)} is not one of {', '.join(typing.get_args(base))}")
+    else:
+        kind = {float: "a finite number", list: "a list of names"}.get(
+            typing.get_origin(base) or base, getattr(base, "__name__", str(base))
+        )
+        problems.append(f"{key}: expected {kind}, got {shown(value)}")
+    return False, None
+
+
+def _check(key: str, value: Any, annotation: Any) -> str | None:
+    """Why a field's value is outside what its annotation allows (a Literal's choices, a Range), or None."""
+    base, optional, bounds = _unwrap(annotation)
+    if value is None:
+        return None if optional else f"{key} must be set"
+    if typing.get_origin(base) is Literal and value not in typing.get_args(base):
+        return f"{key}: {shown(value)} is not one of {', '.join(typing.get_args(base))}"
+    if bounds is not None and isinstance(value, (int, float)):
+        if not math.isfinite(value):
+            return f"{key} must be a finite number, got {value}"
+        reason = bounds.problem(value)
+        if reason:
+            return f"{key} {reason}, got {_number(value)}" + (" (or none, to turn it off)" if optional else "")
     return None
 
 
@@ -224,17 +336,15 @@ def _apply(config: Config, key: str, value: Any, problems: list[str]) -> None:
     section_name, _, field_name = key.partition(".")
     section = getattr(config, section_name, None) if section_name in _sections() else None
     if section is None or not field_name:
-        problems.append(f"unknown config key '{key}' (sections: {', '.join(_sections())})")
+        problems.append(f"unknown config key {shown(key)} (sections: {', '.join(_sections())})")
         return
-    fields = {f.name: f for f in dataclasses.fields(section)}
-    if field_name not in fields:
-        problems.append(f"unknown config key '{key}' (known in '{section_name}': {', '.join(fields)})")
+    types_ = _field_types(type(section))
+    if field_name not in types_:
+        problems.append(f"unknown config key {shown(key)} (known in '{section_name}': {', '.join(types_)})")
         return
-    coerced = _coerce(value, fields[field_name].type, key, problems)
-    if key in CHOICES and coerced is not None and coerced not in CHOICES[key]:
-        problems.append(f"{key}: {coerced!r} is not one of {', '.join(CHOICES[key])}")
-        return
-    setattr(section, field_name, coerced)
+    ok, coerced = _coerce(value, types_[field_name], key, problems)
+    if ok:
+        setattr(section, field_name, coerced)
 
 
 def _sections() -> list[str]:
@@ -243,7 +353,7 @@ def _sections() -> list[str]:
 
 def _flatten(data: Any, prefix: str, out: dict[str, Any], problems: list[str], source: str) -> None:
     if not isinstance(data, dict):
-        problems.append(f"{source}: '{prefix or 'top level'}' must be a mapping of keys, got {data!r}")
+        problems.append(f"{source}: '{prefix or 'top level'}' must be a mapping of keys, got {shown(data)}")
         return
     for key, value in data.items():
         full = f"{prefix}.{key}" if prefix else str(key)
@@ -253,6 +363,27 @@ def _flatten(data: Any, prefix: str, out: dict[str, Any], problems: list[str], s
             out[full] = value
 
 
+def _read_yaml_file(path: Path) -> Any:
+    if not path.is_file():
+        raise MrtuneError(f"config file {path} does not exist: pass an existing YAML file (see configs/)")
+    try:
+        return parse_yaml(path.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, ValueError, RecursionError) as error:  # ValueError: bad UTF-8, a 5,000-digit int
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        if isinstance(error, yaml.MarkedYAMLError) and error.problem and "duplicate key" in error.problem:
+            first = error.problem
+        raise MrtuneError(f"config file {path} is not valid YAML ({first[:200]}): fix the file") from None
+
+
+def _override_value(raw: str, item: str, problems: list[str]) -> tuple[bool, Any]:
+    try:
+        return True, parse_yaml(raw) if raw.strip() else ""
+    except (yaml.YAMLError, ValueError, RecursionError) as error:
+        reason = getattr(error, "problem", None) or str(error).split(";")[0][:100] or type(error).__name__
+        problems.append(f"--set {shown(item)}: the value is not valid YAML ({reason})")
+        return False, None
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Build a Config from defaults, then a YAML file, then `key=value` overrides; report every problem at once."""
     config = Config()
@@ -260,20 +391,15 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     values: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
-        if not path.is_file():
-            raise MrtuneError(f"config file {path} does not exist: pass an existing YAML file (see configs/)")
-        try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except (yaml.YAMLError, UnicodeDecodeError) as error:
-            first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            raise MrtuneError(f"config file {path} is not valid YAML ({first}): fix the file") from None
-        _flatten(data, "", values, problems, str(path))
+        _flatten(_read_yaml_file(path), "", values, problems, str(path))
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep:
-            problems.append(f"--set {item!r}: expected key=value, e.g. --set train.learning_rate=3e-4")
+            problems.append(f"--set {shown(item)}: expected key=value, e.g. --set train.learning_rate=3e-4")
             continue
-        values[key.strip()] = yaml.safe_load(raw) if raw.strip() else ""
+        ok, value = _override_value(raw, item, problems)
+        if ok:
+            values[key.strip()] = value
     for key, value in values.items():
         _apply(config, key, value, problems)
     problems += validate(config)
@@ -284,38 +410,24 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
 
 
 def validate(config: Config) -> list[str]:
-    """Cross-field checks that a type alone cannot express."""
+    """Every field against its annotation (choices, ranges, finiteness), then what no one field can say alone."""
     problems = []
-    positive = {
-        "lora.r": config.lora.r,
-        "lora.top_layers": config.lora.top_layers,
-        "train.batch_size": config.train.batch_size,
-        "train.gradient_accumulation": config.train.gradient_accumulation,
-        "train.eval_every": config.train.eval_every,
-        "train.log_every": config.train.log_every,
-        "train.checkpoint_every": config.train.checkpoint_every,
-        "train.max_skipped_in_a_row": config.train.max_skipped_in_a_row,
-        "train.time_budget_s": config.train.time_budget_s,
-        "data.max_length": config.data.max_length,
-        "eval.batch_size": config.eval.batch_size,
-        "eval.max_new_tokens": config.eval.max_new_tokens,
-    }
-    for key, value in positive.items():
-        if value is not None and value <= 0:
-            problems.append(f"{key} must be positive, got {value}")
-    if config.train.learning_rate is not None and config.train.learning_rate <= 0:
-        problems.append(f"train.learning_rate must be positive, got {config.train.learning_rate}")
-    if config.train.max_steps is None and config.train.epochs is not None and config.train.epochs <= 0:
-        problems.append("train.epochs must be positive (or set train.max_steps)")
+    for section_name in _sections():
+        section = getattr(config, section_name)
+        for name, annotation in _field_types(type(section)).items():
+            problem = _check(f"{section_name}.{name}", getattr(section, name), annotation)
+            if problem:
+                problems.append(problem)
     if config.lora.init != "default" and config.model.quantization != "none":
         problems.append(
             f"lora.init={config.lora.init} starts from the base weights' decomposition, which 4-bit "
             "weights do not allow: set lora.init=default or model.quantization=none"
         )
-    if config.train.batch_tokens is not None and config.train.batch_tokens < config.data.max_length:
+    tokens, longest = config.train.batch_tokens, config.data.max_length
+    if isinstance(tokens, int) and isinstance(longest, int) and tokens < longest:
         problems.append(
-            f"train.batch_tokens ({config.train.batch_tokens}) must be at least data.max_length "
-            f"({config.data.max_length}) so that every row fits in a micro-batch"
+            f"train.batch_tokens ({tokens}) must be at least data.max_length ({longest}) so that every row fits "
+            "in a micro-batch"
         )
     return problems
 
@@ -334,10 +446,12 @@ def with_eval_overrides(config: Config, overrides: list[str] | tuple[str, ...]) 
         key, sep, raw = item.partition("=")
         if not sep or not key.strip().startswith("eval."):
             problems.append(
-                f"--set {item!r}: only eval.* settings can change after training, e.g. --set eval.batch_size=64"
+                f"--set {shown(item)}: only eval.* settings can change after training, e.g. --set eval.batch_size=64"
             )
             continue
-        _apply(config, key.strip(), yaml.safe_load(raw) if raw.strip() else "", problems)
+        ok, value = _override_value(raw, item, problems)
+        if ok:
+            _apply(config, key.strip(), value, problems)
     problems += validate(config)
     if problems:
         raise MrtuneError(f"{len(problems)} problem(s) with --set: " + "; ".join(problems))
@@ -352,6 +466,7 @@ def from_dict(data: dict[str, Any]) -> Config:
     config = Config()
     for key, value in values.items():
         _apply(config, key, value, problems)
+    problems += validate(config) if not problems else []
     if problems:
         raise MrtuneError("the run's config.yaml has problems: " + "; ".join(problems))
     return config

@@ -3,16 +3,54 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 from pathlib import Path
 
 from mrtune.config import with_eval_overrides
 from mrtune.errors import MrtuneError
-from mrtune.infer.predict import decode, load_model
+from mrtune.infer.predict import check_lengths, decode, load_model
 from mrtune.run.durable import write_json, write_text_atomic
 from mrtune.run.rundir import RunDir
 from mrtune.task.data import load_split, spread_sample
 from mrtune.task.mr import score
+
+DATA_PREFIX = "data-"
+"""eval/data-<name>/ holds the results of `--data FILE`: never a split's name, never a path out of eval/."""
+
+
+def data_eval_name(data: str) -> str:
+    """eval/'s folder name for a data file: `data-` and the file's stem reduced to letters, digits, `_`, `-`, `.`.
+
+    >>> data_eval_name("../../test.jsonl"), data_eval_name(".."), data_eval_name("my set/ünï.csv")
+    ('data-test', 'data-file', 'data-n')
+    """
+    stem = re.sub(r"[^A-Za-z0-9_.-]+", "", Path(data).stem).strip("._-")[:60]
+    return DATA_PREFIX + (stem or "file")
+
+
+def _results_dir(run: RunDir, split: str, data: str | None, base: bool) -> Path:
+    """eval/<split>[-base] or eval/data-<name>[-base]; a data folder of another file of the same name is refused."""
+    name = (data_eval_name(data) if data else split) + ("-base" if base else "")
+    out = run.eval_dir(name)
+    if data and (out / "metrics.json").is_file():
+        previous = run.read_json(out / "metrics.json").get("data_file")
+        if previous != str(Path(data).resolve()):
+            raise MrtuneError(
+                f"{out} holds the results of another data file ({previous}): rename {data}, or remove that folder "
+                "if its results are no longer wanted (nothing was touched)"
+            )
+    return out
+
+
+def _check_run(run: RunDir, config, base: bool) -> None:
+    info = run.info()
+    if info.get("status") == "diverged" and not base:
+        raise MrtuneError(
+            f"run {run.path} diverged at step {info.get('diverged_at_step')} (a non-finite loss or gradient "
+            f"{config.train.max_skipped_in_a_row} steps in a row), so it has no metrics to report: train it again "
+            "with a lower train.learning_rate (--base still scores the untuned model)"
+        )
 
 
 def evaluate(
@@ -28,26 +66,25 @@ def evaluate(
 ) -> dict:
     """Decode a split (or any data file), score it, and write eval/<name>/{metrics.json,predictions.jsonl}.
 
+    <name> is the split, or data-<file name> for `data` (see data_eval_name), with -base for the base model.
     `constrained` (default: the run's eval.constrained) decodes only valid MRs of the run's vocabulary.
     `overrides` (`eval.key=value`) change decoding settings for this call only.
     """
     run = RunDir.open(run_dir)
     config = with_eval_overrides(run.config(), overrides)
-    info = run.info()
-    if info.get("status") == "diverged" and not base:
-        raise MrtuneError(
-            f"run {run.path} diverged at step {info.get('diverged_at_step')} (a non-finite loss or gradient "
-            f"{config.train.max_skipped_in_a_row} steps in a row), so it has no metrics to report: train it again "
-            "with a lower train.learning_rate (--base still scores the untuned model)"
-        )
+    run.check_intact(config, adapter=not base)
+    _check_run(run, config, base)
     if split not in ("test", "validation", "train"):
         raise MrtuneError(f"unknown split {split!r}: use test or validation (or --data FILE)")
+    out = _results_dir(run, split, data, base)
     spec = data or getattr(config.data, split)
     examples = spread_sample(
         load_split(spec, config.data.input_field, config.data.output_field),
         limit if limit is not None else config.eval.limit,
+        "--limit" if limit is not None else "eval.limit",
     )
     tokenizer, model = load_model(run, config, base)
+    check_lengths(tokenizer, model, config, examples)
     constrained = config.eval.constrained if constrained is None else constrained
     started = time.perf_counter()
     predictions, stats = decode(run, config, tokenizer, model, [e.sentence for e in examples], progress, constrained)
@@ -55,7 +92,7 @@ def evaluate(
     references = [e.meaning_representation for e in examples]
     metrics = score(predictions, references)
     metrics.update(
-        split=split if data is None else str(data),
+        split=split if data is None else f"data file {Path(data).name}",
         model="base" if base else "fine-tuned",
         decode_seconds=round(seconds, 2),
         rows_per_s=round(len(examples) / seconds, 2),
@@ -63,8 +100,8 @@ def evaluate(
         generated_tokens=stats["generated_tokens"],
         tokens_per_s=round(stats["generated_tokens"] / seconds, 1),
     )
-    name = (Path(data).stem if data else split) + ("-base" if base else "")
-    out = run.eval_dir(name)
+    if data:
+        metrics["data_file"] = str(Path(data).resolve())
     write_text_atomic(
         out / "predictions.jsonl",
         "".join(

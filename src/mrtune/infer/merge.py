@@ -3,35 +3,39 @@
 from __future__ import annotations
 
 import dataclasses
-import shutil
 from pathlib import Path
 
-from mrtune.errors import MrtuneError
-from mrtune.model.build import default_device, load_trained_model
+from mrtune.infer.predict import load_run_model
 from mrtune.model.resolve import load_tokenizer
-from mrtune.run.durable import replace_dir
+from mrtune.run.outputs import building_dir, check_output
 from mrtune.run.rundir import RunDir
+
+
+def looks_merged(directory: Path) -> bool:
+    """Whether `directory` holds what merge writes (so `--overwrite` may replace it): a model config and a prompt."""
+    return (directory / "config.json").is_file() and (directory / "prompt.txt").is_file()
 
 
 def merge(run_dir: str | Path, output_dir: str | Path, *, overwrite: bool = False) -> Path:
     """Save base + adapter as one model that `AutoModelForCausalLM.from_pretrained(output_dir)` loads.
 
     A 4-bit run is merged into the base in its compute dtype (bf16): merging into 4-bit weights would round the
-    adapter's update away.
+    adapter's update away. Every run file merge reads is checked first; the output follows mrtune.run.outputs.
     """
     run = RunDir.open(run_dir)
     config = run.config()
-    adapter = run.require_adapter()
-    output_dir = Path(output_dir)
-    if output_dir.exists() and any(output_dir.iterdir()) and not overwrite:
-        raise MrtuneError(f"{output_dir} is not empty: choose another --output or pass --overwrite")
+    output_dir = check_output(
+        output_dir, protected={"the run": run.path}, overwrite=overwrite, kind="dir", looks_ours=looks_merged
+    )
+    run.check_intact(config)
+    adapter = run.require_adapter(config)
+    prompt = run.read_prompt()
+    tokenizer = load_tokenizer(run.require_tokenizer())
     settings = dataclasses.replace(config.model, quantization="none")
-    model = load_trained_model(settings, adapter, default_device(), merge=True)
+    model = load_run_model(run, settings, adapter)
     model.to("cpu")
-    tmp = output_dir.with_name(output_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    load_tokenizer(str(run.tokenizer)).save_pretrained(tmp)
-    shutil.copy(run.path / "prompt.txt", tmp / "prompt.txt")  # the prompt the merged model expects
-    replace_dir(tmp, output_dir)
+    with building_dir(output_dir) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "prompt.txt").write_text(prompt, encoding="utf-8")  # the prompt the merged model expects
     return output_dir

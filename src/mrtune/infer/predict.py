@@ -12,19 +12,29 @@ from mrtune.errors import MrtuneError
 from mrtune.infer.generation import generate
 from mrtune.model.build import default_device, load_trained_model
 from mrtune.model.resolve import load_tokenizer
-from mrtune.run.durable import write_text_atomic
+from mrtune.run.outputs import check_output, write_output_text
 from mrtune.run.rundir import RunDir
-from mrtune.task.data import Example, load_split
+from mrtune.task.data import Example, load_rows
 from mrtune.task.mr import Vocabulary
 from mrtune.task.prompts import build_prompt
 
 
 def load_model(run: RunDir, config, base: bool):
-    """The run's tokenizer and model: base + adapter, or the untuned base with `base`."""
-    adapter = None if base else run.require_adapter()
-    tokenizer = load_tokenizer(str(run.tokenizer))
-    model = load_trained_model(config.model, adapter, default_device())
-    return tokenizer, model
+    """The run's tokenizer and model: base + adapter, or the untuned base with `base` (the run's files checked)."""
+    adapter = None if base else run.require_adapter(config)
+    tokenizer = load_tokenizer(run.require_tokenizer())
+    return tokenizer, load_run_model(run, config.model, adapter)
+
+
+def load_run_model(run: RunDir, settings, adapter: Path | None, merge: bool = True):
+    """`load_trained_model`, with an adapter that does not fit the base model reported as the run's damage."""
+    try:
+        return load_trained_model(settings, adapter, default_device(), merge=merge)
+    except (RuntimeError, ValueError, KeyError) as error:
+        if adapter is None or isinstance(error, MrtuneError):
+            raise
+        reason = " ".join(str(error).split())[:200]
+        raise run.damaged(adapter, f"does not fit the base model {settings.name} ({reason})") from None
 
 
 def load_constraint(run: RunDir, tokenizer):
@@ -35,8 +45,26 @@ def load_constraint(run: RunDir, tokenizer):
         raise MrtuneError(
             f"{run.vocabulary} is missing, so constrained decoding has no vocabulary: pass --no-constrained"
         )
-    vocabulary = Vocabulary.from_dict(json.loads(run.vocabulary.read_text(encoding="utf-8")))
-    return MRConstraint(tokenizer, vocabulary)
+    return MRConstraint(tokenizer, Vocabulary.from_dict(run.read_vocabulary()))
+
+
+def check_lengths(tokenizer, model, config, examples: list[Example]) -> None:
+    """Refuse sentences whose prompt and generation budget do not fit in the model's context: decoding past it
+    gives garbage (slowly), not an error."""
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if not isinstance(limit, int):
+        return
+    prompts = [build_prompt(config.data.prompt_style, e.sentence) for e in examples]
+    lengths = [len(ids) for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"]]
+    budget = config.eval.max_new_tokens
+    over = [(e, n) for e, n in zip(examples, lengths) if n + budget > limit]
+    if over:
+        first, tokens = over[0]
+        where = first.source or f"sentence {examples.index(first) + 1}"
+        raise MrtuneError(
+            f"{len(over)} sentence(s) too long for the model (first: {where}, {tokens} tokens with its prompt, plus "
+            f"eval.max_new_tokens={budget}, over the model's limit of {limit} tokens): shorten or split them"
+        )
 
 
 def decode(
@@ -71,6 +99,7 @@ def predict(
     sentences: list[str] | None = None,
     input_file: str | None = None,
     output_file: str | None = None,
+    overwrite: bool = False,
     base: bool = False,
     constrained: bool | None = None,
     overrides: list[str] | tuple[str, ...] = (),
@@ -78,32 +107,46 @@ def predict(
 ) -> list[str]:
     """Meaning representations for sentences given directly or as a JSONL/CSV file of rows with the input field.
 
-    `constrained` (default: the run's eval.constrained) decodes only valid MRs of the run's vocabulary.
+    `constrained` (default: the run's eval.constrained) decodes only valid MRs of the run's vocabulary. The output
+    file gets each input row whole with the output field added (replaced, if the row had one); an existing file is
+    replaced only with `overwrite`, and never the run's own files or the input.
     """
     run = RunDir.open(run_dir)
     config = with_eval_overrides(run.config(), overrides)
+    run.check_intact(config, adapter=not base)
     if input_file is not None:
         if output_file is None:
             raise MrtuneError("--input needs --output FILE.jsonl to write the predictions to")
-        if Path(output_file).resolve() == Path(input_file).resolve():
-            raise MrtuneError("--output is the same file as --input: choose another output path")
-        examples = load_split(input_file, config.data.input_field, output_field=None)
+        rows = load_rows(input_file, config.data.input_field)
+        examples = [example for example, _ in rows]
     elif sentences:
+        rows = None
         examples = [Example(s, None) for s in sentences]
+        for number, sentence in enumerate(sentences, start=1):
+            if not sentence.strip():
+                raise MrtuneError(f"sentence {number} is empty: give the text to parse")
+            try:
+                sentence.encode("utf-8")
+            except UnicodeEncodeError:  # bytes of another encoding on the command line arrive as lone surrogates
+                raise MrtuneError(f"sentence {number} is not UTF-8 text: pass it in UTF-8") from None
     else:
         raise MrtuneError('give a sentence (mrtune predict RUN "some sentence") or --input FILE.jsonl')
+    if output_file is not None:
+        protected = {"the run": run.path} | ({"the --input file": Path(input_file)} if input_file else {})
+        check_output(output_file, protected=protected, overwrite=overwrite, kind="file")
     tokenizer, model = load_model(run, config, base)
+    check_lengths(tokenizer, model, config, examples)
     constrained = config.eval.constrained if constrained is None else constrained
     predictions, _ = decode(
         run, config, tokenizer, model, [e.sentence for e in examples], progress and input_file is not None, constrained
     )
     if output_file is not None:
-        write_text_atomic(
-            Path(output_file),
+        records = [record for _, record in rows] if rows else [{config.data.input_field: e.sentence} for e in examples]
+        write_output_text(
+            output_file,
             "".join(
-                json.dumps({config.data.input_field: e.sentence, config.data.output_field: p}, ensure_ascii=False)
-                + "\n"
-                for e, p in zip(examples, predictions)
+                json.dumps({**record, config.data.output_field: p}, ensure_ascii=False) + "\n"
+                for record, p in zip(records, predictions)
             ),
         )
     return predictions

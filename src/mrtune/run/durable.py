@@ -163,7 +163,8 @@ def append_jsonl(path: Path, record: dict[str, Any]) -> None:
 
 
 # -- directories -----------------------------------------------------------------------------------------------
-def _remove(path: Path) -> None:
+def remove_path(path: Path) -> None:
+    """Remove a file, a link or a whole directory tree."""
     if path.is_symlink() or path.is_file():
         path.unlink()
     elif path.exists():
@@ -183,13 +184,13 @@ def replace_dir(tmp_dir: Path, final_dir: Path) -> None:
         if not (final_dir.exists() or final_dir.is_symlink()):  # a kill left only the previous version
             os.replace(old, final_dir)
         else:
-            _remove(old)
+            remove_path(old)
     if final_dir.exists() or final_dir.is_symlink():
         os.replace(final_dir, old)
     os.replace(tmp_dir, final_dir)
     fsync_dir(final_dir.parent)
     with contextlib.suppress(OSError):
-        _remove(old)
+        remove_path(old)
 
 
 def write_dir_atomic(final_dir: Path, write: Callable[[Path], None]) -> None:

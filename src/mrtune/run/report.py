@@ -524,7 +524,18 @@ def _evaluation_section(evaluations: list[_Evaluation], notes: list[str]) -> lis
     lines += [f"- {note}" for note in notes] + ([""] if notes else [])
     if not evaluations:
         return lines + ["No evaluation yet: run `mrtune evaluate` on this run directory.", ""]
-    return lines + metrics_table([(e.name, e.metrics) for e in evaluations]) + [""]
+    data_files = [
+        f"- `{_cell(e.name)}` scores the data file `{_cell(e.metrics['data_file'])}`, not a split"
+        for e in evaluations
+        if e.metrics.get("data_file")
+    ]
+    return (
+        lines
+        + metrics_table([(e.name, e.metrics) for e in evaluations])
+        + [""]
+        + data_files
+        + ([""] if data_files else [])
+    )
 
 
 def _details_section(run: RunDir, evaluation: _Evaluation, produced: set[str]) -> list[str]:

@@ -10,7 +10,7 @@ RUN/
   checkpoint/         while training: what `mrtune train --resume` needs (see checkpoint.py); removed at the end
   history.jsonl       one line per logged step: train loss, lr, tokens/s, validation loss
   tensorboard/        the same curves for TensorBoard
-  eval/<name>/        metrics.json and predictions.jsonl of each `mrtune evaluate` (name: split, -base)
+  eval/<name>/        metrics.json and predictions.jsonl of each `mrtune evaluate` (name: split or data-<file>, -base)
   report.md           the report, with loss_curve.png, dialogue_acts_<name>.png, confusion_<name>.png
 """
 
@@ -23,7 +23,7 @@ from typing import Any
 
 import yaml
 
-from mrtune.config import Config, from_dict, to_yaml
+from mrtune.config import Config, from_dict, parse_yaml, to_yaml
 from mrtune.errors import MrtuneError
 from mrtune.run.durable import (
     FileLock,
@@ -165,10 +165,62 @@ class RunDir:
         return getattr(self, "_lock", None) is None and is_locked(self.path)
 
     def info(self) -> dict[str, Any]:
+        return self.read_json(self.run_json)
+
+    # -- reading, each file checked: a damaged run is named in one line, never a traceback ---------------------
+    def damaged(self, file: Path, what: str) -> MrtuneError:
+        """The error for a run file that is missing or not what `mrtune train` wrote."""
+        return MrtuneError(f"run damaged: {file}: {what}")
+
+    def read_json(self, path: Path, kind: type = dict) -> Any:
+        """A JSON file of the run holding a `kind` (an object by default)."""
         try:
-            return json.loads(self.run_json.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as error:
-            raise MrtuneError(f"{self.run_json} is unreadable ({error}): the run directory is damaged") from None
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise self.damaged(path, "missing") from None
+        except (OSError, UnicodeDecodeError) as error:
+            raise self.damaged(path, f"cannot be read ({getattr(error, 'strerror', None) or error})") from None
+        except (json.JSONDecodeError, RecursionError) as error:
+            reason = f"{error.msg} at line {error.lineno}" if isinstance(error, json.JSONDecodeError) else "too deep"
+            raise self.damaged(path, f"not valid JSON ({reason})") from None
+        if not isinstance(data, kind):
+            names = {dict: "an object", list: "a list", str: "a string", int: "a number", float: "a number"}
+            raise self.damaged(path, f"holds {names.get(type(data), 'a value')}, not {names.get(kind, kind.__name__)}")
+        return data
+
+    def read_prompt(self) -> str:
+        """prompt.txt: the template the model was trained with (merge ships it beside the merged model)."""
+        path = self.path / "prompt.txt"
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise self.damaged(path, "missing") from None
+        except (OSError, UnicodeDecodeError) as error:
+            raise self.damaged(path, f"cannot be read ({error})") from None
+        if "{sentence}" not in text:
+            raise self.damaged(path, "has no {sentence} placeholder, so it is not a prompt template")
+        return text
+
+    def require_tokenizer(self) -> str:
+        """The run's own tokenizer/ directory (never looked up on the hub)."""
+        if not self.tokenizer.is_dir():
+            raise self.damaged(self.tokenizer, "missing (the tokenizer saved by `mrtune train`)")
+        if not (self.tokenizer / "tokenizer_config.json").is_file():
+            raise self.damaged(self.tokenizer / "tokenizer_config.json", "missing")
+        self.read_json(self.tokenizer / "tokenizer_config.json")
+        if (self.tokenizer / "tokenizer.json").exists():
+            self.read_json(self.tokenizer / "tokenizer.json")
+        return str(self.tokenizer)
+
+    def read_vocabulary(self) -> dict[str, Any]:
+        from mrtune.task.mr import Vocabulary
+
+        data = self.read_json(self.vocabulary)
+        try:
+            Vocabulary.from_dict(data)
+        except (KeyError, TypeError, ValueError, AttributeError) as error:
+            raise self.damaged(self.vocabulary, f"not a vocabulary ({type(error).__name__}: {error})") from None
+        return data
 
     def update_info(self, **fields: Any) -> None:
         info = self.info() if self.run_json.is_file() else {}
@@ -177,10 +229,17 @@ class RunDir:
 
     def config(self) -> Config:
         try:
-            data = yaml.safe_load(self.config_file.read_text(encoding="utf-8")) or {}
-        except (OSError, yaml.YAMLError) as error:
-            raise MrtuneError(f"{self.config_file} is unreadable ({error}): the run directory is damaged") from None
-        return from_dict(data)
+            data = parse_yaml(self.config_file.read_text(encoding="utf-8")) or {}
+        except FileNotFoundError:
+            raise self.damaged(self.config_file, "missing") from None
+        except (OSError, ValueError, RecursionError, yaml.YAMLError) as error:
+            reason = getattr(error, "problem", None) or str(error).strip().split("\n")[0][:160]
+            raise self.damaged(self.config_file, f"unreadable ({reason})") from None
+        try:
+            return from_dict(data)
+        except MrtuneError as error:
+            problems = str(error).removeprefix("the run's config.yaml has problems: ")
+            raise self.damaged(self.config_file, problems) from None
 
     def save_config(self, config: Config) -> None:
         write_text_atomic(self.config_file, to_yaml(config))
@@ -188,14 +247,49 @@ class RunDir:
     def save_tokenizer(self, tokenizer) -> None:
         write_dir_atomic(self.tokenizer, tokenizer.save_pretrained)
 
-    def require_adapter(self) -> Path:
-        if not (self.adapter / "adapter_config.json").is_file():
+    def check_intact(self, config: Config, *, adapter: bool = True) -> None:
+        """Read and check every file evaluate, predict and merge use, so that each command refuses a damaged run
+        the same way, before it loads a model or writes anything (the adapter only when it is used)."""
+        self.info()
+        self.read_prompt()
+        self.require_tokenizer()
+        if self.vocabulary.exists():
+            self.read_vocabulary()
+        if adapter:
+            self.require_adapter(config)
+
+    def require_adapter(self, config: Config | None = None) -> Path:
+        """The adapter directory, checked: its config is readable, its weights file whole, and its rank the one
+        the run's config (`config`, when given) trains (2r for lora.init=pissa|olora, saved converted)."""
+        adapter_config = self.adapter / "adapter_config.json"
+        if not adapter_config.is_file():
             status = self.info().get("status", "unknown")
             raise MrtuneError(
                 f"run {self.path} has no adapter yet (status: {status}): let `mrtune train` reach its first "
                 "evaluation, or use --base to score the untuned model"
             )
+        rank = self.read_json(adapter_config).get("r")
+        if config is not None:
+            expected = config.lora.r if config.lora.init == "default" else 2 * config.lora.r
+            if rank != expected:
+                raise self.damaged(adapter_config, f"rank r={rank!r}, but the run's config.yaml trains rank {expected}")
+        self._check_adapter_weights(rank)
         return self.adapter
+
+    def _check_adapter_weights(self, rank: Any) -> None:
+        from safetensors import SafetensorError, safe_open
+
+        weights = self.adapter / "adapter_model.safetensors"
+        if not weights.is_file():
+            raise self.damaged(weights, "missing")
+        try:
+            with safe_open(str(weights), "np") as handle:
+                shapes = {name: handle.get_slice(name).get_shape() for name in handle.keys()}
+        except (SafetensorError, OSError) as error:
+            raise self.damaged(weights, f"not a whole safetensors file ({error})") from None
+        wrong = [name for name, shape in shapes.items() if "lora_A" in name and shape[:1] != [rank]]
+        if wrong:
+            raise self.damaged(weights, f"{wrong[0]} has shape {shapes[wrong[0]]}, not rank {rank} as configured")
 
     def append_history(self, record: dict[str, Any]) -> None:
         append_jsonl(self.history, record)

@@ -17,8 +17,11 @@ from __future__ import annotations
 
 import codecs
 import csv
+import errno
 import io
 import json
+import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,9 +53,48 @@ def _read_rows(spec: str) -> tuple[list[tuple[str, dict]], list[str]]:
     return _read_file(Path(spec))
 
 
+def _check_is_file(path: Path) -> None:
+    """A data path that is not a readable regular file, named for what it is (reading a FIFO would block)."""
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        if path.is_symlink():
+            raise MrtuneError(f"data file {path} is a symlink to {os.readlink(path)}, which does not exist") from None
+        raise MrtuneError(
+            f"data file {path} does not exist: check the path (or use viggo:train|validation|test)"
+        ) from None
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            raise MrtuneError(f"data file {path} is a symlink loop: point it at a real file") from None
+        raise MrtuneError(f"data file {path} cannot be read ({error.strerror}): check the path") from None
+    if stat.S_ISDIR(mode):
+        raise MrtuneError(f"data file {path} is a directory: give a .jsonl, .json or .csv file inside it")
+    if not stat.S_ISREG(mode):
+        kind = "a FIFO (named pipe)" if stat.S_ISFIFO(mode) else "not a regular file"
+        raise MrtuneError(f"data file {path} is {kind}: give a regular .jsonl, .json or .csv file")
+
+
+def _parse_json(text: str) -> tuple[object, str | None]:
+    """(the value, None) or (None, why not), for the malformed inputs json.loads raises on in other ways."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        return None, f"not valid JSON ({error.msg}, column {error.colno})"
+    except RecursionError:
+        return None, "not valid JSON (nested too deeply)"
+    except ValueError as error:  # an integer of more digits than Python converts (sys.get_int_max_str_digits)
+        return None, f"not valid JSON ({str(error).split(':')[0]})"
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as error:
+        return None, f"holds a lone surrogate ({error.object[error.start]!r}), which is not text: fix the escape"
+    except RecursionError:
+        return None, "not valid JSON (nested too deeply)"
+    return value, None
+
+
 def _read_file(path: Path) -> tuple[list[tuple[str, dict]], list[str]]:
-    if not path.is_file():
-        raise MrtuneError(f"data file {path} does not exist: check the path (or use viggo:train|validation|test)")
+    _check_is_file(path)
     suffix = path.suffix.lower()
     if suffix not in (".jsonl", ".json", ".csv"):
         raise MrtuneError(f"data file {path} has an unknown format: use .jsonl (one JSON object a line) or .csv")
@@ -81,10 +123,9 @@ def _read_file(path: Path) -> tuple[list[tuple[str, dict]], list[str]]:
     for number, line in enumerate(text.split("\n"), start=1):
         if not line.strip() or number in bad_lines:
             continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            problems.append(f"{path.name}:{number}: not valid JSON ({error.msg}, column {error.colno})")
+        record, problem = _parse_json(line)
+        if problem:
+            problems.append(f"{path.name}:{number}: {problem}")
             continue
         if not isinstance(record, dict):
             problems.append(f"{path.name}:{number}: expected a JSON object, got {type(record).__name__}")
@@ -125,10 +166,9 @@ def _read_csv(path: Path, text: str, bad_lines: set[int], problems: list[str]):
 
 def _read_json_array(path: Path, text: str, problems: list[str]):
     """A `.json` file holding one array of objects (rows are located by their index in it)."""
-    try:
-        items = json.loads(text)
-    except json.JSONDecodeError as error:
-        return [], problems + [f"{path.name}:{error.lineno}: not valid JSON ({error.msg}, column {error.colno})"]
+    items, problem = _parse_json(text)
+    if problem:
+        return [], problems + [f"{path.name}: {problem}"]
     rows: list[tuple[str, dict]] = []
     for index, record in enumerate(items):
         location = f"{path.name}[{index}]"
@@ -157,6 +197,18 @@ def _read_hub(spec: str) -> tuple[list[tuple[str, dict]], list[str]]:
     return [(f"{name}[{split}]:{i}", dict(record)) for i, record in enumerate(dataset)], []
 
 
+def _text_field(record: dict, name: str, location: str, problems: list[str]) -> str | None:
+    """The field's text, stripped, or None with the problem recorded."""
+    value = record.get(name)
+    if value is None:
+        problems.append(f"{location}: missing field '{name}'")
+        return None
+    if not isinstance(value, str) or not value.strip():
+        problems.append(f"{location}: field '{name}' is empty or not text")
+        return None
+    return value.strip()
+
+
 def load_split(
     spec: str, input_field: str = "target", output_field: str | None = "meaning_representation"
 ) -> list[Example]:
@@ -164,6 +216,15 @@ def load_split(
 
     `output_field=None` reads prediction inputs, which need only the sentence.
     """
+    return [example for example, _ in _checked_rows(spec, input_field, output_field)]
+
+
+def load_rows(spec: str, input_field: str = "target") -> list[tuple[Example, dict]]:
+    """Prediction inputs, checked as `load_split` checks them, each with its whole record (to be written back)."""
+    return _checked_rows(spec, input_field, None)
+
+
+def _checked_rows(spec: str, input_field: str, output_field: str | None) -> list[tuple[Example, dict]]:
     from mrtune.task.mr import try_parse_mr
 
     rows, problems = _read_rows(spec)
@@ -178,27 +239,18 @@ def load_split(
         rows = []  # one line per field says it all: each row's own 'missing field' would only repeat it
     examples = []
     for location, record in rows:
-        sentence = record.get(input_field)
+        sentence = _text_field(record, input_field, location, problems)
         if sentence is None:
-            problems.append(f"{location}: missing field '{input_field}'")
-            continue
-        if not isinstance(sentence, str) or not sentence.strip():
-            problems.append(f"{location}: field '{input_field}' is empty or not text")
             continue
         meaning_representation = None
         if output_field is not None:
-            meaning_representation = record.get(output_field)
+            meaning_representation = _text_field(record, output_field, location, problems)
             if meaning_representation is None:
-                problems.append(f"{location}: missing field '{output_field}'")
                 continue
-            if not isinstance(meaning_representation, str) or not meaning_representation.strip():
-                problems.append(f"{location}: field '{output_field}' is empty or not text")
-                continue
-            meaning_representation = meaning_representation.strip()
             if try_parse_mr(meaning_representation) is None:
                 problems.append(f"{location}: '{output_field}' is not a meaning representation act(attr[value], ...)")
                 continue
-        examples.append(Example(sentence.strip(), meaning_representation, location))
+        examples.append((Example(sentence, meaning_representation, location), record))
     if problems:
         shown = "; ".join(problems[:MAX_PROBLEMS_SHOWN])
         more = f" (and {len(problems) - MAX_PROBLEMS_SHOWN} more)" if len(problems) > MAX_PROBLEMS_SHOWN else ""
@@ -256,11 +308,14 @@ def find_duplicates(splits: dict[str, list[Example]], reference: str = "train") 
     return warnings
 
 
-def spread_sample(items: list, limit: int | None) -> list:
-    """`limit` items spread evenly over the list (deterministic, keeps every part of a sorted file represented)."""
+def spread_sample(items: list, limit: int | None, key: str = "the row limit") -> list:
+    """`limit` items spread evenly over the list (deterministic, keeps every part of a sorted file represented).
+
+    `key` names where the limit came from (`--limit`, `eval.limit`) in the error for a limit below one.
+    """
+    if limit is not None and limit <= 0:
+        raise MrtuneError(f"{key} must be at least 1, got {limit}")
     if limit is None or limit >= len(items):
         return list(items)
-    if limit <= 0:
-        raise MrtuneError(f"a row limit must be positive, got {limit}")
     step = len(items) / limit
     return [items[int(i * step)] for i in range(limit)]

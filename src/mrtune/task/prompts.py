@@ -7,6 +7,8 @@ learned to stop). Pure module: no torch, no tokenizer.
 
 from __future__ import annotations
 
+from typing import Literal
+
 from mrtune.errors import MrtuneError
 
 # The seed recipe's instruction prompt, verbatim (including its attribute list, which lacks `has_multiplayer`).
@@ -30,6 +32,9 @@ SEED_TEMPLATE = (
 COMPACT_TEMPLATE = "### Sentence:\n{sentence}\n### Meaning representation:\n"
 
 TEMPLATES = {"seed": SEED_TEMPLATE, "compact": COMPACT_TEMPLATE}
+"""The prompt styles: the one list of them (`data.prompt_style` takes its choices from these keys)."""
+
+PromptStyle = Literal[tuple(TEMPLATES)]
 
 
 def template(style: str) -> str:
