@@ -71,24 +71,29 @@ def data_overrides(tiny_model_dir, tmp_path_factory) -> list[str]:
     return [f"model.name={tiny_model_dir}", *(f"data.{split}={path}" for split, path in data.items()), *SETTINGS]
 
 
-def _fsdp_environment() -> dict[str, str]:
-    """What `accelerate launch --config_file configs/accelerate/fsdp-qlora.yaml` tells its processes, for the CPU.
+def _fsdp_environment(accelerate_config: str = "fsdp-qlora") -> dict[str, str]:
+    """What `accelerate launch --config_file configs/accelerate/ACCELERATE_CONFIG.yaml` tells its processes, for
+    the CPU.
 
-    FSDP1 cannot broadcast rank 0's weights on the CPU (sync_module_states needs a GPU), so each rank loads the
-    whole model itself: the same weights, and the same adapter initialisation from the same seed.
+    FSDP1 cannot broadcast rank 0's weights on the CPU (sync_module_states needs a GPU), so each of its ranks loads
+    the whole model itself: the same weights, and the same adapter initialisation from the same seed. FSDP2 runs
+    its config as it is: rank 0 loads the model, the other rank builds it on the meta device and receives rank 0's
+    tensors over gloo.
     """
     from accelerate.commands.config.config_args import load_config_from_file
 
-    config = load_config_from_file(str(Path(__file__).parents[1] / "configs" / "accelerate" / "fsdp-qlora.yaml"))
+    config = load_config_from_file(
+        str(Path(__file__).parents[1] / "configs" / "accelerate" / f"{accelerate_config}.yaml")
+    )
     environment = {
         key.upper(): str(value).lower() if isinstance(value, bool) else str(value)
         for key, value in config.fsdp_config.items()
     }
+    if config.fsdp_config["fsdp_version"] == 1:
+        environment.update(FSDP_SYNC_MODULE_STATES="false", FSDP_CPU_RAM_EFFICIENT_LOADING="false")
     return {
         **environment,
         "ACCELERATE_USE_FSDP": "true",
-        "FSDP_SYNC_MODULE_STATES": "false",
-        "FSDP_CPU_RAM_EFFICIENT_LOADING": "false",
         "MRTUNE_TEST_FSDP_ON_CPU": "1",
         # FSDP compares its device with an index-less "cpu"; Accelerate would say "cpu:0"
         "ACCELERATE_TORCH_DEVICE": "cpu",
@@ -153,6 +158,14 @@ def two_processes(data_overrides, tmp_path_factory):
 def two_processes_fsdp(data_overrides, tmp_path_factory):
     """The same run, sharded by FSDP as configs/accelerate/fsdp-qlora.yaml says."""
     return _train_in_two_processes(data_overrides, tmp_path_factory.mktemp("two-processes-fsdp"), _fsdp_environment())
+
+
+@pytest.fixture(scope="module")
+def two_processes_fsdp2(data_overrides, tmp_path_factory):
+    """The same run, sharded by FSDP2 as configs/accelerate/fsdp2.yaml says."""
+    return _train_in_two_processes(
+        data_overrides, tmp_path_factory.mktemp("two-processes-fsdp2"), _fsdp_environment("fsdp2")
+    )
 
 
 @pytest.fixture(scope="module")
@@ -253,11 +266,20 @@ def test_the_adapter_is_a_peft_adapter_that_evaluate_loads(two_processes, capsys
     assert seconds < 120  # two processes' start-up (imports, gloo) and 4 steps; ~20-30 s on 2 cores
 
 
-def test_fsdp_saves_the_adapter_that_ddp_saves(two_processes_fsdp, two_processes):
-    """The same tensors (names, shapes, dtypes, values up to the order of the gradient sums) and adapter config."""
-    fsdp, _, stdout, _ = two_processes_fsdp
+@pytest.mark.parametrize("sharded", ["two_processes_fsdp", "two_processes_fsdp2"])
+def test_fsdp_saves_the_adapter_that_ddp_saves(sharded, request, two_processes):
+    """The same tensors (names, shapes, dtypes, values up to the order of the gradient sums) and adapter config,
+    under FSDP1 and FSDP2."""
+    fsdp, _, stdout, _ = request.getfixturevalue(sharded)
     ddp, _, _, _ = two_processes
     assert "(no sample under FSDP" in stdout  # it did run sharded
+    held = [json.loads((fsdp.path.parent / "records" / f"rank{rank}-model.json").read_text()) for rank in (0, 1)]
+    if sharded == "two_processes_fsdp2":  # every parameter a DTensor, of which each rank holds a part
+        assert all(h["class"].startswith("FSDP") and h["dtensors"] == h["parameters"] for h in held), held
+        assert held[0]["total"] == held[1]["total"] == held[0]["local"] + held[1]["local"], held
+        assert all(h["local"] < 0.6 * h["total"] for h in held), held
+    else:
+        assert all(h["class"] == "FullyShardedDataParallel" for h in held), held
     assert fsdp.info()["status"] == "finished" and fsdp.info()["best_step"] == ddp.info()["best_step"]
     for a, b in zip(fsdp.read_history(), ddp.read_history()):
         for key in ("train_loss", "grad_norm", "validation_loss"):
@@ -281,19 +303,25 @@ def test_fsdp_saves_the_adapter_that_ddp_saves(two_processes_fsdp, two_processes
 
 
 @pytest.mark.slow  # two more 2-process runs, ~20 s each
-def test_fsdp_run_stopped_by_a_signal_resumes_to_the_uninterrupted_result(data_overrides, two_processes_fsdp, tmp_path):
-    """Under FSDP the checkpoint gathers the sharded adapter and optimizer state; a resume shards them again."""
+@pytest.mark.parametrize(
+    ("sharded", "accelerate_config"), [("two_processes_fsdp", "fsdp-qlora"), ("two_processes_fsdp2", "fsdp2")]
+)
+def test_fsdp_run_stopped_by_a_signal_resumes_to_the_uninterrupted_result(
+    sharded, accelerate_config, request, data_overrides, tmp_path
+):
+    """Under FSDP1 and FSDP2 the checkpoint gathers the sharded adapter and optimizer state; a resume shards them
+    again."""
     from test_resume import assert_same_as_uninterrupted
 
     from mrtune.run.rundir import RunDir
 
-    reference, _, _, _ = two_processes_fsdp
+    reference, _, _, _ = request.getfixturevalue(sharded)
     run = RunDir(tmp_path / "run")
     # Each rank sends itself SIGTERM in its first micro-batch of step 2: both finish step 2, save, and stop.
     stopped = _in_two_processes(
         tmp_path / "records-stopped",
         ["train", "--output-dir", str(run.path), *_sets([*data_overrides, "train.gradient_accumulation=2"])],
-        {**_fsdp_environment(), "MRTUNE_TEST_SIGTERM_AT_MICRO_BATCH": "3"},
+        {**_fsdp_environment(accelerate_config), "MRTUNE_TEST_SIGTERM_AT_MICRO_BATCH": "3"},
     )
     assert stopped.returncode != 0 and "interrupted at step 2 of 4 (SIGTERM): resume with" in stopped.stderr, (
         stopped.stdout + stopped.stderr
@@ -305,7 +333,9 @@ def test_fsdp_run_stopped_by_a_signal_resumes_to_the_uninterrupted_result(data_o
         load_file(reference.adapter / "adapter_model.safetensors")
     )  # the whole adapter, as the best one
 
-    resumed = _in_two_processes(tmp_path / "records-resumed", ["train", "--resume", str(run.path)], _fsdp_environment())
+    resumed = _in_two_processes(
+        tmp_path / "records-resumed", ["train", "--resume", str(run.path)], _fsdp_environment(accelerate_config)
+    )
     assert resumed.returncode == 0, (resumed.stdout + resumed.stderr)[-4000:]
     assert_same_as_uninterrupted(run, reference)  # bit for bit
     assert run.info()["resumed_at_steps"] == [2]
@@ -380,7 +410,7 @@ def test_num_gpus_launches_accelerate_with_the_other_arguments(monkeypatch, tmp_
     assert len(launched) == 1 and not (tmp_path / "run").exists()
 
 
-@pytest.mark.parametrize("name", ["ddp", "fsdp-qlora", "fsdp-qlora-offload"])
+@pytest.mark.parametrize("name", ["ddp", "fsdp-qlora", "fsdp-qlora-offload", "fsdp2", "fsdp2-qlora"])
 def test_accelerate_configs_are_what_accelerate_launch_reads(name):
     from accelerate.commands.config.config_args import load_config_from_file
     from accelerate.commands.launch import launch_command_parser
@@ -392,9 +422,17 @@ def test_accelerate_configs_are_what_accelerate_launch_reads(name):
     assert config.mixed_precision == "no" and config.num_machines == 1
     if name == "ddp":
         assert config.distributed_type == "MULTI_GPU"
+        return
+    fsdp = config.fsdp_config
+    assert config.distributed_type == "FSDP" and fsdp["fsdp_auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"
+    if name.startswith("fsdp2"):
+        # FSDP1-only keys, which FSDP2's plugin drops with a warning: none may be there to mislead a reader
+        assert fsdp["fsdp_version"] == 2 and fsdp["fsdp_reshard_after_forward"] is True
+        assert not {"fsdp_use_orig_params", "fsdp_sync_module_states", "fsdp_backward_prefetch"} & set(fsdp)
+        # 4-bit weights are quantized on every rank (transformers loads no quantized model on the meta device)
+        assert fsdp["fsdp_cpu_ram_efficient_loading"] is (name == "fsdp2") and fsdp["fsdp_offload_params"] is False
     else:
-        fsdp = config.fsdp_config
-        assert config.distributed_type == "FSDP" and fsdp["fsdp_version"] == 1
+        assert fsdp["fsdp_version"] == 1
         assert fsdp["fsdp_use_orig_params"] is False and fsdp["fsdp_cpu_ram_efficient_loading"] is True
         assert fsdp["fsdp_offload_params"] is (name == "fsdp-qlora-offload")
 
@@ -404,12 +442,14 @@ def _record_micro_batches_and_train(records: Path, argv: list[str]) -> int:
     import mrtune.train.recipe
     from mrtune.cli import main
 
-    trained_on = []
+    trained_on, held = [], {}
     target_loss = mrtune.train.recipe.target_loss
     sigterm_at = int(os.environ.get("MRTUNE_TEST_SIGTERM_AT_MICRO_BATCH", 0))  # counted from 1; 0: never
 
     def recording_target_loss(model, batch, keep):
         if model.training:  # validation batches run in eval mode
+            if not held:
+                held.update(_how_the_model_is_held(model))
             trained_on.append(batch["input_ids"].tolist())
             if len(trained_on) == sigterm_at:
                 os.kill(os.getpid(), signal.SIGTERM)  # train.StopSignals: stop after this step
@@ -418,7 +458,23 @@ def _record_micro_batches_and_train(records: Path, argv: list[str]) -> int:
     mrtune.train.recipe.target_loss = recording_target_loss
     code = main(argv)
     (records / f"rank{os.environ['RANK']}.json").write_text(json.dumps(trained_on))
+    (records / f"rank{os.environ['RANK']}-model.json").write_text(json.dumps(held))
     return code
+
+
+def _how_the_model_is_held(model) -> dict:
+    """The class of the model a rank trains, and how many of its parameters are DTensors (FSDP2's shards); `local`
+    elements of the `total` are on this rank."""
+    from torch.distributed.tensor import DTensor
+
+    parameters = list(model.parameters())
+    return {
+        "class": type(model).__name__,
+        "parameters": len(parameters),
+        "dtensors": sum(isinstance(p, DTensor) for p in parameters),
+        "local": sum((p.to_local() if isinstance(p, DTensor) else p).numel() for p in parameters),
+        "total": sum(p.numel() for p in parameters),
+    }
 
 
 def _force_fsdp_on_cpu() -> None:

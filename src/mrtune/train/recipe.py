@@ -41,8 +41,10 @@ from mrtune.train.checkpoint import (
 from mrtune.train.distributed import (
     adapter_keys,
     adapter_state_dict,
+    prepare_model_and_optimizer,
     save_adapter,
     uses_fsdp,
+    uses_fsdp2,
     wrap_adapters_separately,
 )
 
@@ -329,10 +331,10 @@ def _train(
             f"lora.init={config.lora.init} is not available under FSDP (the adapter's conversion to "
             "plain LoRA needs the whole model on one rank): set lora.init=default, or train with DDP"
         )
-    if fsdp and settings.loraplus_ratio is not None:
+    if fsdp and not uses_fsdp2(accelerator) and settings.loraplus_ratio is not None:
         raise MrtuneError(
-            "train.loraplus_ratio is not available under FSDP (its flat parameters hide which adapter "
-            "tensor is A and which B): unset it, or train with DDP"
+            "train.loraplus_ratio is not available under FSDP1 (its flat parameters hide which adapter "
+            "tensor is A and which B): unset it, or train with FSDP2 (fsdp_version: 2) or DDP"
         )
     if resume:
         _refuse_unresumable(RunDir.open(output_dir))
@@ -445,12 +447,13 @@ def _train(
     micro_per_step = settings.gradient_accumulation * world
     steps_per_epoch = max(1, len(plan_batches(lengths, epoch=0, **plan)) // micro_per_step)
     total_steps = settings.max_steps or max(1, math.ceil(settings.epochs * steps_per_epoch))
-    # The model first: FSDP replaces its parameters by flat shards, and the optimizer must be built on those.
-    model = accelerator.prepare(model)
-    optimizer = make_optimizer(model, config)
     clock = {"elapsed": 0.0}  # training seconds so far, for a schedule on a time budget
-    scheduler = make_scheduler(optimizer, config, total_steps, clock)
-    optimizer = accelerator.prepare(optimizer)
+
+    def build_optimizer(prepared_or_not):  # FSDP1 needs the prepared model, FSDP2 the unprepared one
+        optimizer = make_optimizer(prepared_or_not, config)
+        return optimizer, make_scheduler(optimizer, config, total_steps, clock)
+
+    model, optimizer, scheduler = prepare_model_and_optimizer(accelerator, model, build_optimizer)
     start_step = 0
     if checkpoint is not None:
         if checkpoint["total_steps"] != total_steps:
