@@ -302,6 +302,32 @@ def test_fsdp_saves_the_adapter_that_ddp_saves(sharded, request, two_processes):
     assert compare_adapters(fsdp.path, ddp.path)["same"]
 
 
+def test_bench_scaling_summarises_the_runs_scaling_sh_makes(
+    one_process, two_processes, two_processes_fsdp, two_processes_fsdp2, tmp_path
+):
+    """bench/scaling.py on the runs bench/scaling.sh would make on 2 GPUs (here 1 and 2 CPU processes)."""
+    from bench.scaling import summarise
+
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    trained = {"1gpu": one_process, "2gpu_ddp": two_processes[0], "2gpu_fsdp1": two_processes_fsdp[0]}
+    for name, run in {**trained, "2gpu_fsdp2": two_processes_fsdp2[0]}.items():
+        (runs / name).symlink_to(run.path, target_is_directory=True)
+    (runs / "2gpu_ddp.memory.csv").write_text("0, 1000\n1, 2000\n")
+    result = summarise(runs, warm=1)
+    assert result["gpus"] == 2 and set(result["runs"]) == {"1gpu", "2gpu_ddp", "2gpu_fsdp1", "2gpu_fsdp2"}
+    assert result["scaling_2gpu_7b"] == pytest.approx(result["tokens_per_s_2gpu"] / result["tokens_per_s_1gpu"])
+    assert result["efficiency_2gpu_7b_fsdp2"] == pytest.approx(result["scaling_2gpu_7b_fsdp2"] / 2)
+    assert result["runs"]["2gpu_ddp"]["peak_memory_gb_per_gpu"] == pytest.approx(
+        [1000 * 2**20 / 1e9, 2000 * 2**20 / 1e9]
+    )
+    for kind in ("fsdp1", "fsdp2"):
+        comparison = result[f"{kind}_vs_ddp_2gpu"]
+        assert comparison["same"] and comparison["all_finite"], comparison
+        assert comparison["relative_difference"] < 1e-4 and comparison["loss_relative_difference"] < RELATIVE_TOLERANCE
+    assert result["fsdp2_qlora_matches_ddp"] is True
+
+
 @pytest.mark.slow  # two more 2-process runs, ~20 s each
 @pytest.mark.parametrize(
     ("sharded", "accelerate_config"), [("two_processes_fsdp", "fsdp-qlora"), ("two_processes_fsdp2", "fsdp2")]
