@@ -35,7 +35,7 @@ PROMPT_STYLE=${PROMPT_STYLE:-}
 gpus=$(nvidia-smi --list-gpus | wc -l)
 if [ "$gpus" -lt 2 ]; then echo "bench/scaling.sh needs 2 GPUs or more, this machine has $gpus" >&2; exit 1; fi
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
-mkdir -p "$RUNS"
+mkdir -p "$OUT" "$RUNS"
 
 # One training run ($1: run name, $2: GPUs, $3: Accelerate config or "" for DDP), with nvidia-smi sampling every
 # GPU's memory each 0.5 s into $RUNS/$1.memory.csv while it runs.
@@ -67,7 +67,7 @@ make_mistral_shape(Path(os.environ["MODEL_DIR"]), os.environ["TOKENIZER_DIR"])'
         --set train.eval_every=100000 --set train.eval_rows=8 --set eval.max_new_tokens=8
         --set train.checkpoint_every=100000 --set data.train_limit=3000)
   if [ -n "$PROMPT_STYLE" ]; then SETS+=(--set "data.prompt_style=$PROMPT_STYLE"); fi
-  for count in ${COUNTS:-1 2 4 8}; do
+  for count in ${COUNTS-1 2 4 8}; do  # COUNTS="" runs none (the FSDP runs alone)
     if [ "$count" -gt "$gpus" ]; then continue; fi
     if [ "$count" = 1 ]; then train 1gpu 1 ""; else train "${count}gpu_ddp" "$count" ""; fi
   done

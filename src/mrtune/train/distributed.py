@@ -1,7 +1,8 @@
-"""Several GPUs through Accelerate: data parallelism (DDP) and sharded 4-bit QLoRA (FSDP).
+"""Several GPUs through Accelerate: data parallelism (DDP) and sharded LoRA/QLoRA (FSDP1 and FSDP2).
 
     accelerate launch --config_file configs/accelerate/ddp.yaml -m mrtune train --config C --output-dir RUN
     mrtune train --num-gpus 2 --config C --output-dir RUN                      # the same, launched for you
+    mrtune train --num-gpus 8 --accelerate-config configs/accelerate/fsdp2.yaml --config C --output-dir RUN
     mrtune train --num-gpus 2 --accelerate-config configs/accelerate/fsdp-qlora.yaml --config C --output-dir RUN
 
 The training loop (train.py) is one loop for one process and for many. Each optimizer step takes
@@ -11,9 +12,12 @@ gradient is the same mean over its target tokens however the micro-batches are s
 rank writes the run directory; the validation loss is summed over ranks before it is divided.
 
 DDP keeps a whole copy of the model on each GPU (4-bit weights loaded straight onto the rank's own GPU) and
-all-reduces the adapters' gradients. FSDP shards the model's weights (4-bit ones too: `bnb_4bit_quant_storage` is
-the compute dtype, see modeling.quantization_config) over the GPUs, optionally parking them and the optimizer state
-in CPU memory between uses, for models that do not fit on one GPU.
+all-reduces the adapters' gradients. FSDP shards the model's weights over the GPUs, for models that do not fit on
+one. FSDP2 (`fsdp_version: 2`, torch's `fully_shard`) keeps each parameter as a DTensor of which each rank holds a
+slice; FSDP1 flattens each unit's parameters into one sharded tensor, and is kept for 4-bit weights (stored in the
+compute dtype, see model.build.quantization_config), which FSDP2 is not yet known to shard correctly
+(configs/accelerate/fsdp2-qlora.yaml says why). Both save the same PEFT adapter as DDP, and their checkpoints hold
+full (unsharded) state dicts keyed by parameter name, gathered and restored through torch.distributed.checkpoint.
 """
 
 from __future__ import annotations
