@@ -6,8 +6,11 @@ script: it records the micro-batches its rank trains on, then runs `mrtune train
 is one process with gradient_accumulation 4 where the two processes have 2 each: the same 4 micro-batches per
 optimizer step, and since the loss is divided by the step's global target count, the same loss and gradient.
 
-The same two processes also train under FSDP (configs/accelerate/fsdp-qlora.yaml), whose adapter must be the DDP
-run's: Accelerate turns FSDP on only on GPUs, so the script sets its state to FSDP itself (`_force_fsdp_on_cpu`).
+The same two processes also train under FSDP1 (configs/accelerate/fsdp-qlora.yaml) and FSDP2
+(configs/accelerate/fsdp2.yaml), whose adapters must be the DDP run's: Accelerate turns FSDP on only on GPUs, so
+the script sets its state to FSDP itself (`_force_fsdp_on_cpu`). On this CPU the model trains in fp32 (bf16 has no
+fast kernels here, see model.build.cpu_safe_dtype); FSDP2 over bf16 weights with fp32 adapters is run by
+tests/test_scaling.py.
 """
 
 from __future__ import annotations
@@ -365,6 +368,32 @@ def test_fsdp_run_stopped_by_a_signal_resumes_to_the_uninterrupted_result(
     assert resumed.returncode == 0, (resumed.stdout + resumed.stderr)[-4000:]
     assert_same_as_uninterrupted(run, reference)  # bit for bit
     assert run.info()["resumed_at_steps"] == [2]
+
+
+@pytest.mark.slow  # a 2-process run and a 1-process one, ~40 s
+def test_fsdp2_trains_loraplus_as_one_process_does(data_overrides, tmp_path):
+    """LoRA+ (a higher rate for the B matrices, told apart by name) under FSDP2, whose optimizer is built on the
+    named adapters before sharding; FSDP1 refuses it."""
+    from mrtune.config import load_config
+    from mrtune.train.recipe import train
+
+    overrides = [*data_overrides, "train.loraplus_ratio=16"]
+    sharded, _, _, _ = _train_in_two_processes(overrides, tmp_path, _fsdp_environment("fsdp2"))
+    config = load_config(None, [*overrides, "train.gradient_accumulation=4"])
+    one = train(config, tmp_path / "one-process", progress=False)
+    losses = [[r["train_loss"] for r in run.read_history() if "train_loss" in r] for run in (sharded, one)]
+    assert losses[0] == pytest.approx(losses[1], rel=RELATIVE_TOLERANCE)
+    adapters = [load_file(run.adapter / "adapter_model.safetensors") for run in (sharded, one)]
+    for name, tensor in adapters[1].items():
+        assert torch.allclose(adapters[0][name], tensor, rtol=1e-4, atol=1e-6), name
+
+    refused = _in_two_processes(
+        tmp_path / "records-fsdp1",
+        ["train", "--output-dir", str(tmp_path / "fsdp1"), *_sets(overrides)],
+        _fsdp_environment("fsdp-qlora"),
+    )
+    assert refused.returncode != 0 and "train.loraplus_ratio is not available under FSDP1" in refused.stderr
+    assert not (tmp_path / "fsdp1").exists()
 
 
 def test_num_gpus_launches_accelerate_with_the_other_arguments(monkeypatch, tmp_path, capsys):
