@@ -535,6 +535,17 @@ def summarise(results: dict) -> dict:
     scaling = results.get("scaling", {})
     if scaling.get("scaling_2gpu_7b"):
         summary.update(scaling_2gpu_7b=scaling["scaling_2gpu_7b"], scaling_card=scaling.get("card"))
+        # bench/scaling.sh on 4 or 8 GPUs: DDP's ratios over 1 GPU, whether FSDP2 in 4-bit trained what DDP did
+        summary.update({k: v for k, v in scaling.items() if re.fullmatch(r"scaling_[48]gpu_7b", k)})
+        if "fsdp2_qlora_matches_ddp" in scaling:
+            summary["fsdp2_qlora_matches_ddp"] = scaling["fsdp2_qlora_matches_ddp"]
+    big = scaling.get("fsdp2_70b")
+    if big:
+        summary.update(
+            fsdp2_70b_gpus=big["gpus"],
+            fsdp2_70b_useful_tokens_per_s=big["useful_tokens_per_s"],
+            fsdp2_70b_peak_memory_gb_max_rank=max(big["peak_memory_gb_per_rank"]),
+        )
     small = results.get("smollm2", {})
     if small.get("project") and not small["project"].get("failed"):
         summary["smollm2_train_s"] = small["project"]["train_seconds"]
@@ -629,7 +640,8 @@ def markdown(results: dict) -> str:
         runs = scaling.get("runs", {})
         one = runs.get("1gpu", {})
         lines += [
-            f"### Several GPUs: {scaling.get('model', MISTRAL_SHAPE_LABEL)}, {scaling.get('card')} x2 "
+            f"### Several GPUs: {scaling.get('model', MISTRAL_SHAPE_LABEL)}, {scaling.get('card')} "
+            f"x{scaling.get('gpus', 2)} "
             "(bench/scaling.sh)",
             "",
             f"The 7B recipe's settings ({one.get('batch_tokens_per_gpu')} tokens per GPU per step, "
@@ -782,7 +794,7 @@ def publish(results_paths: list[Path]) -> None:
         index += any(isinstance(v, dict) for v in data.values())  # a file of notes alone is not a call
         if "scaling_2gpu_7b" in data:
             results["scaling"] = data
-            results["calls"].append(f"{path.name}: bench/scaling.sh on {data.get('card')} x2")
+            results["calls"].append(f"{path.name}: bench/scaling.sh on {data.get('card')} x{data.get('gpus', 2)}")
             continue
         seven = data.get("mistral7b_shape", {})
         seed = seven.get("seed", {})

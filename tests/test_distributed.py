@@ -6,8 +6,11 @@ script: it records the micro-batches its rank trains on, then runs `mrtune train
 is one process with gradient_accumulation 4 where the two processes have 2 each: the same 4 micro-batches per
 optimizer step, and since the loss is divided by the step's global target count, the same loss and gradient.
 
-The same two processes also train under FSDP (configs/accelerate/fsdp-qlora.yaml), whose adapter must be the DDP
-run's: Accelerate turns FSDP on only on GPUs, so the script sets its state to FSDP itself (`_force_fsdp_on_cpu`).
+The same two processes also train under FSDP1 (configs/accelerate/fsdp-qlora.yaml) and FSDP2
+(configs/accelerate/fsdp2.yaml), whose adapters must be the DDP run's: Accelerate turns FSDP on only on GPUs, so
+the script sets its state to FSDP itself (`_force_fsdp_on_cpu`). On this CPU the model trains in fp32 (bf16 has no
+fast kernels here, see model.build.cpu_safe_dtype); FSDP2 over bf16 weights with fp32 adapters is run by
+tests/test_scaling.py.
 """
 
 from __future__ import annotations
@@ -71,24 +74,29 @@ def data_overrides(tiny_model_dir, tmp_path_factory) -> list[str]:
     return [f"model.name={tiny_model_dir}", *(f"data.{split}={path}" for split, path in data.items()), *SETTINGS]
 
 
-def _fsdp_environment() -> dict[str, str]:
-    """What `accelerate launch --config_file configs/accelerate/fsdp-qlora.yaml` tells its processes, for the CPU.
+def _fsdp_environment(accelerate_config: str = "fsdp-qlora") -> dict[str, str]:
+    """What `accelerate launch --config_file configs/accelerate/ACCELERATE_CONFIG.yaml` tells its processes, for
+    the CPU.
 
-    FSDP1 cannot broadcast rank 0's weights on the CPU (sync_module_states needs a GPU), so each rank loads the
-    whole model itself: the same weights, and the same adapter initialisation from the same seed.
+    FSDP1 cannot broadcast rank 0's weights on the CPU (sync_module_states needs a GPU), so each of its ranks loads
+    the whole model itself: the same weights, and the same adapter initialisation from the same seed. FSDP2 runs
+    its config as it is: rank 0 loads the model, the other rank builds it on the meta device and receives rank 0's
+    tensors over gloo.
     """
     from accelerate.commands.config.config_args import load_config_from_file
 
-    config = load_config_from_file(str(Path(__file__).parents[1] / "configs" / "accelerate" / "fsdp-qlora.yaml"))
+    config = load_config_from_file(
+        str(Path(__file__).parents[1] / "configs" / "accelerate" / f"{accelerate_config}.yaml")
+    )
     environment = {
         key.upper(): str(value).lower() if isinstance(value, bool) else str(value)
         for key, value in config.fsdp_config.items()
     }
+    if config.fsdp_config["fsdp_version"] == 1:
+        environment.update(FSDP_SYNC_MODULE_STATES="false", FSDP_CPU_RAM_EFFICIENT_LOADING="false")
     return {
         **environment,
         "ACCELERATE_USE_FSDP": "true",
-        "FSDP_SYNC_MODULE_STATES": "false",
-        "FSDP_CPU_RAM_EFFICIENT_LOADING": "false",
         "MRTUNE_TEST_FSDP_ON_CPU": "1",
         # FSDP compares its device with an index-less "cpu"; Accelerate would say "cpu:0"
         "ACCELERATE_TORCH_DEVICE": "cpu",
@@ -153,6 +161,14 @@ def two_processes(data_overrides, tmp_path_factory):
 def two_processes_fsdp(data_overrides, tmp_path_factory):
     """The same run, sharded by FSDP as configs/accelerate/fsdp-qlora.yaml says."""
     return _train_in_two_processes(data_overrides, tmp_path_factory.mktemp("two-processes-fsdp"), _fsdp_environment())
+
+
+@pytest.fixture(scope="module")
+def two_processes_fsdp2(data_overrides, tmp_path_factory):
+    """The same run, sharded by FSDP2 as configs/accelerate/fsdp2.yaml says."""
+    return _train_in_two_processes(
+        data_overrides, tmp_path_factory.mktemp("two-processes-fsdp2"), _fsdp_environment("fsdp2")
+    )
 
 
 @pytest.fixture(scope="module")
@@ -253,11 +269,20 @@ def test_the_adapter_is_a_peft_adapter_that_evaluate_loads(two_processes, capsys
     assert seconds < 120  # two processes' start-up (imports, gloo) and 4 steps; ~20-30 s on 2 cores
 
 
-def test_fsdp_saves_the_adapter_that_ddp_saves(two_processes_fsdp, two_processes):
-    """The same tensors (names, shapes, dtypes, values up to the order of the gradient sums) and adapter config."""
-    fsdp, _, stdout, _ = two_processes_fsdp
+@pytest.mark.parametrize("sharded", ["two_processes_fsdp", "two_processes_fsdp2"])
+def test_fsdp_saves_the_adapter_that_ddp_saves(sharded, request, two_processes):
+    """The same tensors (names, shapes, dtypes, values up to the order of the gradient sums) and adapter config,
+    under FSDP1 and FSDP2."""
+    fsdp, _, stdout, _ = request.getfixturevalue(sharded)
     ddp, _, _, _ = two_processes
     assert "(no sample under FSDP" in stdout  # it did run sharded
+    held = [json.loads((fsdp.path.parent / "records" / f"rank{rank}-model.json").read_text()) for rank in (0, 1)]
+    if sharded == "two_processes_fsdp2":  # every parameter a DTensor, of which each rank holds a part
+        assert all(h["class"].startswith("FSDP") and h["dtensors"] == h["parameters"] for h in held), held
+        assert held[0]["total"] == held[1]["total"] == held[0]["local"] + held[1]["local"], held
+        assert all(h["local"] < 0.6 * h["total"] for h in held), held
+    else:
+        assert all(h["class"] == "FullyShardedDataParallel" for h in held), held
     assert fsdp.info()["status"] == "finished" and fsdp.info()["best_step"] == ddp.info()["best_step"]
     for a, b in zip(fsdp.read_history(), ddp.read_history()):
         for key in ("train_loss", "grad_norm", "validation_loss"):
@@ -280,20 +305,52 @@ def test_fsdp_saves_the_adapter_that_ddp_saves(two_processes_fsdp, two_processes
     assert compare_adapters(fsdp.path, ddp.path)["same"]
 
 
+def test_bench_scaling_summarises_the_runs_scaling_sh_makes(
+    one_process, two_processes, two_processes_fsdp, two_processes_fsdp2, tmp_path
+):
+    """bench/scaling.py on the runs bench/scaling.sh would make on 2 GPUs (here 1 and 2 CPU processes)."""
+    from bench.scaling import summarise
+
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    trained = {"1gpu": one_process, "2gpu_ddp": two_processes[0], "2gpu_fsdp1": two_processes_fsdp[0]}
+    for name, run in {**trained, "2gpu_fsdp2": two_processes_fsdp2[0]}.items():
+        (runs / name).symlink_to(run.path, target_is_directory=True)
+    (runs / "2gpu_ddp.memory.csv").write_text("0, 1000\n1, 2000\n")
+    result = summarise(runs, warm=1)
+    assert result["gpus"] == 2 and set(result["runs"]) == {"1gpu", "2gpu_ddp", "2gpu_fsdp1", "2gpu_fsdp2"}
+    assert result["scaling_2gpu_7b"] == pytest.approx(result["tokens_per_s_2gpu"] / result["tokens_per_s_1gpu"])
+    assert result["efficiency_2gpu_7b_fsdp2"] == pytest.approx(result["scaling_2gpu_7b_fsdp2"] / 2)
+    assert result["runs"]["2gpu_ddp"]["peak_memory_gb_per_gpu"] == pytest.approx(
+        [1000 * 2**20 / 1e9, 2000 * 2**20 / 1e9]
+    )
+    for kind in ("fsdp1", "fsdp2"):
+        comparison = result[f"{kind}_vs_ddp_2gpu"]
+        assert comparison["same"] and comparison["all_finite"], comparison
+        assert comparison["relative_difference"] < 1e-4 and comparison["loss_relative_difference"] < RELATIVE_TOLERANCE
+    assert result["fsdp2_qlora_matches_ddp"] is True
+
+
 @pytest.mark.slow  # two more 2-process runs, ~20 s each
-def test_fsdp_run_stopped_by_a_signal_resumes_to_the_uninterrupted_result(data_overrides, two_processes_fsdp, tmp_path):
-    """Under FSDP the checkpoint gathers the sharded adapter and optimizer state; a resume shards them again."""
+@pytest.mark.parametrize(
+    ("sharded", "accelerate_config"), [("two_processes_fsdp", "fsdp-qlora"), ("two_processes_fsdp2", "fsdp2")]
+)
+def test_fsdp_run_stopped_by_a_signal_resumes_to_the_uninterrupted_result(
+    sharded, accelerate_config, request, data_overrides, tmp_path
+):
+    """Under FSDP1 and FSDP2 the checkpoint gathers the sharded adapter and optimizer state; a resume shards them
+    again."""
     from test_resume import assert_same_as_uninterrupted
 
     from mrtune.run.rundir import RunDir
 
-    reference, _, _, _ = two_processes_fsdp
+    reference, _, _, _ = request.getfixturevalue(sharded)
     run = RunDir(tmp_path / "run")
     # Each rank sends itself SIGTERM in its first micro-batch of step 2: both finish step 2, save, and stop.
     stopped = _in_two_processes(
         tmp_path / "records-stopped",
         ["train", "--output-dir", str(run.path), *_sets([*data_overrides, "train.gradient_accumulation=2"])],
-        {**_fsdp_environment(), "MRTUNE_TEST_SIGTERM_AT_MICRO_BATCH": "3"},
+        {**_fsdp_environment(accelerate_config), "MRTUNE_TEST_SIGTERM_AT_MICRO_BATCH": "3"},
     )
     assert stopped.returncode != 0 and "interrupted at step 2 of 4 (SIGTERM): resume with" in stopped.stderr, (
         stopped.stdout + stopped.stderr
@@ -305,10 +362,38 @@ def test_fsdp_run_stopped_by_a_signal_resumes_to_the_uninterrupted_result(data_o
         load_file(reference.adapter / "adapter_model.safetensors")
     )  # the whole adapter, as the best one
 
-    resumed = _in_two_processes(tmp_path / "records-resumed", ["train", "--resume", str(run.path)], _fsdp_environment())
+    resumed = _in_two_processes(
+        tmp_path / "records-resumed", ["train", "--resume", str(run.path)], _fsdp_environment(accelerate_config)
+    )
     assert resumed.returncode == 0, (resumed.stdout + resumed.stderr)[-4000:]
     assert_same_as_uninterrupted(run, reference)  # bit for bit
     assert run.info()["resumed_at_steps"] == [2]
+
+
+@pytest.mark.slow  # a 2-process run and a 1-process one, ~40 s
+def test_fsdp2_trains_loraplus_as_one_process_does(data_overrides, tmp_path):
+    """LoRA+ (a higher rate for the B matrices, told apart by name) under FSDP2, whose optimizer is built on the
+    named adapters before sharding; FSDP1 refuses it."""
+    from mrtune.config import load_config
+    from mrtune.train.recipe import train
+
+    overrides = [*data_overrides, "train.loraplus_ratio=16"]
+    sharded, _, _, _ = _train_in_two_processes(overrides, tmp_path, _fsdp_environment("fsdp2"))
+    config = load_config(None, [*overrides, "train.gradient_accumulation=4"])
+    one = train(config, tmp_path / "one-process", progress=False)
+    losses = [[r["train_loss"] for r in run.read_history() if "train_loss" in r] for run in (sharded, one)]
+    assert losses[0] == pytest.approx(losses[1], rel=RELATIVE_TOLERANCE)
+    adapters = [load_file(run.adapter / "adapter_model.safetensors") for run in (sharded, one)]
+    for name, tensor in adapters[1].items():
+        assert torch.allclose(adapters[0][name], tensor, rtol=1e-4, atol=1e-6), name
+
+    refused = _in_two_processes(
+        tmp_path / "records-fsdp1",
+        ["train", "--output-dir", str(tmp_path / "fsdp1"), *_sets(overrides)],
+        _fsdp_environment("fsdp-qlora"),
+    )
+    assert refused.returncode != 0 and "train.loraplus_ratio is not available under FSDP1" in refused.stderr
+    assert not (tmp_path / "fsdp1").exists()
 
 
 def test_num_gpus_launches_accelerate_with_the_other_arguments(monkeypatch, tmp_path, capsys):
@@ -380,7 +465,7 @@ def test_num_gpus_launches_accelerate_with_the_other_arguments(monkeypatch, tmp_
     assert len(launched) == 1 and not (tmp_path / "run").exists()
 
 
-@pytest.mark.parametrize("name", ["ddp", "fsdp-qlora", "fsdp-qlora-offload"])
+@pytest.mark.parametrize("name", ["ddp", "fsdp-qlora", "fsdp-qlora-offload", "fsdp2", "fsdp2-qlora"])
 def test_accelerate_configs_are_what_accelerate_launch_reads(name):
     from accelerate.commands.config.config_args import load_config_from_file
     from accelerate.commands.launch import launch_command_parser
@@ -392,9 +477,17 @@ def test_accelerate_configs_are_what_accelerate_launch_reads(name):
     assert config.mixed_precision == "no" and config.num_machines == 1
     if name == "ddp":
         assert config.distributed_type == "MULTI_GPU"
+        return
+    fsdp = config.fsdp_config
+    assert config.distributed_type == "FSDP" and fsdp["fsdp_auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"
+    if name.startswith("fsdp2"):
+        # FSDP1-only keys, which FSDP2's plugin drops with a warning: none may be there to mislead a reader
+        assert fsdp["fsdp_version"] == 2 and fsdp["fsdp_reshard_after_forward"] is True
+        assert not {"fsdp_use_orig_params", "fsdp_sync_module_states", "fsdp_backward_prefetch"} & set(fsdp)
+        # 4-bit weights are quantized on every rank (transformers loads no quantized model on the meta device)
+        assert fsdp["fsdp_cpu_ram_efficient_loading"] is (name == "fsdp2") and fsdp["fsdp_offload_params"] is False
     else:
-        fsdp = config.fsdp_config
-        assert config.distributed_type == "FSDP" and fsdp["fsdp_version"] == 1
+        assert fsdp["fsdp_version"] == 1
         assert fsdp["fsdp_use_orig_params"] is False and fsdp["fsdp_cpu_ram_efficient_loading"] is True
         assert fsdp["fsdp_offload_params"] is (name == "fsdp-qlora-offload")
 
@@ -404,12 +497,14 @@ def _record_micro_batches_and_train(records: Path, argv: list[str]) -> int:
     import mrtune.train.recipe
     from mrtune.cli import main
 
-    trained_on = []
+    trained_on, held = [], {}
     target_loss = mrtune.train.recipe.target_loss
     sigterm_at = int(os.environ.get("MRTUNE_TEST_SIGTERM_AT_MICRO_BATCH", 0))  # counted from 1; 0: never
 
     def recording_target_loss(model, batch, keep):
         if model.training:  # validation batches run in eval mode
+            if not held:
+                held.update(_how_the_model_is_held(model))
             trained_on.append(batch["input_ids"].tolist())
             if len(trained_on) == sigterm_at:
                 os.kill(os.getpid(), signal.SIGTERM)  # train.StopSignals: stop after this step
@@ -418,7 +513,23 @@ def _record_micro_batches_and_train(records: Path, argv: list[str]) -> int:
     mrtune.train.recipe.target_loss = recording_target_loss
     code = main(argv)
     (records / f"rank{os.environ['RANK']}.json").write_text(json.dumps(trained_on))
+    (records / f"rank{os.environ['RANK']}-model.json").write_text(json.dumps(held))
     return code
+
+
+def _how_the_model_is_held(model) -> dict:
+    """The class of the model a rank trains, and how many of its parameters are DTensors (FSDP2's shards); `local`
+    elements of the `total` are on this rank."""
+    from torch.distributed.tensor import DTensor
+
+    parameters = list(model.parameters())
+    return {
+        "class": type(model).__name__,
+        "parameters": len(parameters),
+        "dtensors": sum(isinstance(p, DTensor) for p in parameters),
+        "local": sum((p.to_local() if isinstance(p, DTensor) else p).numel() for p in parameters),
+        "total": sum(p.numel() for p in parameters),
+    }
 
 
 def _force_fsdp_on_cpu() -> None:

@@ -1,7 +1,8 @@
-"""Several GPUs through Accelerate: data parallelism (DDP) and sharded 4-bit QLoRA (FSDP).
+"""Several GPUs through Accelerate: data parallelism (DDP) and sharded LoRA/QLoRA (FSDP1 and FSDP2).
 
     accelerate launch --config_file configs/accelerate/ddp.yaml -m mrtune train --config C --output-dir RUN
     mrtune train --num-gpus 2 --config C --output-dir RUN                      # the same, launched for you
+    mrtune train --num-gpus 8 --accelerate-config configs/accelerate/fsdp2.yaml --config C --output-dir RUN
     mrtune train --num-gpus 2 --accelerate-config configs/accelerate/fsdp-qlora.yaml --config C --output-dir RUN
 
 The training loop (train.py) is one loop for one process and for many. Each optimizer step takes
@@ -11,57 +12,87 @@ gradient is the same mean over its target tokens however the micro-batches are s
 rank writes the run directory; the validation loss is summed over ranks before it is divided.
 
 DDP keeps a whole copy of the model on each GPU (4-bit weights loaded straight onto the rank's own GPU) and
-all-reduces the adapters' gradients. FSDP shards the model's weights (4-bit ones too: `bnb_4bit_quant_storage` is
-the compute dtype, see modeling.quantization_config) over the GPUs, optionally parking them and the optimizer state
-in CPU memory between uses, for models that do not fit on one GPU.
+all-reduces the adapters' gradients. FSDP shards the model's weights over the GPUs, for models that do not fit on
+one. FSDP2 (`fsdp_version: 2`, torch's `fully_shard`) keeps each parameter as a DTensor of which each rank holds a
+slice; FSDP1 flattens each unit's parameters into one sharded tensor, and is kept for 4-bit weights (stored in the
+compute dtype, see model.build.quantization_config), which FSDP2 is not yet known to shard correctly
+(configs/accelerate/fsdp2-qlora.yaml says why). Both save the same PEFT adapter as DDP, and their checkpoints hold
+full (unsharded) state dicts keyed by parameter name, gathered and restored through torch.distributed.checkpoint.
 """
 
 from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from mrtune.errors import MrtuneError
 
 
 def uses_fsdp(accelerator) -> bool:
+    """Whether the model is sharded, by FSDP1 or FSDP2 (`fsdp_version` in the Accelerate config)."""
     from accelerate.utils import DistributedType
 
     return accelerator.distributed_type == DistributedType.FSDP
 
 
-def wrap_adapters_separately(model, accelerator) -> None:
-    """Make FSDP wrap each LoRA layer in its own unit, beside one unit per decoder layer.
+def uses_fsdp2(accelerator) -> bool:
+    """Whether the model is sharded by FSDP2 (torch's `fully_shard`, per-parameter DTensor shards)."""
+    return uses_fsdp(accelerator) and accelerator.state.fsdp_plugin.fsdp_version == 2
 
-    FSDP (with `use_orig_params: false`) flattens each unit's parameters into one tensor, which needs one dtype and
+
+def wrap_adapters_separately(model, accelerator) -> None:
+    """Under FSDP1, make it wrap each LoRA layer in its own unit, beside one unit per decoder layer.
+
+    FSDP1 (with `use_orig_params: false`) flattens each unit's parameters into one tensor, which needs one dtype and
     one requires_grad: the fp32 trainable adapters cannot share a unit with the frozen bf16 (or 4-bit, stored as
     bf16) base weights. peft's policy for this is what transformers' Trainer installs (`update_fsdp_plugin_peft`).
+    FSDP2 shards each parameter on its own (a unit all-gathers mixed dtypes as bytes, and only the trainable
+    parameters, all fp32, need one dtype), so the config's TRANSFORMER_BASED_WRAP is kept: accelerate's
+    `fsdp2_prepare_model` reads no other callable policy, and with peft's it would shard the model as one unit.
     Call before `accelerator.prepare(model)`.
     """
+    if uses_fsdp2(accelerator):
+        return
     from peft.utils.other import fsdp_auto_wrap_policy
 
     accelerator.state.fsdp_plugin.auto_wrap_policy = fsdp_auto_wrap_policy(model)
 
 
-def _full_state_dicts(accelerator, model, *, rank0_only: bool):
-    """FSDP's full (unsharded, unprefixed) state dicts for the model and its optimizer, in this context.
+def prepare_model_and_optimizer(accelerator, model, build: Callable) -> tuple:
+    """`accelerator.prepare` the model and the optimizer that `build(model) -> (optimizer, scheduler)` makes on its
+    trainable parameters; returns (model, optimizer, scheduler).
 
-    rank0_only: when saving, the main rank alone receives them (the others get {}); when loading, every rank passes
-    the whole of them and keeps its own shards.
+    FSDP1 replaces the parameters by flat shards, so its optimizer is built on the prepared model. FSDP2 is the other
+    way round: accelerate takes the model and its optimizer in one `prepare` call, shards the model, and swaps the
+    optimizer's parameters for the sharded ones (matched by name). DDP takes either order.
     """
-    from torch.distributed.fsdp import FullOptimStateDictConfig, FullStateDictConfig, StateDictType
-    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    if uses_fsdp2(accelerator):
+        optimizer, scheduler = build(model)
+        model, optimizer = accelerator.prepare(model, optimizer)
+        return model, optimizer, scheduler
+    model = accelerator.prepare(model)
+    optimizer, scheduler = build(model)
+    return model, accelerator.prepare(optimizer), scheduler
 
-    # Gathered into CPU memory (one unit at a time on the GPU), but not when the model is there already (FSDP on
-    # CPU, the tests): FSDP1 would then free the storage of the tensors it returns.
-    offload = accelerator.device.type != "cpu"
-    return FSDP.state_dict_type(
-        model,
-        StateDictType.FULL_STATE_DICT,
-        FullStateDictConfig(offload_to_cpu=offload, rank0_only=rank0_only),
-        FullOptimStateDictConfig(offload_to_cpu=offload, rank0_only=rank0_only),
-    )
+
+def _full_state_dict_options(accelerator, **options):
+    """torch.distributed.checkpoint's options for full (unsharded) state dicts with canonical names (no FSDP
+    prefixes), for FSDP1 and FSDP2 alike.
+
+    When saving, the full tensors are gathered into the main rank's CPU memory (the others get {}), one unit at a
+    time for FSDP1, one tensor at a time for FSDP2. Not on a CPU run (the tests): FSDP1 would then free the storage
+    of the tensors it returns, so every rank gets the whole state dict in place. When loading, every rank passes the
+    whole state dict and keeps its own shards.
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, cpu_offload=accelerator.device.type != "cpu", **options)
+
+
+def _main_rank_only(accelerator, state: dict) -> dict:
+    return state if accelerator.is_main_process else {}
 
 
 def adapter_keys(model, adapter_name: str = "default") -> dict[str, str]:
@@ -95,14 +126,15 @@ def adapter_state_dict(accelerator, model, keys: dict[str, str] | None) -> dict 
     """Under FSDP, the adapter's tensors gathered on the main rank, keyed as in adapter_model.safetensors (`keys`
     from `adapter_keys`; {} on the other ranks). Elsewhere None: peft reads the adapter's own parameters.
 
-    Collective under FSDP: every rank must call it. Like accelerate's `get_state_dict`, it gathers the whole model
-    (the 4-bit base too: ~4 GB of CPU memory for Mistral-7B) one unit at a time into the main rank's CPU memory,
-    as a state dict with FSDP's prefixes removed, and keeps the adapter's entries of it.
+    Collective under FSDP: every rank must call it. FSDP2 gathers the trainable parameters alone (the adapter, a few
+    MB); FSDP1 can only gather whole units, so it gathers the whole model (the 4-bit base too: ~4 GB of CPU memory
+    for Mistral-7B) one unit at a time into the main rank's CPU memory, and drops the frozen weights.
     """
     if not uses_fsdp(accelerator):
         return None
-    with _full_state_dicts(accelerator, model, rank0_only=True):
-        full = model.state_dict()
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    full = get_model_state_dict(model, options=_full_state_dict_options(accelerator, ignore_frozen_params=True))
     if not accelerator.is_main_process:
         return {}
     missing = sorted(key for key in keys.values() if key not in full)
@@ -119,28 +151,44 @@ def optimizer_state_dict(accelerator, model, optimizer) -> dict:
     keyed by parameter name; elsewhere the optimizer's own. Collective under FSDP: every rank must call it."""
     if not uses_fsdp(accelerator):
         return optimizer.state_dict()
-    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
-    with _full_state_dicts(accelerator, model, rank0_only=True):
-        return FSDP.optim_state_dict(model, optimizer)
+    state = get_optimizer_state_dict(model, _unwrapped(optimizer), options=_full_state_dict_options(accelerator))
+    return _main_rank_only(accelerator, state)
 
 
 def load_sharded_adapter(accelerator, model, tensors: dict, keys: dict[str, str]) -> list[str]:
     """Put saved adapter tensors (keyed as in adapter_model.safetensors) back into an FSDP model, whose every rank
-    passes all of them. Collective. Returns the keys the model did not take (none when the adapter fits)."""
-    with _full_state_dicts(accelerator, model, rank0_only=False):
-        # strict=False: the frozen base weights are not in the adapter
-        result = model.load_state_dict({keys[key]: tensor for key, tensor in tensors.items()}, strict=False)
-    return list(result.unexpected_keys)
+    passes all of them. Collective. Returns the keys the model did not take (none when the adapter fits).
+
+    strict=False: the frozen base weights are not in the adapter. Under FSDP1 the load is FSDP1's own: torch's
+    `set_model_state_dict` fills the keys it is not given with the model's current values, which FSDP1 holds as flat
+    shards, and its full-state-dict load then refuses their shapes.
+    """
+    named = {keys[key]: tensor for key, tensor in tensors.items()}
+    if uses_fsdp2(accelerator):
+        from torch.distributed.checkpoint.state_dict import set_model_state_dict
+
+        options = _full_state_dict_options(accelerator, strict=False)
+        return list(set_model_state_dict(model, named, options=options).unexpected_keys)
+    from torch.distributed.fsdp import FullStateDictConfig, StateDictType
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    with FSDP.state_dict_type(model, StateDictType.FULL_STATE_DICT, FullStateDictConfig(rank0_only=False)):
+        return list(model.load_state_dict(named, strict=False).unexpected_keys)
 
 
 def load_sharded_optimizer(accelerator, model, optimizer, state: dict) -> None:
     """Put a full optimizer state from `optimizer_state_dict` back under FSDP: each rank keeps its shards of it.
     Collective."""
-    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
-    with _full_state_dicts(accelerator, model, rank0_only=False):
-        optimizer.load_state_dict(FSDP.optim_state_dict_to_load(model, optimizer, state))
+    set_optimizer_state_dict(model, _unwrapped(optimizer), state, options=_full_state_dict_options(accelerator))
+
+
+def _unwrapped(optimizer):
+    """The torch optimizer inside accelerate's AcceleratedOptimizer (whose state it shares)."""
+    return getattr(optimizer, "optimizer", optimizer)
 
 
 def save_adapter(accelerator, model, directory: Path, tensors: dict | None, initial: Path | None = None) -> None:

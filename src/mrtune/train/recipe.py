@@ -44,8 +44,10 @@ from mrtune.train.checkpoint import (
 from mrtune.train.distributed import (
     adapter_keys,
     adapter_state_dict,
+    prepare_model_and_optimizer,
     save_adapter,
     uses_fsdp,
+    uses_fsdp2,
     wrap_adapters_separately,
 )
 from mrtune.train.sinks import MetricSinks, ProgressBar
@@ -363,10 +365,10 @@ class Recipe:
                 f"lora.init={lora_init} is not available under FSDP (the adapter's conversion to "
                 "plain LoRA needs the whole model on one rank): set lora.init=default, or train with DDP"
             )
-        if self.fsdp and self.settings.loraplus_ratio is not None:
+        if self.fsdp and not uses_fsdp2(self.accelerator) and self.settings.loraplus_ratio is not None:
             raise MrtuneError(
-                "train.loraplus_ratio is not available under FSDP (its flat parameters hide which adapter "
-                "tensor is A and which B): unset it, or train with DDP"
+                "train.loraplus_ratio is not available under FSDP1 (its flat parameters hide which adapter "
+                "tensor is A and which B): unset it, or train with FSDP2 (fsdp_version: 2) or DDP"
             )
         if resume:
             _refuse_unresumable(RunDir.open(self.output_dir))
@@ -488,11 +490,12 @@ class Recipe:
 
     def _setup_optimizer(self, saved: LoopState | None) -> None:
         """The optimizer and schedule; a resume puts back their state, the adapter's and the random states."""
-        # The model first: FSDP replaces its parameters by flat shards, and the optimizer must be built on those.
-        self.model = self.accelerator.prepare(self.model)
-        optimizer = make_optimizer(self.model, self.config)
-        self.scheduler = make_scheduler(optimizer, self.config, self.total_steps, self.schedule_clock)
-        self.optimizer = self.accelerator.prepare(optimizer)
+
+        def build(prepared_or_not):  # FSDP1 builds on the prepared (flat) parameters, FSDP2 before sharding
+            optimizer = make_optimizer(prepared_or_not, self.config)
+            return optimizer, make_scheduler(optimizer, self.config, self.total_steps, self.schedule_clock)
+
+        self.model, self.optimizer, self.scheduler = prepare_model_and_optimizer(self.accelerator, self.model, build)
         if saved is not None:
             load_checkpoint(self.run, self.accelerator, self.model, self.optimizer, self.scheduler, self.saved_keys)
 
