@@ -342,6 +342,27 @@ def test_existing_run_is_refused_without_overwrite(finished_run, tmp_path, capsy
     assert snapshot(finished_run.path) == before and snapshot(stranger) == before_stranger
 
 
+def test_overwrite_replaces_the_old_run_only_after_the_model_is_built(finished_run, tmp_path, capsys, fault_overrides):
+    """A setting that only the model can refuse (more top layers than it has) leaves the old run whole (issue 13)."""
+    import shutil
+
+    old = RunDir(tmp_path / "old")
+    shutil.copytree(finished_run.path, old.path)
+    before = snapshot(old.path)
+    argv = [
+        "train",
+        "--output-dir",
+        str(old.path),
+        "--overwrite",
+        *_sets(fault_overrides),
+        "--set",
+        "lora.top_layers=9",
+    ]
+    assert main(argv) == 2
+    assert "lora.top_layers=9 but the model has 2 layers" in capsys.readouterr().err
+    assert snapshot(old.path) == before
+
+
 def test_out_of_gpu_memory_while_decoding_names_the_setting(finished_run, monkeypatch):
     from mrtune.infer.evaluate import evaluate
 
