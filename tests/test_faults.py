@@ -430,6 +430,24 @@ def test_out_of_gpu_memory_names_the_settings_and_keeps_the_checkpoint(tmp_path,
     assert json.loads((run.checkpoint / STATE_FILE).read_text())["step"] == 2
 
 
+def test_a_resumed_pissa_run_converts_against_its_initial_adapter(tmp_path, monkeypatch, fault_overrides):
+    """lora.init=pissa: the resume saves the rebuilt initial adapter before the checkpoint's replaces it, so the
+    saved (converted) adapters match the uninterrupted run's exactly."""
+    from mrtune.train.recipe import train
+
+    config = load_config(None, [*fault_overrides, "lora.init=pissa"])
+    reference = train(config, tmp_path / "reference", progress=False)
+    run = RunDir(tmp_path / "run")
+    fail_backward_at(monkeypatch, call=4)  # the process dies in step 4, after the checkpoint of step 2
+    with pytest.raises(MrtuneError):
+        train(config, run.path, progress=False)
+    monkeypatch.undo()
+    initial = snapshot(run.initial_adapter)
+    train(config, run.path, progress=False, resume=True)
+    assert_same_result(run, reference)
+    assert initial and not run.initial_adapter.exists()
+
+
 def test_disk_full_during_a_checkpoint_keeps_the_previous_one_and_resumes(
     tmp_path, monkeypatch, fault_overrides, finished_run
 ):
