@@ -97,8 +97,9 @@ class RecordingSink:
     def flush(self):
         self.flushes += 1
 
-    def close(self):
+    def close(self, failed=False):
         self.closes += 1
+        self.failed = failed
 
 
 def test_metric_sinks_fan_out_and_close_once():
@@ -107,10 +108,10 @@ def test_metric_sinks_fan_out_and_close_once():
     sinks.add(second)
     sinks.log({"step": 1, "train_loss": 2.0})
     sinks.flush()
-    sinks.close()
-    sinks.close()  # cleanup after finish: harmless
+    sinks.close(failed=True)
+    sinks.close()  # a second close is harmless
     assert first.records == second.records == [{"step": 1, "train_loss": 2.0}]
-    assert (first.flushes, first.closes, second.closes) == (1, 1, 1)
+    assert (first.flushes, first.closes, second.closes, second.failed) == (1, 1, 1, True)
 
 
 def test_history_and_tensorboard_sinks_write_what_the_loop_logs(tmp_path):

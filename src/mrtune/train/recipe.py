@@ -241,8 +241,11 @@ def train(
                 recipe.setup(overwrite=overwrite, resume=resume)
                 recipe.fit()
                 recipe.finish()
-            finally:
-                recipe.cleanup()
+            except BaseException as error:
+                with contextlib.suppress(Exception):  # the error that stopped the run is the one to report
+                    recipe.cleanup(failed=not isinstance(error, TrainingInterrupted))
+                raise
+            recipe.cleanup()
             return recipe.run
     except TrainingInterrupted:
         raise
@@ -778,9 +781,9 @@ class Recipe:
             write_report(self.run)
         self.accelerator.wait_for_everyone()
 
-    def cleanup(self) -> None:
+    def cleanup(self, failed: bool = False) -> None:
         """Close the metric sinks (history, progress bar, TensorBoard, W&B), however the run ended."""
-        self.sinks.close()
+        self.sinks.close(failed)
 
 
 def _any_rank(accelerator, flag: bool, device) -> bool:
