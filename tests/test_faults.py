@@ -293,6 +293,27 @@ def test_existing_run_is_refused_without_overwrite(finished_run, tmp_path, capsy
     assert snapshot(finished_run.path) == before and snapshot(stranger) == before_stranger
 
 
+def test_overwrite_replaces_the_old_run_only_after_the_model_is_built(finished_run, tmp_path, capsys, fault_overrides):
+    """A setting that only the model can refuse (more top layers than it has) leaves the old run whole (issue 13)."""
+    import shutil
+
+    old = RunDir(tmp_path / "old")
+    shutil.copytree(finished_run.path, old.path)
+    before = snapshot(old.path)
+    argv = [
+        "train",
+        "--output-dir",
+        str(old.path),
+        "--overwrite",
+        *_sets(fault_overrides),
+        "--set",
+        "lora.top_layers=9",
+    ]
+    assert main(argv) == 2
+    assert "lora.top_layers=9 but the model has 2 layers" in capsys.readouterr().err
+    assert snapshot(old.path) == before
+
+
 def test_out_of_gpu_memory_while_decoding_names_the_setting(finished_run, monkeypatch):
     from mrtune.infer.evaluate import evaluate
 
@@ -358,6 +379,24 @@ def test_out_of_gpu_memory_names_the_settings_and_keeps_the_checkpoint(tmp_path,
     info = run.info()
     assert info["status"] == "failed" and info["error"].startswith("out of GPU memory")
     assert json.loads((run.checkpoint / STATE_FILE).read_text())["step"] == 2
+
+
+def test_a_resumed_pissa_run_converts_against_its_initial_adapter(tmp_path, monkeypatch, fault_overrides):
+    """lora.init=pissa: the resume saves the rebuilt initial adapter before the checkpoint's replaces it, so the
+    saved (converted) adapters match the uninterrupted run's exactly."""
+    from mrtune.train.recipe import train
+
+    config = load_config(None, [*fault_overrides, "lora.init=pissa"])
+    reference = train(config, tmp_path / "reference", progress=False)
+    run = RunDir(tmp_path / "run")
+    fail_backward_at(monkeypatch, call=4)  # the process dies in step 4, after the checkpoint of step 2
+    with pytest.raises(MrtuneError):
+        train(config, run.path, progress=False)
+    monkeypatch.undo()
+    initial = snapshot(run.initial_adapter)
+    train(config, run.path, progress=False, resume=True)
+    assert_same_result(run, reference)
+    assert initial and not run.initial_adapter.exists()
 
 
 def test_disk_full_during_a_checkpoint_keeps_the_previous_one_and_resumes(

@@ -13,7 +13,7 @@ micro-batches, so step N fixes where the data stream resumes. `state.json` also 
 tokenized training rows, so a resume refuses data that changed since the checkpoint instead of silently
 training on a different stream.
 
-A checkpoint is built as RUN/checkpoint.tmp/, fsynced, then renamed into place (`rundir.write_dir_atomic`): a
+A checkpoint is built as RUN/checkpoint.tmp/, fsynced, then renamed into place (`durable.write_dir_atomic`): a
 kill or a full disk during a save leaves the previous checkpoint whole.
 
 With one process or DDP every rank holds the whole adapter and optimizer state, and the main rank saves them.

@@ -2,6 +2,11 @@
 
 Runs on one CPU, one GPU, or several GPUs through Accelerate (`accelerate launch -m mrtune train ...`): each rank
 takes its share of every optimizer step's micro-batches, and only the main rank writes the run directory.
+
+Read it top to bottom: the step's pieces (optimizer, schedule, target-only loss, validation loss), `train` (what a
+failure leaves in run.json), then `Recipe`: `setup` (checks, data, tokenizer, steps, resume, model, optimizer, run
+directory, loop state), `fit` (the loop), `validate` / `checkpoint` between steps, `finish`, `cleanup`. The loop's
+counters are a `state.LoopState`, which is also what a checkpoint saves; its records go to `sinks.MetricSinks`.
 """
 
 from __future__ import annotations
@@ -238,8 +243,11 @@ def train(
                 recipe.setup(overwrite=overwrite, resume=resume)
                 recipe.fit()
                 recipe.finish()
-            finally:
-                recipe.cleanup()
+            except BaseException as error:
+                with contextlib.suppress(Exception):  # the error that stopped the run is the one to report
+                    recipe.cleanup(failed=not isinstance(error, TrainingInterrupted))
+                raise
+            recipe.cleanup()
             return recipe.run
     except TrainingInterrupted:
         raise
@@ -484,6 +492,8 @@ class Recipe:
             self.saved_keys = adapter_keys(model)
         if self.settings.compile:
             model.compile()  # in place: the module keeps its type, so peft's and accelerate's APIs still apply
+        # lora.init=pissa|olora: the adapter as initialized, what saved adapters are converted against (save_adapter).
+        self.initial = None if self.config.lora.init == "default" else RunDir(self.output_dir).initial_adapter
         self.trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         self.total_parameters = sum(p.numel() for p in model.parameters())
         self.model = model
@@ -497,6 +507,7 @@ class Recipe:
 
         self.model, self.optimizer, self.scheduler = prepare_model_and_optimizer(self.accelerator, self.model, build)
         if saved is not None:
+            self._save_initial_adapter()  # before the checkpoint's adapter replaces the initial one
             load_checkpoint(self.run, self.accelerator, self.model, self.optimizer, self.scheduler, self.saved_keys)
 
     def _setup_run_dir(self, saved: LoopState | None, overwrite: bool) -> None:
@@ -508,7 +519,7 @@ class Recipe:
                 self.run.lock()
                 self.failure.locked = self.run
             self.failure.run = self.run
-        self._save_initial_adapter()
+            self._save_initial_adapter()
         if self.is_main and saved is not None:
             self.run.truncate_history(saved.step)
             resumed = self.run.info().get("resumed_at_steps", []) + [saved.step]
@@ -518,12 +529,9 @@ class Recipe:
         self.accelerator.wait_for_everyone()
 
     def _save_initial_adapter(self) -> None:
-        """Under lora.init=pissa|olora, the adapter as initialized: what saved adapters are converted against."""
-        self.initial = None
-        if self.config.lora.init == "default":
-            return
-        self.initial = self.run.initial_adapter
-        if self.is_main:  # a resumed run rebuilds the same init (an exact decomposition), and saves it again
+        """Save the adapter as lora.init=pissa|olora made it, before any training or checkpoint changes it."""
+        if self.initial is not None and self.is_main:
+            # A resumed run rebuilds the same init (an exact decomposition), and saves it again.
             peft_model = self.accelerator.unwrap_model(self.model)
             with warnings.catch_warnings():  # peft's advice to convert the adapter: save_adapter does, every time
                 warnings.filterwarnings("ignore", message=".*(PiSSA|OLoRA) changes the base weights")
@@ -776,9 +784,9 @@ class Recipe:
             write_report(self.run)
         self.accelerator.wait_for_everyone()
 
-    def cleanup(self) -> None:
+    def cleanup(self, failed: bool = False) -> None:
         """Close the metric sinks (history, progress bar, TensorBoard, W&B), however the run ended."""
-        self.sinks.close()
+        self.sinks.close(failed)
 
 
 def _any_rank(accelerator, flag: bool, device) -> bool:

@@ -1,5 +1,5 @@
-"""Where the training loop's records go: one interface (`log(record)`, `flush()`, `close()`) in front of the run's
-history.jsonl, the progress bar, TensorBoard and Weights & Biases.
+"""Where the training loop's records go: one interface (`log(record)`, `flush()`, `close(failed)`) in front of the
+run's history.jsonl, the progress bar, TensorBoard and Weights & Biases.
 
 A record is a flat dict with a "step": a training record (train_loss, learning_rate, grad_norm, tokens, elapsed_s)
 or a validation record (validation_loss).
@@ -23,7 +23,9 @@ class MetricSink(Protocol):
 
     def flush(self) -> None: ...
 
-    def close(self) -> None: ...
+    def close(self, failed: bool = False) -> None:
+        """The run ended (`failed`: by an error; a stop asked for by a signal is not a failure)."""
+        ...
 
 
 class HistorySink:
@@ -38,7 +40,7 @@ class HistorySink:
     def flush(self) -> None:
         pass
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
         pass
 
 
@@ -70,7 +72,7 @@ class ProgressBar:
     def flush(self) -> None:
         pass
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
         self.bar.close()
 
 
@@ -105,7 +107,7 @@ class TensorBoardSink:
     def flush(self) -> None:
         self.writer.flush()  # its events up to a checkpoint must survive a kill (it flushes every 2 min otherwise)
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
         self.writer.close()
 
 
@@ -127,8 +129,8 @@ class WandbSink:
     def flush(self) -> None:
         pass
 
-    def close(self) -> None:
-        self.wandb_run.finish()
+    def close(self, failed: bool = False) -> None:
+        self.wandb_run.finish(exit_code=1 if failed else 0)
 
 
 class MetricSinks:
@@ -161,7 +163,7 @@ class MetricSinks:
         for sink in self.sinks:
             sink.flush()
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
         sinks, self.sinks = self.sinks, []
         for sink in sinks:
-            sink.close()
+            sink.close(failed)
