@@ -3,6 +3,7 @@
     python tests/plant_mutants.py                 # every mutant; exit 1 unless every one is killed
     python tests/plant_mutants.py --only ID ...   # some of them
     python tests/plant_mutants.py --list          # ids, files and tests, nothing run
+    python tests/plant_mutants.py --check         # only check that every snippet is still found
 
 A mutant is one realistic bug (file, an exact `original` snippet, its `replacement`, the tests that must fail).
 It is killed when its tests fail (pytest exit status 1). Anything else is reported and fails the run: a
@@ -24,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 import yaml
@@ -52,7 +54,7 @@ def load_mutants(path: Path = MUTANTS) -> list[dict]:
 
 
 def plant(tree: Path, mutant: dict) -> str:
-    """Replace the mutant's snippet in the copy at `tree`; return the original text of the file to restore it."""
+    """Replace the mutant's snippet in the copy at `tree`; return the file's original text."""
     path = tree / mutant["file"]
     if not path.is_file():
         raise LookupError(f"{mutant['file']} does not exist (moved?)")
@@ -82,11 +84,27 @@ def run_tests(tree: Path, tests: list[str], timeout: float) -> tuple[int, str, f
     return result.returncode, result.stdout[-3000:] + result.stderr[-2000:], time.perf_counter() - started
 
 
+def run_mutant(mutant: dict, workdir: Path, timeout: float) -> tuple[dict, int, str, float]:
+    """Copy src/ into `workdir`, plant the mutant there, run its tests."""
+    tree = workdir / mutant["id"]
+    copy_source(tree)
+    plant(tree, mutant)
+    code, output, seconds = run_tests(tree, mutant["tests"], timeout)
+    shutil.rmtree(tree, ignore_errors=True)
+    return mutant, code, output, seconds
+
+
+def copy_source(tree: Path) -> None:
+    shutil.copytree(ROOT / "src", tree / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", nargs="+", metavar="ID", help="run only these mutants")
     parser.add_argument("--list", action="store_true", help="list the mutants and exit")
+    parser.add_argument("--check", action="store_true", help="only check that every snippet is found, run nothing")
     parser.add_argument("--no-baseline", action="store_true", help="skip the run of the tests on unmutated code")
+    parser.add_argument("--jobs", type=int, default=1, help="mutants tested at once (each in its own copy)")
     parser.add_argument("--timeout", type=float, default=300, help="seconds for one mutant's tests")
     args = parser.parse_args(argv)
     mutants = load_mutants()
@@ -102,37 +120,39 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     failures = []
     with tempfile.TemporaryDirectory(prefix="mrtune-mutants-") as tmp:
-        tree = Path(tmp)
-        shutil.copytree(ROOT / "src", tree / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+        workdir = Path(tmp)
+        baseline = workdir / "baseline"
+        copy_source(baseline)
         missing = []
         for mutant in mutants:  # every snippet is checked before anything runs: a stale list fails at once
             try:
-                (tree / mutant["file"]).write_text(plant(tree, mutant), encoding="utf-8")
+                (baseline / mutant["file"]).write_text(plant(baseline, mutant), encoding="utf-8")
             except LookupError as error:
                 missing.append(f"{mutant['id']}: {error}")
         if missing:
             print("mutants whose snippet is not found exactly once (update tests/mutants.yaml):", file=sys.stderr)
             print("\n".join(f"  {line}" for line in missing), file=sys.stderr)
             return 1
+        if args.check:
+            print(f"every snippet of the {len(mutants)} mutants is found exactly once")
+            return 0
         if not args.no_baseline:
             tests = list(dict.fromkeys(t for m in mutants for t in m["tests"]))
-            code, output, seconds = run_tests(tree, tests, args.timeout * 2)
+            code, output, seconds = run_tests(baseline, tests, args.timeout * 2)
             print(f"baseline: {len(tests)} test node(s) on the unmutated code: exit {code} in {seconds:.0f} s")
             if code != 0:
                 print(output, file=sys.stderr)
                 print("the named tests fail without any mutant: fix them first", file=sys.stderr)
                 return 1
-        for mutant in mutants:
-            original = plant(tree, mutant)
-            try:
-                code, output, seconds = run_tests(tree, mutant["tests"], args.timeout)
-            finally:
-                (tree / mutant["file"]).write_text(original, encoding="utf-8")
-            verdict = {1: "killed", 0: "SURVIVED"}.get(code, f"ERROR (exit {code})")
-            print(f"{verdict:<10} {mutant['id']:<34} {seconds:5.0f} s  {mutant['bug']}", flush=True)
-            if code != 1:
-                failures.append(mutant["id"])
-                print(output, file=sys.stderr)
+        with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+            runs = [pool.submit(run_mutant, mutant, workdir, args.timeout) for mutant in mutants]
+            for future in as_completed(runs):
+                mutant, code, output, seconds = future.result()
+                verdict = {1: "killed", 0: "SURVIVED"}.get(code, f"ERROR (exit {code})")
+                print(f"{verdict:<10} {mutant['id']:<34} {seconds:5.0f} s  {mutant['bug']}", flush=True)
+                if code != 1:
+                    failures.append(mutant["id"])
+                    print(output, file=sys.stderr)
     total = time.perf_counter() - started
     print(f"{len(mutants) - len(failures)} of {len(mutants)} mutants killed in {total:.0f} s")
     if failures:
