@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 
 import pytest
+import torch
 
 from mrtune.model.resolve import load_tokenizer
 from mrtune.task.data import load_split
@@ -57,6 +58,7 @@ def test_padded_batches_keep_every_eos_label_and_ignore_only_padding(tokenizer, 
     batch = collate(rows, pad)
     longest = max(len(r) for r in rows)
     assert batch["input_ids"].shape == batch["labels"].shape == batch["attention_mask"].shape == (len(rows), longest)
+    assert all(tensor.dtype == torch.long for tensor in batch.values())  # ids, labels, and a 0/1 (not float) mask
     for i, row in enumerate(rows):
         n = len(row)
         assert batch["input_ids"][i, :n].tolist() == row.input_ids

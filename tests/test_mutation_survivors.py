@@ -265,9 +265,17 @@ def test_tokenize_reports_what_it_kept_and_the_first_row_too_long(tokenizer):
         MrtuneError, match=r"^1 row\(s\) are longer than data.max_length=60 tokens \(first: d.jsonl:2, "
     ):
         tokenize_examples(examples, tokenizer, "compact", max_length=60)
-    long_row = [Example("word " * 600, MR_A, "d.jsonl:9")]
-    with pytest.raises(MrtuneError, match=r"data.max_length=512 tokens"):  # the default limit
-        tokenize_examples(long_row, tokenizer, "compact")
+    # The default limit is 512 tokens: a row of exactly 512 passes, one of 513 does not.
+    candidates = [Example("word " * words + "a " * extra, MR_A) for words in range(140, 190) for extra in range(6)]
+    rows, _ = tokenize_examples(candidates, tokenizer, "compact", max_length=10**6)
+    sizes = {}
+    for example, row in zip(candidates, rows):
+        sizes.setdefault(len(row), example)
+    assert {512, 513} <= set(sizes), sorted(sizes)
+    (row,), _ = tokenize_examples([sizes[512]], tokenizer, "compact")
+    assert len(row) == 512
+    with pytest.raises(MrtuneError, match=r"data.max_length=512 tokens"):
+        tokenize_examples([sizes[513]], tokenizer, "compact")
 
 
 def test_default_plans_group_rows_of_similar_length_with_seed_zero():
@@ -280,3 +288,5 @@ def test_default_plans_group_rows_of_similar_length_with_seed_zero():
     chunks = [by_length[i : i + 3] for i in range(0, len(lengths), 3)]
     assert sorted(plan) == sorted(chunks)  # the 2-row batch holds the two shortest rows
     assert plan != plan_batches(lengths, batch_size=3, seed=1)
+    budget = dict(batch_size=1, batch_tokens=100)  # padded unless told to pack: rows x longest <= 100
+    assert plan_batches(lengths, **budget) == plan_batches(lengths, packing=False, **budget)
