@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test test-fast test-embedded lint bench clean
+.PHONY: setup demo test test-fast test-embedded lint mutants mutation bench clean
 
 setup: $(VENV)/.installed
 
@@ -38,6 +38,19 @@ test-embedded: setup
 lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+
+# Hand-written bugs of the torch paths (tests/mutants.yaml), each planted in a copy of src/ while only its own tests
+# run: every one must be killed. CI runs it (2 workers; see BENCHMARKS.md for its time).
+mutants: setup
+	$(PY) tests/plant_mutants.py --jobs 2
+
+# mutmut 3 over the torch-free task modules and the batching ([tool.mutmut] in pyproject.toml): slow, not in CI;
+# its score and survivors are in BENCHMARKS.md ("Mutation testing").
+mutation: setup
+	$(PY) -m pip install -q -e '.[mutation]'
+	rm -rf mutants
+	$(BIN)/mutmut run --max-children 2
+	$(BIN)/mutmut results
 
 clean:
 	rm -rf $(VENV) runs

@@ -1,0 +1,292 @@
+"""Tests written for the mutants that survived `make mutation` (see BENCHMARKS.md, "Mutation testing")."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from mrtune.task.mr import MRParseError, parse_mr
+
+PARSED = "inform(name[A])"
+
+
+def _message(text: str) -> tuple[int, str]:
+    with pytest.raises(MRParseError) as info:
+        parse_mr(text)
+    return info.value.position, str(info.value)
+
+
+@pytest.mark.parametrize(
+    "text,position,tail",
+    [
+        # Up to 200 characters the whole text is quoted.
+        (PARSED + " " + "x" * 184, 16, lambda t: f"at position 16 in {t!r}"),
+        # Longer: a window of 60 characters either side, with "..." where it cuts the text.
+        (PARSED + " " + "x" * 185, 16, lambda t: f"at position 16 near {t[:76]!r}..."),
+        (PARSED + " " * 45 + "x" * 200, 60, lambda t: f"at position 60 near {t[:120]!r}..."),
+        (PARSED + " " * 46 + "x" * 200, 61, lambda t: f"at position 61 near ...{t[1:121]!r}..."),
+        (PARSED + " " * 126 + "x" * 60, 141, lambda t: f"at position 141 near ...{t[81:]!r}"),
+        (PARSED + " " * 126 + "x" * 61, 141, lambda t: f"at position 141 near ...{t[81:201]!r}..."),
+        ("inform(name[" + "a" * 300 + "]", 313, lambda t: f"at position 313 (end of text) near ...{t[253:]!r}"),
+    ],
+)
+def test_parse_errors_quote_the_text_or_a_window_around_the_problem(text, position, tail):
+    found, message = _message(text)
+    assert found == position
+    assert message.endswith(tail(text)), message
+
+
+# -- mr.py: input checks and their messages, exactly --------------------------------------------------------------
+def test_score_input_errors_say_which_row_and_why():
+    from mrtune.task.mr import score
+
+    with pytest.raises(ValueError, match=r"^no predictions to score: both lists are empty$"):
+        score([], [])
+    with pytest.raises(TypeError, match=r"^prediction 1 is a int, expected a str$"):
+        score(["inform(name[A])", 3], ["inform(name[A])", "inform(name[B])"])
+    with pytest.raises(TypeError, match=r"^reference 0 is a NoneType, expected a str$"):
+        score(["inform(name[A])"], [None])
+
+
+def test_a_bad_reference_or_training_mr_keeps_its_text_and_position():
+    from mrtune.task.mr import Vocabulary, score
+
+    with pytest.raises(MRParseError, match=r"^reference 1 is not a valid MR: ") as info:
+        score(["x", "y"], ["inform(name[A])", "inform(name[A]"])
+    assert info.value.text == "inform(name[A]"
+    with pytest.raises(MRParseError, match=r"^MR 0 is not valid: ") as info:
+        Vocabulary.from_mrs(["inform(name A)"])
+    assert info.value.text == "inform(name A)"
+
+
+def test_dialogue_act_confusion_counts_every_pair():
+    from mrtune.task.mr import dialogue_act_confusion
+
+    predictions = ["inform(name[A])", "inform(name[B])", "request(name[C])", "garbage"]
+    references = ["inform(name[A])", "inform(name[B])", "inform(name[C])", "inform(name[D])"]
+    assert dialogue_act_confusion(predictions, references) == {"inform": {"<invalid>": 1, "inform": 2, "request": 1}}
+
+
+def test_vocabulary_errors_name_the_field():
+    from mrtune.task.mr import Vocabulary
+
+    with pytest.raises(TypeError, match=r"^Vocabulary.dialogue_acts must be a collection of names, not a single str$"):
+        Vocabulary("inform", ("name",))
+    with pytest.raises(TypeError, match=r"^Vocabulary.attributes must be a collection of names, not a single str$"):
+        Vocabulary(("inform",), "name")
+    with pytest.raises(ValueError, match=r"^Vocabulary.dialogue_acts contains 'Inform', which is not a name"):
+        Vocabulary(("Inform",), ("name",))
+    with pytest.raises(ValueError, match=r"^Vocabulary.attributes contains 'na-me', which is not a name"):
+        Vocabulary(("inform",), ("na-me",))
+    with pytest.raises(ValueError, match=r"^vocabulary is missing dialogue_acts, attributes; expected keys"):
+        Vocabulary.from_dict({})
+
+
+# -- data.py: reading files ----------------------------------------------------------------------------------------
+MR_A, MR_B = "inform(name[A])", "request(name[B])"
+
+
+def _load(tmp_path, name, content, **fields):
+    from mrtune.task.data import load_split
+
+    path = tmp_path / name
+    path.write_bytes(content if isinstance(content, bytes) else content.encode("utf-8"))
+    return load_split(str(path), **fields)
+
+
+def _problems(tmp_path, name, content, **fields) -> str:
+    from mrtune.errors import MrtuneError
+
+    with pytest.raises(MrtuneError) as info:
+        _load(tmp_path, name, content, **fields)
+    return str(info.value).replace(f"{tmp_path}/", "")
+
+
+def test_bundled_split_names_are_exact():
+    from mrtune.errors import MrtuneError
+    from mrtune.task.data import load_split
+
+    message = "unknown bundled split 'viggo:test:train': use viggo:train, viggo:validation or viggo:test"
+    with pytest.raises(MrtuneError, match=f"^{message}$"):
+        load_split("viggo:test:train")
+
+
+def test_hub_specs_go_to_the_hub_and_bad_ones_are_named():
+    from mrtune.errors import MrtuneError
+    from mrtune.task.data import load_split
+
+    with pytest.raises(MrtuneError, match=r"^bad hub spec 'hf:viggo': use hf:<dataset id>:<split>"):
+        load_split("hf:viggo")
+    with pytest.raises(MrtuneError, match=r"^cannot load dataset '\./no/such/dataset' split 'train' from the hub"):
+        load_split("hf:./no/such/dataset:train")
+
+
+def test_a_csv_with_a_bom_blank_lines_and_crlf_inside_a_quoted_field(tmp_path):
+    content = (
+        b"\xef\xbb\xbftarget,meaning_representation\r\n"
+        b'"first\r\nsentence",' + MR_A.encode() + b"\r\n"
+        b"\r\n"
+        b"second," + MR_B.replace(",", "").encode() + b"\r\n"
+    )
+    examples = _load(tmp_path, "d.csv", content)
+    assert [(e.sentence, e.meaning_representation, e.source) for e in examples] == [
+        ("first\r\nsentence", MR_A, "d.csv:2"),
+        ("second", MR_B, "d.csv:5"),
+    ]
+
+
+def test_a_csv_row_with_bytes_that_are_not_utf8_is_reported_once_and_the_rest_read(tmp_path):
+    content = b"target,meaning_representation\nok," + MR_A.encode() + b"\nbad \xff," + MR_A.encode() + b"\n"
+    content += b"fine," + MR_B.encode() + b"\n"
+    message = _problems(tmp_path, "d.csv", content)
+    assert message.startswith("d.csv: 1 bad row(s): d.csv:3: the line is not UTF-8 (its byte 5)")
+    good = b"target,meaning_representation\nbad \xff," + MR_A.encode() + b"\nfine," + MR_B.encode() + b"\n"
+    assert "1 bad row(s)" in _problems(tmp_path, "e.csv", good)
+
+
+def test_csv_fields_over_the_size_limit_are_named_with_their_line(tmp_path):
+    import csv
+
+    huge = "x" * (csv.field_size_limit() + 10)
+    message = _problems(tmp_path, "h.csv", f'"{huge}",meaning_representation\nok,{MR_A}\n')
+    assert message.startswith("h.csv: 1 bad row(s): h.csv:1: bad CSV header (field larger than field limit")
+    content = f'target,meaning_representation\n"{huge}",{MR_A}\nok,{MR_A}\nalso,oops\n'
+    message = _problems(tmp_path, "r.csv", content)
+    assert message.startswith("r.csv: 2 bad row(s): r.csv:2: bad CSV (field larger than field limit")
+    assert "; r.csv:4: 'meaning_representation' is not a meaning representation" in message
+
+
+def test_json_arrays_may_start_with_whitespace_and_their_errors_are_located(tmp_path):
+    examples = _load(tmp_path, "a.json", f'\n  [{{"target": "s", "meaning_representation": "{MR_A}"}}]\n')
+    assert [(e.sentence, e.source) for e in examples] == [("s", "a.json[0]")]
+    message = _problems(tmp_path, "b.json", '[{"target": "s",\n "meaning_representation": }]')
+    assert message.startswith("b.json: 1 bad row(s): b.json:2: not valid JSON (Expecting value, column 28)")
+
+
+def test_jsonl_blank_lines_and_bad_rows_do_not_stop_the_reading(tmp_path):
+    rows = [
+        json.dumps({"target": "one", "meaning_representation": MR_A}),
+        "",
+        "{not json",
+        json.dumps({"target": "", "meaning_representation": MR_A}),
+        json.dumps({"meaning_representation": MR_A}),
+        '{"target": "six", "meaning_representation": "nope"}',
+        '{"target": "seven", "meaning_representation": ""}',
+        '{"target": "eight"}',
+        json.dumps({"target": "nine", "meaning_representation": MR_B}),
+    ]
+    message = _problems(tmp_path, "d.jsonl", "\n".join(rows) + "\n")
+    assert message == (
+        "d.jsonl: 6 bad row(s): d.jsonl:3: not valid JSON (Expecting property name enclosed in double quotes, "
+        "column 2); d.jsonl:4: field 'target' is empty or not text; d.jsonl:5: missing field 'target'; "
+        "d.jsonl:6: 'meaning_representation' is not a meaning representation act(attr[value], ...); "
+        "d.jsonl:7: field 'meaning_representation' is empty or not text (and 1 more). Fix them, or point "
+        "data.input_field/data.output_field at the right fields (expected 'target' and 'meaning_representation')"
+    )
+    good = [rows[0], "", rows[-1]]
+    assert [e.sentence for e in _load(tmp_path, "g.jsonl", "\n".join(good) + "\n")] == ["one", "nine"]
+
+
+def test_exactly_five_problems_are_all_shown_with_nothing_more(tmp_path):
+    rows = [json.dumps({"target": f"s{i}", "meaning_representation": "nope"}) for i in range(5)]
+    message = _problems(tmp_path, "five.jsonl", "\n".join(rows))
+    assert "(and" not in message and message.count("is not a meaning representation") == 5
+    inputs = ['{"target": ""}', '{"target": "ok"}']
+    message = _problems(tmp_path, "inputs.jsonl", "\n".join(inputs), output_field=None)
+    assert message.endswith("(expected 'target')")
+
+
+def test_prediction_inputs_have_no_meaning_representation(tmp_path):
+    examples = _load(tmp_path, "in.jsonl", '{"target": "a"}\n{"target": "b"}\n', output_field=None)
+    assert [(e.sentence, e.meaning_representation) for e in examples] == [("a", None), ("b", None)]
+
+
+def test_a_field_no_row_has_lists_up_to_eight_fields_found_after_the_earlier_problems(tmp_path):
+    fields = {f"f{i}": "v" for i in range(10)}
+    content = "{broken\n" + "\n".join(json.dumps(fields) for _ in range(2))
+    message = _problems(tmp_path, "w.jsonl", content)
+    assert message.startswith(
+        "w.jsonl: 3 bad row(s): no row has the field 'target' (fields found: f0, f1, f2, f3, f4, f5, f6, f7); "
+        "no row has the field 'meaning_representation' (fields found: f0, f1, f2, f3, f4, f5, f6, f7); "
+        "w.jsonl:1: not valid JSON"
+    )
+
+
+def test_duplicates_need_no_reference_split_and_spread_sample_limits():
+    from mrtune.errors import MrtuneError
+    from mrtune.task.data import Example, find_duplicates, spread_sample
+
+    assert find_duplicates({"test": [Example("a", MR_A, "t:1")]}) == []
+    assert spread_sample(["a", "b", "c"], 1) == ["a"]
+    assert spread_sample(["a", "b", "c"], 3) == ["a", "b", "c"]
+    for limit in (0, -2):
+        with pytest.raises(MrtuneError, match=f"^a row limit must be positive, got {limit}$"):
+            spread_sample(["a", "b"], limit)
+
+
+# -- batching.py -----------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model_dir):
+    from mrtune.model.resolve import load_tokenizer
+
+    return load_tokenizer(str(tiny_model_dir))
+
+
+def test_a_completion_never_gets_the_tokenizers_special_tokens(tiny_model_dir):
+    """A tokenizer that adds a BOS (Mistral, Llama) adds it to the prompt only, never inside the completion."""
+    from tokenizers.processors import TemplateProcessing
+
+    from mrtune.model.resolve import load_tokenizer
+    from mrtune.task.data import Example
+    from mrtune.train.batching import tokenize_examples
+
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    pad = tokenizer.pad_token_id
+    tokenizer.backend_tokenizer.post_processor = TemplateProcessing(single="<pad> $A", special_tokens=[("<pad>", pad)])
+    assert tokenizer("x")["input_ids"][0] == pad  # the stand-in BOS is added by default
+    (row,), _ = tokenize_examples([Example("Is Portal 2 on Mac?", MR_A)], tokenizer, "compact")
+    completion = tokenizer(MR_A, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    assert row.input_ids[0] == pad and row.input_ids.count(pad) == 1
+    assert row.labels[-len(completion) :] == completion
+
+
+def test_tokenize_reports_what_it_kept_and_the_first_row_too_long(tokenizer):
+    from mrtune.errors import MrtuneError
+    from mrtune.task.data import Example
+    from mrtune.train.batching import tokenize_examples
+
+    examples = [Example("short", MR_A, "d.jsonl:1"), Example("a much longer sentence " * 30, MR_B, "d.jsonl:2")]
+    rows, report = tokenize_examples(examples, tokenizer, "compact", max_length=60, too_long="skip")
+    assert (report.rows, report.too_long, report.longest) == (1, 1, len(rows[0]))
+    rows, report = tokenize_examples(examples[1:], tokenizer, "compact", max_length=60, too_long="skip")
+    assert (rows, report.rows, report.too_long, report.longest) == ([], 0, 1, 0)
+    with pytest.raises(
+        MrtuneError, match=r"^1 row\(s\) are longer than data.max_length=60 tokens \(first: d.jsonl:2, "
+    ):
+        tokenize_examples(examples, tokenizer, "compact", max_length=60)
+    # The default limit is 512 tokens: a row of exactly 512 passes, one of 513 does not.
+    candidates = [Example("word " * words + "a " * extra, MR_A) for words in range(140, 190) for extra in range(6)]
+    rows, _ = tokenize_examples(candidates, tokenizer, "compact", max_length=10**6)
+    sizes = {}
+    for example, row in zip(candidates, rows):
+        sizes.setdefault(len(row), example)
+    assert {512, 513} <= set(sizes), sorted(sizes)
+    (row,), _ = tokenize_examples([sizes[512]], tokenizer, "compact")
+    assert len(row) == 512
+    with pytest.raises(MrtuneError, match=r"data.max_length=512 tokens"):
+        tokenize_examples([sizes[513]], tokenizer, "compact")
+
+
+def test_default_plans_group_rows_of_similar_length_with_seed_zero():
+    from mrtune.train.batching import plan_batches
+
+    lengths = [5, 50, 12, 33, 41, 7, 29, 18, 60, 2, 24]  # 11 distinct lengths, batches of 3: one batch of 2
+    plan = plan_batches(lengths, batch_size=3)
+    assert plan == plan_batches(lengths, batch_size=3, seed=0, group_by_length=True, packing=False)
+    by_length = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    chunks = [by_length[i : i + 3] for i in range(0, len(lengths), 3)]
+    assert sorted(plan) == sorted(chunks)  # the 2-row batch holds the two shortest rows
+    assert plan != plan_batches(lengths, batch_size=3, seed=1)
+    budget = dict(batch_size=1, batch_tokens=100)  # padded unless told to pack: rows x longest <= 100
+    assert plan_batches(lengths, **budget) == plan_batches(lengths, packing=False, **budget)
