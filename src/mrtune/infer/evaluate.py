@@ -8,6 +8,7 @@ from pathlib import Path
 
 from mrtune.config import with_eval_overrides
 from mrtune.errors import MrtuneError
+from mrtune.export.portable import make_portable
 from mrtune.infer.predict import decode, load_model
 from mrtune.run.rundir import RunDir, write_json, write_text_atomic
 from mrtune.task.data import load_split, spread_sample
@@ -81,6 +82,7 @@ def evaluate(
         ),
     )
     write_json(out / "metrics.json", metrics)
+    make_portable(run)  # the model card shows the new test metrics
     from mrtune.run.report import write_report
 
     write_report(run)
