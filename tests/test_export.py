@@ -279,12 +279,11 @@ def embedded_run(tmp_path_factory) -> RunDir:
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from mrtune.config import Config
     from mrtune.model.resolve import load_tokenizer, resolve_model_path
 
     path = tmp_path_factory.mktemp("embedded") / "run"
     path.mkdir()
-    config = Config()
+    config = load_config(None, ["model.dtype=float32"])
     model_path = resolve_model_path(config.model.name)
     from transformers import AutoModelForCausalLM
 
