@@ -17,7 +17,7 @@ from mrtune.cli import main
 from mrtune.config import load_config
 from mrtune.export.command import export
 from mrtune.export.gguf_export import permute_rows
-from mrtune.export.grammars import CANONICAL_ATTRIBUTES, gbnf, lark
+from mrtune.export.grammars import CANONICAL_ATTRIBUTES, grammar
 from mrtune.infer.predict import predict
 from mrtune.run.rundir import RunDir
 from mrtune.task.mr import Vocabulary
@@ -165,12 +165,13 @@ def test_gbnf_and_lark_accept_every_test_mr_and_refuse_what_mrtune_refuses(tmp_p
         "inform(colour[red])",
         "inform(name[A]",
     ]
-    for fmt, grammar in (("gbnf", gbnf(vocabulary)), ("lark", lark(vocabulary))):
-        assert all(accepts(fmt, grammar, mr) for mr in references[::10]), fmt
-        assert accepts(fmt, grammar, "inform(esrb[], name[x])") is False  # canonical order: name first
-        assert accepts(fmt, grammar, " give_opinion(name[Élan 2], rating[])")
-        for text in bad:
-            assert not accepts(fmt, grammar, text), (fmt, text)
+    for fmt in ("gbnf", "lark"):
+        text = grammar(vocabulary, fmt)
+        assert all(accepts(fmt, text, mr) for mr in references[::10]), fmt
+        assert accepts(fmt, text, "inform(esrb[], name[x])") is False  # canonical order: name first
+        assert accepts(fmt, text, " give_opinion(name[Élan 2], rating[])")
+        for mr in bad:
+            assert not accepts(fmt, text, mr), (fmt, mr)
 
 
 # -- bad input ------------------------------------------------------------------------------------------------------

@@ -11,8 +11,8 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 from clients.llama_cpp import compare
+
 from mrtune.config import load_config
 from mrtune.train.recipe import train
 

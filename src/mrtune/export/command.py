@@ -14,7 +14,7 @@ from pathlib import Path
 
 from mrtune.errors import MrtuneError
 from mrtune.export.gguf_export import QUANTS, write_lora_gguf, write_merged_gguf
-from mrtune.export.grammars import gbnf, lark
+from mrtune.export.grammars import grammar
 from mrtune.run.rundir import RunDir
 from mrtune.task.mr import Vocabulary
 
@@ -91,7 +91,7 @@ def export(
         if not run.vocabulary.is_file():
             raise MrtuneError(f"{run.vocabulary} is missing: the run's grammar cannot be written")
         vocabulary = Vocabulary.from_dict(json.loads(run.vocabulary.read_text(encoding="utf-8")))
-        text = (gbnf if fmt == "gbnf" else lark)(vocabulary)
+        text = grammar(vocabulary, fmt)
         write_file_atomic(output, lambda path: path.write_text(text, encoding="utf-8"))
     else:
         write = write_merged_gguf if fmt == "gguf" else write_lora_gguf

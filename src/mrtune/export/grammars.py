@@ -13,6 +13,8 @@ keeps its own automaton for that rule and for its speed (a mask per automaton st
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from typing import NamedTuple
 
 from mrtune.task.mr import Vocabulary
 
@@ -46,45 +48,49 @@ def ordered_attributes(vocabulary: Vocabulary) -> list[str]:
     return known + sorted(set(vocabulary.attributes) - set(CANONICAL_ATTRIBUTES))
 
 
-def _literal(text: str) -> str:
-    return json.dumps(text)
+class _Dialect(NamedTuple):
+    comment: str  # line comment marker
+    define: str  # between a rule's name and its body
+    start: str  # the start rule's name
+    rule: Callable[[str], str]  # a rule name made of words joined by "_"
+    value: str  # what stands between "[" and "]"
+    value_rule: str  # the definition of the value rule/terminal
 
 
-def gbnf(vocabulary: Vocabulary) -> str:
-    """The grammar in llama.cpp's GBNF (`--grammar-file`, `LlamaGrammar`)."""
+_DIALECTS = {
+    # llama.cpp: rule names are letters, digits and "-"; the value is an optional rule
+    "gbnf": _Dialect(
+        "#",
+        " ::= ",
+        "root",
+        lambda name: name.replace("_", "-"),
+        "value",
+        f'value ::= ({_VALUE_CHAR}+ (" " {_VALUE_CHAR}+)*)?',
+    ),
+    # llguidance's Lark: the value is one regex terminal (upper case), optional, since a lexeme cannot be empty
+    "lark": _Dialect("//", ": ", "start", lambda name: name, "VALUE?", f"VALUE: /{_VALUE_CHAR}+( {_VALUE_CHAR}+)*/"),
+}
+
+
+def grammar(vocabulary: Vocabulary, dialect: str) -> str:
+    """The grammar in llama.cpp's GBNF (`dialect="gbnf"`: `--grammar-file`, `LlamaGrammar`) or in llguidance's Lark
+    (`"lark"`: vLLM `guided_decoding_backend=guidance`, SGLang, outlines)."""
+    style = _DIALECTS[dialect]
     attributes = ordered_attributes(vocabulary)
-    rule = {a: a.replace("_", "-") for a in attributes}  # GBNF rule names: letters, digits and "-"
+    define, rule = style.define, style.rule
     lines = [
-        "# ViGGO meaning representation, e.g. inform(name[Portal 2], rating[excellent]); written by mrtune export.",
-        "# Attributes in canonical order, each at most once; generation ends after the closing parenthesis.",
-        'root ::= " "? act "(" slots-0 ")"',
-        "act ::= " + " | ".join(_literal(act) for act in vocabulary.dialogue_acts),
+        f"{style.comment} ViGGO meaning representation, e.g. inform(name[Portal 2], rating[excellent]); written by "
+        "mrtune export.",
+        f"{style.comment} Attributes in canonical order, each at most once.",
+        f'{style.start}{define}" "? act "(" {rule("slots_0")} ")"',
+        f"act{define}" + " | ".join(json.dumps(act) for act in vocabulary.dialogue_acts),
     ]
     for i, attribute in enumerate(attributes):
-        # slots-i: a non-empty, in-order selection of attributes i, i+1, ...
-        later = f' (", " slots-{i + 1})?' if i + 1 < len(attributes) else ""
-        skip = f" | slots-{i + 1}" if i + 1 < len(attributes) else ""
-        lines.append(f"slots-{i} ::= {rule[attribute]}{later}{skip}")
+        # slots_i: a non-empty, in-order selection of attributes i, i+1, ...
+        rest = rule(f"slots_{i + 1}")
+        tail = f' (", " {rest})? | {rest}' if i + 1 < len(attributes) else ""
+        lines.append(f"{rule(f'slots_{i}')}{define}{rule(f'slot_{attribute}')}{tail}")
     for attribute in attributes:
-        lines.append(f'{rule[attribute]} ::= {_literal(attribute + "[")} value "]"')
-    lines.append(f'value ::= ({_VALUE_CHAR}+ (" " {_VALUE_CHAR}+)*)?')
-    return "\n".join(lines) + "\n"
-
-
-def lark(vocabulary: Vocabulary) -> str:
-    """The grammar in llguidance's Lark dialect (vLLM `guided_decoding_backend=guidance`, SGLang, outlines)."""
-    attributes = ordered_attributes(vocabulary)
-    lines = [
-        "// ViGGO meaning representation, e.g. inform(name[Portal 2], rating[excellent]); written by mrtune export.",
-        "// Attributes in canonical order, each at most once.",
-        'start: " "? act "(" slots_0 ")"',
-        "act: " + " | ".join(_literal(act) for act in vocabulary.dialogue_acts),
-    ]
-    for i, attribute in enumerate(attributes):
-        later = f' (", " slots_{i + 1})?' if i + 1 < len(attributes) else ""
-        skip = f" | slots_{i + 1}" if i + 1 < len(attributes) else ""
-        lines.append(f"slots_{i}: slot_{attribute}{later}{skip}")
-    for attribute in attributes:
-        lines.append(f'slot_{attribute}: {_literal(attribute + "[")} VALUE? "]"')
-    lines.append(f"VALUE: /{_VALUE_CHAR}+( {_VALUE_CHAR}+)*/")
+        lines.append(f'{rule(f"slot_{attribute}")}{define}{json.dumps(attribute + "[")} {style.value} "]"')
+    lines.append(style.value_rule)
     return "\n".join(lines) + "\n"
