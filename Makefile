@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test test-fast test-embedded lint mutants mutation bench clean
+.PHONY: setup demo test test-fast test-embedded test-llama-cpp lint mutants mutation bench clean
 
 setup: $(VENV)/.installed
 
@@ -33,6 +33,10 @@ test-fast: setup
 
 test-embedded: setup
 	$(PY) -m pytest -q -m embedded
+
+# llama.cpp (node-llama-cpp, needs node 20+ and npm) decodes the exported GGUF and GBNF files; part of `make test`.
+test-llama-cpp: setup
+	$(PY) -m pytest -q tests/test_llama_cpp.py
 
 # ruff lint and format check (configured in pyproject.toml); CI runs it beside the tests.
 lint: setup

@@ -22,12 +22,8 @@ from safetensors.torch import load_file
 from mrtune.cli import main
 from mrtune.config import load_config
 from mrtune.errors import MrtuneError
+from mrtune.run.durable import write_json, write_text_atomic
 from mrtune.run.rundir import RunDir
-
-try:  # the durable-write helpers are moving to their own module
-    from mrtune.run.durable import write_json, write_text_atomic
-except ImportError:
-    from mrtune.run.rundir import write_json, write_text_atomic
 
 STEPS = 3  # with these settings the validation loss is best at step 1 and higher at steps 2 and 3
 

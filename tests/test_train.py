@@ -32,6 +32,9 @@ EXPECTED_RUN_FILES = {
     "adapter/adapter_config.json",
     "adapter/adapter_model.safetensors",
     "adapter/README.md",
+    "adapter/tokenizer.json",
+    "adapter/tokenizer_config.json",
+    "adapter/chat_template.jinja",
     "tokenizer/tokenizer.json",
     "tokenizer/tokenizer_config.json",
 }

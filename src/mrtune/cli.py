@@ -126,6 +126,13 @@ def _merge(args) -> None:
     print(f"merged model saved to {path}")
 
 
+def _export(args) -> None:
+    from mrtune.export.command import export
+
+    path = export(args.run, args.format, args.output, quant=args.quant, overwrite=args.overwrite)
+    print(f"exported {args.format} to {path} ({path.stat().st_size / 1e6:.1f} MB)")
+
+
 def _compare(args) -> None:
     from mrtune.run.rundir import RunDir
 
@@ -225,6 +232,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="directory for the merged model (outside the run)")
     p.add_argument("--overwrite", action="store_true", help="replace a merged model already in --output")
     p.set_defaults(func=_merge, command_parser=p)
+
+    p = commands.add_parser("export", help="write a run's model as GGUF (llama.cpp) or its MR grammar (GBNF, Lark)")
+    p.add_argument("run")
+    p.add_argument("--format", required=True, help="gguf (merged model), gguf-lora (adapter alone), gbnf or lark")
+    p.add_argument("--output", required=True, help="file to write")
+    p.add_argument("--quant", help="GGUF weight type: f16 (default), q8_0 (merged gguf only) or f32")
+    p.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
+    p.set_defaults(func=_export)
 
     p = commands.add_parser("compare", help="print evaluations of a run side by side")
     p.add_argument("run")

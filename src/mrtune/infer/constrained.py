@@ -3,15 +3,17 @@
 The grammar and its length rule are stated in `mrtune.task.grammar` (a byte automaton, torch-free); this module
 turns the automaton into token masks.
 
-Why no library. Checked on this machine (Python 3.11, torch 2.13 CPU, transformers 5.24) with the embedded
-SmolLM2 tokenizer: xgrammar 0.2.8 (EBNF; needs triton and apache-tvm-ffi) and llguidance 1.9.1 (Lark; one abi3
-wheel, no dependencies) both install from wheels and load the tokenizer. Neither can state two of the rules:
-- "no attribute twice" is not context-free in any useful size: a CFG needs one nonterminal per subset of the 14
-  ViGGO attributes (2^14). llguidance's regex `&` and `~` can state it as one lexeme, but its lexer stops at the
-  first value with "lexer error: too many expressions constructed".
-- closing before the budget runs out needs the shortest completion of the current parse state; none of them
-  (nor transformers-cfg, lm-format-enforcer or outlines, which take CFGs or regexes too) knows the budget.
-Working around both would mean tracking the parse state ourselves anyway, which is all this module does.
+Why our own automaton, when grammar libraries exist. The grammar itself is within their reach: every ViGGO MR
+lists its attributes in one canonical order, so an ordered chain of optional slots states "no attribute twice" as a
+plain context-free grammar, and `mrtune export --format gbnf|lark` writes exactly that for llama.cpp and for
+llguidance-based engines (vLLM, SGLang, outlines); llguidance 1.9.1 accepts both files with SmolLM2's tokenizer
+(tests/test_export.py). Two things keep this module in mrtune's own decoding:
+- the token-budget rule (a token is allowed only if the MR can still be closed within the tokens left) needs the
+  shortest completion of the current parse state, which no grammar engine is told about; without it a long value
+  can run out of tokens inside an MR;
+- speed: the automaton's state is small and hashable, so each state's mask is computed once and cached for the
+  whole evaluation, with no per-token parser work and no extra dependency (xgrammar needs triton and tvm-ffi).
+It also allows any attribute order (the exported grammars only the canonical one), which costs nothing on ViGGO.
 
 How it stays cheap: the grammar is a small deterministic automaton whose state is hashable (`State`), and the
 mask of allowed tokens is computed once per state and kept (`MRConstraint` outlives batches and calls). A mask is

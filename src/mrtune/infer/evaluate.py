@@ -9,6 +9,7 @@ from pathlib import Path
 
 from mrtune.config import with_eval_overrides
 from mrtune.errors import MrtuneError
+from mrtune.export.portable import make_portable
 from mrtune.infer.predict import check_lengths, decode, load_model
 from mrtune.run.durable import write_json, write_text_atomic
 from mrtune.run.rundir import RunDir
@@ -119,6 +120,7 @@ def evaluate(
         ),
     )
     write_json(out / "metrics.json", metrics)
+    make_portable(run)  # the model card shows the new test metrics
     from mrtune.run.report import write_report
 
     write_report(run)

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from mrtune import __version__
 from mrtune.config import Config
 from mrtune.errors import MrtuneError, TrainingInterrupted
+from mrtune.export.portable import make_portable
 from mrtune.infer.generation import generate
 from mrtune.model.build import attach_lora, load_base_model, quantization_config
 from mrtune.model.resolve import load_tokenizer, resolve_model_path
@@ -779,6 +780,7 @@ class Recipe:
             # dead weight.
             shutil.rmtree(self.run.checkpoint, ignore_errors=True)
             shutil.rmtree(self.run.initial_adapter, ignore_errors=True)  # the saved adapter is converted already
+            make_portable(self.run)
             from mrtune.run.report import write_report
 
             write_report(self.run)

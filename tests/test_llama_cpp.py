@@ -1,0 +1,40 @@
+"""The exported GGUF and GBNF files, checked by a real client: llama.cpp through node-llama-cpp 3.21.1.
+
+A short CPU run of the embedded model (40 steps: it writes MRs by then) is exported (merged f16 and q8_0, the LoRA
+alone, the GBNF grammar), and llama.cpp decodes test rows greedily from each. Its MRs must be mrtune's own. Needs
+node 20+ and npm (node-llama-cpp is installed once into the mrtune cache); BENCHMARKS.md has the 200-row numbers.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+from clients.llama_cpp import compare
+
+from mrtune.config import load_config
+from mrtune.train.recipe import train
+
+pytestmark = [pytest.mark.slow, pytest.mark.embedded]
+CPU_CONFIG = Path(__file__).parents[1] / "configs" / "smollm2-cpu.yaml"
+ROWS = 16
+
+
+@pytest.fixture(scope="module")
+def short_run(tmp_path_factory):
+    if not (shutil.which("node") and shutil.which("npm")):
+        pytest.skip("node and npm are needed to run llama.cpp through node-llama-cpp")
+    overrides = ["train.time_budget_s=null", "train.max_steps=40", "train.eval_rows=8"]
+    return train(load_config(str(CPU_CONFIG), overrides), tmp_path_factory.mktemp("llama-cpp") / "run", progress=False)
+
+
+def test_llama_cpp_writes_mrtunes_mrs_from_the_exported_files(short_run, tmp_path):
+    results = compare(short_run.path, ROWS, tmp_path, threads=1)
+    # same greedy MRs from the merged f16 file, and from the LoRA file applied to the very Q4_1 base it was trained on
+    assert results["f16"]["agreement_with_mrtune"] >= 0.8, results["f16"]
+    assert results["q4_1+lora"]["agreement_with_mrtune"] >= 0.8, results["q4_1+lora"]
+    assert abs(results["f16"]["exact_match"] - results["mrtune"]["exact_match"]) <= 2 / ROWS
+    # the exported grammar: every MR valid, as mrtune's constrained decoding
+    assert results["f16+gbnf"]["grammar_valid_rate"] == 1.0, results["f16+gbnf"]["predictions"]
+    assert results["mrtune_constrained"]["valid_mr_rate"] == 1.0
