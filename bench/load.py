@@ -33,8 +33,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from mrtune.task.data import load_split
 
 
-def start_server(run: str, max_batch: int | None, log: Path) -> tuple[subprocess.Popen, str]:
+def start_server(run: str, max_batch: int | None, timeout_s: float, log: Path) -> tuple[subprocess.Popen, str]:
     command = [sys.executable, "-m", "mrtune", "serve", run, "--port", "0", "--log-level", "warning"]
+    command += ["--timeout", str(timeout_s)]  # the server answers 504 after this: as long as the client waits
     if max_batch is not None:
         command += ["--max-batch", str(max_batch)]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log.open("w"))
@@ -64,7 +65,7 @@ async def batch_totals(client: httpx.AsyncClient) -> tuple[float, float]:
 async def level(client: httpx.AsyncClient, sentences: list[str], clients: int, rows: int, seconds: float) -> dict:
     """One concurrency level: `clients` closed-loop clients for `seconds`."""
     latencies: list[float] = []
-    errors = 0
+    errors: dict[str, int] = {}
     rows_before, batches_before = await batch_totals(client)
     started = time.perf_counter()
     deadline = started + seconds
@@ -80,7 +81,8 @@ async def level(client: httpx.AsyncClient, sentences: list[str], clients: int, r
             response = await client.post("/v1/parse", json={"sentences": chunk})
             answered = time.perf_counter()
             if response.status_code != 200:
-                errors += 1
+                kind = f"{response.status_code} {response.text[:200]}"
+                errors[kind] = errors.get(kind, 0) + 1
                 continue
             latencies.append(answered - sent)
             last_answer = max(last_answer, answered)
@@ -88,12 +90,15 @@ async def level(client: httpx.AsyncClient, sentences: list[str], clients: int, r
     await asyncio.gather(*(one_client(i) for i in range(clients)))
     rows_after, batches_after = await batch_totals(client)
     elapsed = last_answer - started
-    p50, p95, p99 = np.percentile(latencies, [50, 95, 99]) if latencies else (float("nan"),) * 3
+    if not latencies:
+        raise SystemExit(f"no request of the {clients}-client level was answered: {errors}")
+    p50, p95, p99 = np.percentile(latencies, [50, 95, 99])
     batches = batches_after - batches_before
     return {
         "clients": clients,
         "requests": len(latencies),
-        "errors": errors,
+        "errors": sum(errors.values()),
+        "error_kinds": errors,
         "rows": len(latencies) * rows,
         "seconds": round(elapsed, 2),
         "rows_per_s": round(len(latencies) * rows / elapsed, 3) if elapsed > 0 else 0.0,
@@ -155,7 +160,7 @@ def main() -> None:
     process = None
     if args.run:
         log = Path(tempfile.mkdtemp(prefix="mrtune-load-")) / "server.log"
-        process, url = start_server(args.run, args.max_batch, log)
+        process, url = start_server(args.run, args.max_batch, args.timeout, log)
     else:
         url = args.url.rstrip("/")
     try:
