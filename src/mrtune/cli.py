@@ -153,6 +153,20 @@ def _compare(args) -> None:
     print(f"report: {run.path / 'report.md'}")
 
 
+def _serve(args) -> None:
+    from mrtune.serve.command import serve
+
+    serve(
+        args.run,
+        host=args.host,
+        port=args.port,
+        api_key=args.api_key,
+        max_batch=args.max_batch,
+        timeout_s=args.timeout,
+        log_level=args.log_level,
+    )
+
+
 def _add_train(commands) -> None:
     p = commands.add_parser("train", help="fine-tune a model with LoRA/QLoRA")
     p.add_argument("--config", help="YAML config (see configs/); defaults are used for what it omits")
@@ -239,12 +253,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="file to write")
     p.add_argument("--quant", help="GGUF weight type: f16 (default), q8_0 (merged gguf only) or f32")
     p.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
-    p.set_defaults(func=_export)
+    p.set_defaults(func=_export, command_parser=p)
 
     p = commands.add_parser("compare", help="print evaluations of a run side by side")
     p.add_argument("run")
     p.add_argument("names", nargs="+", help="evaluation names, e.g. test-base test (data-<name> for --data files)")
     p.set_defaults(func=_compare, command_parser=p)
+
+    p = commands.add_parser("serve", help="serve a run's model over HTTP: a page, /v1/parse and an OpenAI API")
+    p.add_argument("run")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind; a non-local one needs an API key")
+    p.add_argument("--port", type=int, default=8000, help="0 picks a free port (printed at start)")
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: $MRTUNE_API_KEY)")
+    p.add_argument("--max-batch", type=int, metavar="N", help="most rows decoded together (default eval.batch_size)")
+    p.add_argument("--timeout", type=float, default=60.0, metavar="S", help="per-request timeout in seconds")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.set_defaults(func=_serve, command_parser=p)
     return parser
 
 

@@ -72,6 +72,16 @@ def decode(
 ) -> tuple[list[str], dict]:
     """Predictions for `sentences`, and the decoding's `generated_tokens` and `seconds`."""
     prompts = [build_prompt(config.data.prompt_style, s) for s in sentences]
+    constraint = load_constraint(run, tokenizer) if constrained else None
+    return decode_prompts(run, config, tokenizer, model, prompts, constraint, progress)
+
+
+def decode_prompts(
+    run: RunDir, config, tokenizer, model, prompts: list[str], constraint, progress: bool = False
+) -> tuple[list[str], dict]:
+    """Completions of ready-made prompts with the run's eval settings, and the decoding's `generated_tokens` and
+    `seconds`. `constraint` (from `load_constraint`, or None to decode freely) may be kept across calls: it computes
+    each mask once (`mrtune serve` holds one for its lifetime)."""
     stats: dict = {}
     try:
         predictions = generate(
@@ -80,7 +90,7 @@ def decode(
             prompts,
             batch_size=config.eval.batch_size,
             max_new_tokens=config.eval.max_new_tokens,
-            constraint=load_constraint(run, tokenizer) if constrained else None,
+            constraint=constraint,
             kv_cache=config.eval.kv_cache,
             progress=progress,
             stats=stats,

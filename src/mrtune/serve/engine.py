@@ -1,0 +1,108 @@
+"""The model behind `mrtune serve`: a finished run's model, tokenizer and decoding constraint, loaded once.
+
+Decoding goes through `mrtune.infer.predict` (the same code as `mrtune predict` and `mrtune evaluate`), with the
+run's eval settings; only the batch size follows `--max-batch`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from mrtune.config import with_eval_overrides
+from mrtune.errors import MrtuneError
+from mrtune.infer.predict import decode_prompts, load_constraint, load_model
+from mrtune.model.resolve import load_tokenizer
+from mrtune.run.rundir import RunDir
+from mrtune.task.data import load_split
+from mrtune.task.mr import try_parse_mr
+from mrtune.task.prompts import build_prompt
+from mrtune.train.batching import encode_prompts
+
+
+@dataclass(frozen=True)
+class ParsedSentence:
+    """One row of a `/v1/parse` answer. `dialogue_act` is None and `slots` empty when the MR does not parse
+    (possible only for a run evaluated with eval.constrained=false)."""
+
+    sentence: str
+    meaning_representation: str
+    dialogue_act: str | None
+    slots: dict[str, str]
+
+    @classmethod
+    def of(cls, sentence: str, meaning_representation: str) -> ParsedSentence:
+        parsed = try_parse_mr(meaning_representation)
+        if parsed is None:
+            return cls(sentence, meaning_representation, None, {})
+        return cls(sentence, meaning_representation, parsed.dialogue_act, dict(parsed.slots))
+
+
+class Engine:
+    """Decodes lists of prompts; one call at a time (the server's batcher owns the only decoding thread)."""
+
+    def __init__(self, run: RunDir, config, tokenizer, model, constraint, counting_tokenizer):
+        self.run = run
+        self.config = config
+        self.tokenizer = tokenizer
+        self.model = model
+        self.constraint = constraint
+        # A second tokenizer instance for request validation on the event loop: a fast tokenizer is not safe to
+        # share between threads ("Already borrowed"), and the decoding thread uses the first one.
+        self.counting_tokenizer = counting_tokenizer
+        self.name = Path(run.path).resolve().name
+        positions = getattr(getattr(model, "config", None), "max_position_embeddings", None) or config.data.max_length
+        # The longest prompt the model takes: what training accepted (data.max_length, also within the model's
+        # positions) less the room every completion is given.
+        self.max_prompt_tokens = min(config.data.max_length, positions) - config.eval.max_new_tokens
+
+    @classmethod
+    def load(cls, run_dir: str | Path, max_batch: int | None = None) -> Engine:
+        run = RunDir.open(run_dir)
+        overrides = [f"eval.batch_size={max_batch}"] if max_batch is not None else []
+        config = with_eval_overrides(run.config(), overrides)
+        tokenizer, model = load_model(run, config, base=False)
+        constraint = load_constraint(run, tokenizer) if config.eval.constrained else None
+        return cls(run, config, tokenizer, model, constraint, load_tokenizer(str(run.tokenizer)))
+
+    @property
+    def max_batch(self) -> int:
+        return self.config.eval.batch_size
+
+    @property
+    def device(self) -> str:
+        return str(next(self.model.parameters()).device)
+
+    def prompt(self, sentence: str) -> str:
+        """The run's training prompt around `sentence`."""
+        return build_prompt(self.config.data.prompt_style, sentence)
+
+    def token_counts(self, texts: list[str]) -> list[int]:
+        """Prompt tokens of each text, as decoding counts them (with the tokenizer's special tokens)."""
+        return [len(ids) for ids in encode_prompts(self.counting_tokenizer, texts)]
+
+    def completion_tokens(self, texts: list[str]) -> list[int]:
+        return [len(ids) for ids in self.counting_tokenizer(texts, add_special_tokens=False)["input_ids"]]
+
+    def complete(self, prompts: list[str]) -> list[str]:
+        """Completions of ready-made prompts: valid MRs of the run's vocabulary when eval.constrained is on."""
+        predictions, _ = decode_prompts(
+            self.run, self.config, self.tokenizer, self.model, prompts, self.constraint, progress=False
+        )
+        return predictions
+
+    def example_sentences(self, count: int = 5) -> list[str]:
+        """A few sentences of the run's validation split, of different dialogue acts, for the web page."""
+        try:
+            examples = load_split(
+                self.config.data.validation, self.config.data.input_field, self.config.data.output_field
+            )
+        except (MrtuneError, OSError):  # the run's data moved or is a hub dataset offline: no examples
+            return []
+        chosen: dict[str, str] = {}
+        for example in examples:
+            parsed = try_parse_mr(example.meaning_representation or "")
+            act = parsed.dialogue_act if parsed else ""
+            if act not in chosen and len(example.sentence) <= 200:
+                chosen[act] = example.sentence
+        return list(chosen.values())[:count]
