@@ -229,6 +229,10 @@ def test_only_the_main_process_writes_the_run_directory(two_processes):
         "adapter/adapter_config.json",
         "adapter/adapter_model.safetensors",
         "adapter/README.md",
+        # the portable adapter carries its tokenizer and the training prompt as a chat template
+        "adapter/chat_template.jinja",
+        "adapter/tokenizer.json",
+        "adapter/tokenizer_config.json",
     }
     assert len(list((run.path / "tensorboard").iterdir())) == 1  # one event file: one writer
     history = run.read_history()

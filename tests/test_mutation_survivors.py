@@ -221,7 +221,7 @@ def test_duplicates_need_no_reference_split_and_spread_sample_limits():
     assert spread_sample(["a", "b", "c"], 1) == ["a"]
     assert spread_sample(["a", "b", "c"], 3) == ["a", "b", "c"]
     for limit in (0, -2):
-        with pytest.raises(MrtuneError, match=f"^a row limit must be positive, got {limit}$"):
+        with pytest.raises(MrtuneError, match=f"^the row limit must be at least 1, got {limit}$"):
             spread_sample(["a", "b"], limit)
 
 

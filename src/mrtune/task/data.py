@@ -79,7 +79,9 @@ def _parse_json(text: str) -> tuple[object, str | None]:
     try:
         value = json.loads(text)
     except json.JSONDecodeError as error:
-        return None, f"not valid JSON ({error.msg}, column {error.colno})"
+        # A whole-file array names its line; a JSONL line is located by its caller.
+        where = f"{error.lineno}: " if error.lineno > 1 or "\n" in text else ""
+        return None, f"{where}not valid JSON ({error.msg}, column {error.colno})"
     except RecursionError:
         return None, "not valid JSON (nested too deeply)"
     except ValueError as error:  # an integer of more digits than Python converts (sys.get_int_max_str_digits)
@@ -168,7 +170,9 @@ def _read_json_array(path: Path, text: str, problems: list[str]):
     """A `.json` file holding one array of objects (rows are located by their index in it)."""
     items, problem = _parse_json(text)
     if problem:
-        return [], problems + [f"{path.name}: {problem}"]
+        # A syntax error names its line ("b.json:2: not valid JSON (...)"); the other problems concern the file.
+        separator = ":" if problem[:1].isdigit() else ": "
+        return [], problems + [f"{path.name}{separator}{problem}"]
     rows: list[tuple[str, dict]] = []
     for index, record in enumerate(items):
         location = f"{path.name}[{index}]"
