@@ -25,6 +25,7 @@ from mrtune.infer.generation import generate
 from mrtune.model.build import attach_lora, load_base_model, quantization_config
 from mrtune.model.resolve import load_tokenizer, resolve_model_path
 from mrtune.run.rundir import RunDir, write_dir_atomic, write_json, write_text_atomic
+from mrtune.task.augment import substitute_names
 from mrtune.task.data import find_duplicates, load_splits, spread_sample
 from mrtune.task.mr import Vocabulary
 from mrtune.task.prompts import build_prompt, template
@@ -345,6 +346,7 @@ def _train(
         config.data.output_field,
     )
     train_examples = spread_sample(splits["train"], config.data.train_limit)
+    train_examples = substitute_names(train_examples, config.data.name_substitution, settings.seed)
     validation_examples = spread_sample(splits["validation"], settings.eval_rows)
     data_warnings = find_duplicates({**splits, "train": train_examples})
     if is_main:
