@@ -195,11 +195,18 @@ def _seven_b(results: dict) -> list[str]:
         "| setting | s / optimizer step | useful tokens/s | padded tokens/s | peak GB | vs seed | TFLOP/s | MFU |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    runs = [(f"seed recipe run {i + 1}", r) for i, r in enumerate(seven.get("seed_runs", []))]
-    rows = [*runs, ("seed recipe (median of the runs above)", seed)]
-    rows += [(f"mrtune {k}", v) for k, v in seven.get("settings", {}).items()]
+
+    def call(r: dict) -> str:
+        return f" (call {r['call']})" if "call" in r else ""
+
+    runs = results.get("seed_runs") or seven.get("seed_runs", [])
+    medians = results.get("seed_medians") or [seed]
+    rows = [(f"seed recipe, run {i + 1}{call(r)}", r) for i, r in enumerate(runs)]
+    rows += [(f"seed recipe, median of its runs{call(r)}", r) for r in medians]
+    rows += [(f"mrtune {k}{call(v)}", v) for k, v in seven.get("settings", {}).items()]
     if seven.get("default_recipe"):
-        rows.append(("mrtune default recipe (configs/mistral-7b-qlora.yaml, compact prompt)", seven["default_recipe"]))
+        default = seven["default_recipe"]
+        rows.append((f"mrtune default recipe (configs/mistral-7b-qlora.yaml, compact prompt){call(default)}", default))
     for name, r in rows:
         line = _row(name, r, None if name.startswith("seed") else seed)
         if not r.get("failed") and flops:
@@ -315,7 +322,10 @@ def _accuracy(results: dict) -> list[str]:
         "| --- | --- | --- | --- | --- |",
     ]
     for name, seeds in part.get("variants", {}).items():
-        overrides = " ".join(o for o in next(iter(seeds.values()))["overrides"] if not o.startswith("train.seed="))
+        overrides = " ".join(PLANS["accuracy"]["variants"].get(name, []))
+        if not seeds:
+            lines.append(f"| {name} | `{overrides}` | not finished | | |")
+            continue
         scores = [e.get("validation") for e in seeds.values()]
         per_seed = ", ".join(f"{100 * v['exact_match']:.1f}%" if ok(v) else "failed" for v in scores)
         f1 = [v["slot_f1"] for v in scores if ok(v)]
@@ -401,7 +411,7 @@ def merge(results_paths: list[Path]) -> dict:
     settings and levers one by one). Each 7B measurement keeps the seed recipe's median rate and step time of its
     own call, so that every ratio compares figures of one call. A scaling.json (bench/scaling.sh) goes in as
     `scaling`."""
-    results: dict = {"calls": []}
+    results: dict = {"calls": [], "seed_runs": [], "seed_medians": []}
     index = 0
     for path in results_paths:
         data = json.loads(path.read_text())
@@ -413,6 +423,8 @@ def merge(results_paths: list[Path]) -> dict:
         seven = data.get("mistral7b_shape", {})
         seed = seven.get("seed", {})
         if ok(seed):
+            results["seed_runs"] += [{"call": index, **run} for run in seven.get("seed_runs", [seed])]
+            results["seed_medians"].append({"call": index, **seed})
             for entry in [
                 *seven.get("settings", {}).values(),
                 seven.get("default_recipe"),
@@ -425,7 +437,7 @@ def merge(results_paths: list[Path]) -> dict:
         if any(isinstance(v, dict) for v in data.values()):
             results["calls"].append(f"{path.name}: " + ", ".join(k for k in data if isinstance(data[k], dict)))
         for key, value in data.items():
-            if key == "calls":
+            if key in ("calls", "seed_runs", "seed_medians"):
                 continue
             if isinstance(value, dict) and isinstance(results.get(key), dict):
                 for inner, item in value.items():  # one level deeper: settings and levers merge by name

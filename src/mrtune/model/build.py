@@ -200,6 +200,10 @@ def compile_decoder_layers(model) -> int:
         raise MrtuneError(
             f"model.compile_layers: no decoder layers found in {type(model).__name__}: set model.compile_layers=false"
         )
+    # Dynamo compiles one graph per distinct set of guards (on the GPU image, transformers 5.17 / torch 2.11 hit
+    # the default limit of 8 with a 30-layer model); past the limit it silently runs the frame eagerly. Allow one
+    # graph per layer, plus margin, so that every layer stays compiled.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 2 * len(layers) + 8)
     for layer in layers:
         layer.compile()
     return len(layers)
