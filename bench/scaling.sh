@@ -4,7 +4,7 @@
 # checkpointing), ~12 optimizer steps on 1 GPU, then on 2 GPUs (DDP, the same micro-batch per GPU). Writes
 # $OUT/scaling.json ({"tokens_per_s_1gpu", "tokens_per_s_2gpu", "scaling_2gpu_7b", "card", ...}) and one log per
 # run. Then (FSDP=0 skips it) the same on 2 GPUs with FSDP (configs/accelerate/fsdp-qlora.yaml), added to
-# scaling.json: its tokens/s, and whether its adapter has the DDP run's tensors. Not run yet (estimate: ~7 min).
+# scaling.json: its tokens/s, and whether its adapter has the DDP run's tensors.
 # Run from the repository root, with bitsandbytes and the SmolLM2 tokenizer staged under $HOME/stash:
 #   export PYTHONPATH=$PWD/src:$PWD:$HOME/stash/site
 #   bash bench/scaling.sh
