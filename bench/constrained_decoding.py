@@ -181,8 +181,8 @@ def main() -> None:
     }
     if not args.skip_decode:
         prompts = [build_prompt(style, e.sentence) for e in examples]
-        # Two rounds, alternating: the first pass over new shapes pays for kernel selection and allocator growth
-        # (on an H200 the first free decode took twice as long per step as the constrained one after it).
+        # Two rounds, alternating: the first pass over new shapes pays for kernel selection and allocator growth,
+        # which would otherwise count against whichever decode runs first.
         for round_ in ("warm_up", "measured"):
             result[round_] = {
                 "free": decode(model, tokenizer, prompts, None, args.batch_size, args.max_new_tokens),

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # On the lent GPU machine, after ../shared/tools/stage-gpu's two staging calls have put the embedded model and
-# bitsandbytes under $HOME/stash: set up the environment and run the benchmark (arguments go to bench.run).
-# Logs and results land in $OUT. Run from the repository root: bash bench/gpu.sh [--only smollm2|mistral|levers] [--settings NAME,...]
+# bitsandbytes (and liger-kernel, in site-extra) under $HOME/stash: set up the environment and run the benchmark
+# (arguments go to `python -m bench.run bench`). Logs and results land in $OUT. Run from the repository root:
+#   bash bench/gpu.sh [--only PART ...] [--settings NAME,...]
 set -uo pipefail
 export PYTHONPATH=$PWD/src:$PWD:$HOME/stash/site:$HOME/stash/site-extra:$PWD/.device/site-extra PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 export MRTUNE_EMBEDDED_GGUF=$HOME/stash/SmolLM2-135M-Instruct.Q4_1.gguf MRTUNE_CACHE=$HOME/stash/cache
@@ -19,4 +20,4 @@ for name in ["torch", "transformers", "peft", "accelerate", "bitsandbytes", "ggu
     except Exception as error:
         print(name, "MISSING", type(error).__name__)
 PY
-python -m bench.run --out "$BENCH_OUT" "$@" 2>&1 | tee "$BENCH_OUT/bench.log"
+python -m bench.run bench --out "$BENCH_OUT" "$@" 2>&1 | tee "$BENCH_OUT/bench.log"

@@ -8,7 +8,7 @@
 #                               # scaling.json again, with it as `fsdp2_70b`, when the 7B runs are in $RUNS
 # Every 7B run has the same micro-batch per GPU (8,192 tokens), ~12 optimizer steps; one log per run in $OUT and one
 # nvidia-smi memory log per run beside its run directory in $RUNS. Then
-#   python -m bench.run --publish ... $OUT/scaling.json
+#   python -m bench.run publish ... $OUT/scaling.json
 # puts scaling_{2,4,8}gpu_7b (DDP tokens/s over one GPU's) into bench/results/latest.json and BENCHMARKS.md.
 # Run from the repository root, with bitsandbytes and the SmolLM2 tokenizer staged under $HOME/stash:
 #   export PYTHONPATH=$PWD/src:$PWD:$HOME/stash/site

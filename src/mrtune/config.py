@@ -75,6 +75,10 @@ class ModelSettings:
     liger_kernel: bool = False
     """Training on CUDA: Liger's fused Triton kernels for RMSNorm, SwiGLU and RoPE (package `liger-kernel`), which
     keep fewer activations for the backward pass. The loss stays ours (`train.target_loss`)."""
+    compile_layers: bool = False
+    """torch.compile each decoder layer on its own (regional compilation), after the adapters are attached: fewer,
+    fused kernels where a step is bound by kernel launches, and one compiled graph reused by every layer. The first
+    steps pay for the compilation. Best with lora.dropout 0 (dropout adds random-number kernels to every layer)."""
 
 
 @dataclass
@@ -100,6 +104,9 @@ class LoraSettings:
     rslora: bool = False
     """Rank-stabilized LoRA (peft's `use_rslora`): the update is scaled by alpha / sqrt(r) instead of alpha / r, so a
     high rank still learns at the pace of a low one."""
+    dora: bool = False
+    """Weight-decomposed LoRA (peft's `use_dora`, arXiv 2402.09353): a learned magnitude per output feature beside
+    the low-rank direction update. Slower steps (the weight norm is recomputed each step)."""
 
 
 @dataclass
@@ -121,6 +128,10 @@ class DataSettings:
     """What to do with rows over max_length: `error`, `skip` or `truncate` (each reported with counts)."""
     train_limit: Annotated[int, COUNT] | None = None
     """Use only this many training rows (an evenly spread sample), e.g. for a quick CPU run."""
+    name_substitution: Annotated[float, Range(0, 1)] = 0.0
+    """Fraction of training rows whose game name (the `name[...]` slot and its verbatim mention in the sentence) is
+    replaced by an invented one (`mrtune.task.augment`), so the model learns to copy names rather than memorise
+    them. 0 trains on the rows as they are."""
 
 
 @dataclass

@@ -158,6 +158,7 @@ def attach_lora(model, lora: LoraSettings, settings: ModelSettings):
         target_modules=targets,
         layers_to_transform=layers,
         use_rslora=lora.rslora,
+        use_dora=lora.dora,
         # "pissa": the exact SVD, not a randomized one: a resumed run must rebuild the same residual weights.
         init_lora_weights={"default": True, "pissa": "pissa", "olora": "olora"}[lora.init],
         task_type="CAUSAL_LM",
@@ -183,7 +184,29 @@ def attach_lora(model, lora: LoraSettings, settings: ModelSettings):
                 module.cast_input_dtype_enabled = False
     # Gradient checkpointing acts only in train mode, and from_pretrained returns the model in eval mode.
     model.train()
+    if settings.compile_layers:
+        compile_decoder_layers(model)
     return model
+
+
+def compile_decoder_layers(model) -> int:
+    """torch.compile each decoder layer in place (regional compilation): every layer has the same code and shapes,
+    so one compiled graph serves them all and compilation costs seconds, not the whole model's minutes. In place
+    (`Module.compile`), so state-dict keys, peft's and accelerate's APIs are unchanged. Returns the count."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    if not layers:
+        raise MrtuneError(
+            f"model.compile_layers: no decoder layers found in {type(model).__name__}: set model.compile_layers=false"
+        )
+    # Dynamo compiles one graph per distinct set of guards (on the GPU image, transformers 5.17 / torch 2.11 hit
+    # the default limit of 8 with a 30-layer model); past the limit it silently runs the frame eagerly. Allow one
+    # graph per layer, plus margin, so that every layer stays compiled.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 2 * len(layers) + 8)
+    for layer in layers:
+        layer.compile()
+    return len(layers)
 
 
 def load_trained_model(settings: ModelSettings, adapter_dir: Path | None, device: torch.device, *, merge: bool = True):

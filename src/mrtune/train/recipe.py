@@ -33,6 +33,7 @@ from mrtune.model.build import attach_lora, load_base_model, quantization_config
 from mrtune.model.resolve import load_tokenizer, resolve_model_path
 from mrtune.run.durable import write_dir_atomic, write_json, write_text_atomic
 from mrtune.run.rundir import RunDir
+from mrtune.task.augment import substitute_names
 from mrtune.task.data import find_duplicates, load_splits, spread_sample
 from mrtune.task.mr import Vocabulary
 from mrtune.task.prompts import build_prompt, template
@@ -395,7 +396,9 @@ class Recipe:
             data.input_field,
             data.output_field,
         )
-        self.train_examples = spread_sample(splits["train"], data.train_limit)
+        self.train_examples = substitute_names(
+            spread_sample(splits["train"], data.train_limit), data.name_substitution, self.settings.seed
+        )
         self.validation_examples = spread_sample(splits["validation"], self.settings.eval_rows)
         self.data_warnings = find_duplicates({**splits, "train": self.train_examples})
         for warning in self.data_warnings:

@@ -1,0 +1,498 @@
+"""The benchmark's results into the repository: headline figures (bench/results/latest.json), the raw merged results
+and the GPU section of BENCHMARKS.md, from the results.json of one or more calls (`python -m bench.run publish`)."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from bench.run import H200_BF16_PEAK_TFLOPS, MISTRAL_SHAPE_LABEL, PLANS, ROOT
+
+
+def ok(result: dict | None) -> bool:
+    return bool(result) and not result.get("failed")
+
+
+def _seed_rate(r: dict, seed: dict) -> float | None:
+    """The seed's useful tokens/s measured in the same call as `r` (publish records it), else this run's seed."""
+    if "seed_useful_tokens_per_s" in r:
+        return r["seed_useful_tokens_per_s"]
+    return seed["useful_tokens_per_s"] if ok(seed) else None
+
+
+def summarise(results: dict) -> dict:
+    """The headline figures of bench/results/latest.json (project / seed ratios, each within one call)."""
+    summary = {"card": results["card"], "date": results["date"]}
+    summary.update(_summary_7b(results.get("mistral7b_shape", {})))
+    scaling = results.get("scaling", {})
+    if scaling.get("scaling_2gpu_7b"):
+        summary.update(scaling_2gpu_7b=scaling["scaling_2gpu_7b"], scaling_card=scaling.get("card"))
+        # bench/scaling.sh on 4 or 8 GPUs: DDP's ratios over 1 GPU, whether FSDP2 in 4-bit trained what DDP did
+        summary.update({k: v for k, v in scaling.items() if re.fullmatch(r"scaling_[48]gpu_7b", k)})
+        if "fsdp2_qlora_matches_ddp" in scaling:
+            summary["fsdp2_qlora_matches_ddp"] = scaling["fsdp2_qlora_matches_ddp"]
+    big = scaling.get("fsdp2_70b")
+    if big:
+        summary.update(
+            fsdp2_70b_gpus=big["gpus"],
+            fsdp2_70b_useful_tokens_per_s=big["useful_tokens_per_s"],
+            fsdp2_70b_peak_memory_gb_max_rank=max(big["peak_memory_gb_per_rank"]),
+        )
+    summary.update(_summary_smollm2(results.get("smollm2", {})))
+    summary.update(_summary_accuracy(results.get("accuracy", {})))
+    return summary
+
+
+def _summary_7b(seven: dict) -> dict:
+    seed = seven.get("seed", {})
+    good = {k: v for k, v in seven.get("settings", {}).items() if ok(v) and _seed_rate(v, seed)}
+    if not ok(seed) or not good:
+        return {}
+    ratio = {k: v["useful_tokens_per_s"] / _seed_rate(v, seed) for k, v in good.items()}
+    within_seed = {k: v for k, v in good.items() if v["peak_memory_gb"] <= seed["peak_memory_gb"]}
+    saving = max(within_seed, key=ratio.get) if within_seed else min(good, key=lambda k: good[k]["peak_memory_gb"])
+    fastest = max((k for k, v in good.items() if v["peak_memory_gb"] <= 80), key=ratio.get)
+    summary = dict(
+        memory_saving_setting_7b=saving,
+        speedup_useful_tokens_per_s_7b=ratio[saving],
+        peak_memory_ratio_7b=good[saving]["peak_memory_gb"] / seed["peak_memory_gb"],
+        fastest_setting_7b=fastest,
+        speedup_max_useful_tokens_per_s_7b=ratio[fastest],
+        seed_runs_7b=seed.get("median_of_runs", 1),
+    )
+    flops = seven.get("flops")
+    if flops:
+        mfu = {
+            k: v["useful_tokens_per_s"] * flops["flops_per_token"] / 1e12 / H200_BF16_PEAK_TFLOPS
+            for k, v in good.items()
+        }
+        best = max(mfu, key=mfu.get)
+        summary.update(mfu_max_7b=mfu[best], mfu_max_setting_7b=best, model_flops_per_token_7b=flops["flops_per_token"])
+    default = seven.get("default_recipe", {})
+    if ok(default):
+        seed_epoch = 5103 / 8 * default.get("seed_step_s", seed["step_s"])  # the seed trains 8 rows per step
+        project_epoch = seven["epoch_tokens_compact_prompt"] / default["useful_tokens_per_s"]
+        summary.update(
+            seed_epoch_s_7b=seed_epoch,
+            project_epoch_s_7b=project_epoch,
+            speedup_epoch_time_7b=seed_epoch / project_epoch,
+            epoch_time_7b_basis="measured: configs/mistral-7b-qlora.yaml",
+        )
+    return summary
+
+
+def _summary_smollm2(small: dict) -> dict:
+    summary = {}
+    if ok(small.get("project")):
+        summary["smollm2_train_s"] = small["project"]["train_seconds"]
+    if ok(small.get("two_epochs_evaluate")):
+        summary.update(
+            smollm2_two_epochs_train_s=small["two_epochs"]["train_seconds"],
+            smollm2_two_epochs_test_exact_match=small["two_epochs_evaluate"]["exact_match"],
+        )
+    evaluation = small.get("evaluate")
+    if ok(evaluation):
+        summary.update(
+            smollm2_test_exact_match=evaluation["exact_match"],
+            smollm2_eval_s=evaluation["decode_seconds"],
+            smollm2_test_slot_f1=evaluation["slot_f1"],
+            smollm2_valid_mr_rate=evaluation["valid_mr_rate"],
+        )
+    if ok(small.get("evaluate_dynamic_cache")):
+        summary["smollm2_eval_s_dynamic_cache"] = small["evaluate_dynamic_cache"]["decode_seconds"]
+    if ok(small.get("unseen_names")):
+        summary["smollm2_unseen_names_exact_match"] = small["unseen_names"]["exact_match"]
+    fast = {k: e for k, e in small.get("fast", {}).items() if ok(e.get("train")) and ok(e.get("test"))}
+    if fast:  # the most accurate variant trained in at most 60 s, else the fastest
+        within = [k for k, e in fast.items() if e["train"]["train_seconds"] <= 60]
+        pick = (
+            max(within, key=lambda k: fast[k]["test"]["exact_match"])
+            if within
+            else min(fast, key=lambda k: fast[k]["train"]["train_seconds"])
+        )
+        summary.update(
+            smollm2_fast_variant=pick,
+            smollm2_fast_train_s=fast[pick]["train"]["train_seconds"],
+            smollm2_fast_test_exact_match=fast[pick]["test"]["exact_match"],
+        )
+    return summary
+
+
+def _summary_accuracy(part: dict) -> dict:
+    winner = part.get("winner")
+    scored = part.get("scored", {}).get(winner, {})
+    summary = {}
+    if ok(scored.get("test")):
+        summary.update(
+            smollm2_best_variant=winner,
+            smollm2_best_test_exact_match=scored["test"]["exact_match"],
+            smollm2_best_test_slot_f1=scored["test"]["slot_f1"],
+            smollm2_best_valid_mr_rate=scored["test"]["valid_mr_rate"],
+        )
+    if ok(scored.get("unseen_names")):
+        summary["smollm2_best_unseen_names_exact_match"] = scored["unseen_names"]["exact_match"]
+    if ok(scored.get("novel_phrasing")):
+        summary.update(
+            smollm2_best_novel_slot_f1=scored["novel_phrasing"]["slot_f1"],
+            smollm2_best_novel_act_accuracy=scored["novel_phrasing"]["dialogue_act_accuracy"],
+        )
+    return summary
+
+
+PREDICTED = {name: v.get("predicted", "") for name, v in PLANS["levers"]["variants"].items()}
+
+
+def markers(date: str) -> tuple[str, str]:
+    """The HTML comments around one run's section of BENCHMARKS.md."""
+    return f"<!-- gpu-bench {date}:start -->", f"<!-- gpu-bench {date}:end -->"
+
+
+def _row(name: str, r: dict, seed: dict | None) -> str:
+    if r.get("failed"):
+        return f"| {name} | failed: {r.get('reason', '')[:120]} | | | | |"
+    base = _seed_rate(r, seed) if seed is not None else None
+    ratio = f"{r['useful_tokens_per_s'] / base:.1f}x" if base else ""
+    return (
+        f"| {name} | {r['step_s']:.3f} | {r['useful_tokens_per_s']:,.0f} | {r['padded_tokens_per_s']:,.0f} | "
+        f"{r['peak_memory_gb']:.1f} | {ratio} |"
+    )
+
+
+def markdown(results: dict) -> str:
+    """The GPU section of BENCHMARKS.md for one merged run (its own markers, so earlier runs' sections stay)."""
+    start, end = markers(results["date"])
+    calls = results.get("calls") or ["one call"]
+    lines = [
+        start,
+        f"## GPU benchmark ({results['card']}, {results['date']})",
+        "",
+        f"`python -m bench.run bench` on one {results['card']}, {len(calls)} call(s) of the device tool, merged "
+        "with `python -m bench.run publish`. Every ratio compares figures measured in the same call, beside that "
+        "call's own runs of the seed recipe (their median). Useful tokens exclude padding; peak memory is "
+        "`torch.cuda.max_memory_allocated`.",
+        "",
+    ]
+    if results.get("notes"):
+        lines += [f"- {note}" for note in results["notes"]] + [""]
+    for section in (_seven_b, _scaling, _smollm2, _accuracy, _levers, _searches):
+        lines += section(results)
+    lines += ["### Headline figures (bench/results/latest.json)", "", "| key | value |", "| --- | --- |"]
+    summary = summarise(results)
+    lines += [f"| {k} | {v:.3g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in summary.items()]
+    return "\n".join([*lines, "", end])
+
+
+HEADER = [
+    "| setting | s / optimizer step | useful tokens/s | padded tokens/s | peak GB | vs seed |",
+    "| --- | --- | --- | --- | --- | --- |",
+]
+
+
+def _seven_b(results: dict) -> list[str]:
+    seven = results.get("mistral7b_shape")
+    if not seven or not (seven.get("settings") or seven.get("seed")):
+        return []
+    seed, flops = seven.get("seed", {}), seven.get("flops")
+    lines = [f"### {MISTRAL_SHAPE_LABEL}: seed prompt, seed adapters (r=8 on all linear + lm_head)", ""]
+    if flops:
+        lines += [
+            f"Model FLOPs per token: {flops['formula']} = {flops['flops_per_token'] / 1e9:.1f} GFLOP "
+            f"(P = {flops['weights_in_matmuls'] / 1e9:.2f} B, mean row {flops['mean_row_tokens']:.0f} tokens); "
+            "recomputation under gradient checkpointing is not counted. MFU = useful tokens/s x FLOPs per token / "
+            f"{H200_BF16_PEAK_TFLOPS:.0f} TFLOP/s (the H200's dense bf16 peak).",
+            "",
+        ]
+    lines += [
+        "| setting | s / optimizer step | useful tokens/s | padded tokens/s | peak GB | vs seed | TFLOP/s | MFU |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+
+    def call(r: dict) -> str:
+        return f" (call {r['call']})" if "call" in r else ""
+
+    runs = results.get("seed_runs") or seven.get("seed_runs", [])
+    medians = results.get("seed_medians") or [seed]
+    rows = [(f"seed recipe, run {i + 1}{call(r)}", r) for i, r in enumerate(runs)]
+    rows += [(f"seed recipe, median of its runs{call(r)}", r) for r in medians]
+    rows += [(f"mrtune {k}{call(v)}", v) for k, v in seven.get("settings", {}).items()]
+    if seven.get("default_recipe"):
+        default = seven["default_recipe"]
+        rows.append((f"mrtune default recipe (configs/mistral-7b-qlora.yaml, compact prompt){call(default)}", default))
+    for name, r in rows:
+        line = _row(name, r, None if name.startswith("seed") else seed)
+        if not r.get("failed") and flops:
+            tflops = r["useful_tokens_per_s"] * flops["flops_per_token"] / 1e12
+            line += f" {tflops:.0f} | {100 * tflops / H200_BF16_PEAK_TFLOPS:.1f}% |"
+        else:
+            line += " | |"
+        lines.append(line)
+    return [*lines, ""]
+
+
+def _scaling(results: dict) -> list[str]:
+    scaling = results.get("scaling")
+    if not scaling:
+        return []
+    runs = scaling.get("runs", {})
+    one = runs.get("1gpu", {})
+    lines = [
+        f"### Several GPUs: {scaling.get('model', MISTRAL_SHAPE_LABEL)}, {scaling.get('card')} "
+        f"x{scaling.get('gpus', 2)} (bench/scaling.sh)",
+        "",
+        f"The 7B recipe's settings ({one.get('batch_tokens_per_gpu')} tokens per GPU per step, "
+        f"checkpointing {'on' if one.get('gradient_checkpointing') else 'off'}, flex attention) on the "
+        f"{one.get('prompt_style')} prompt; the same micro-batch per GPU, so a 2-GPU step holds twice the tokens.",
+        "",
+        "| run | s / step | useful tokens/s | peak GB (rank 0) | vs 1 GPU |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for name, r in runs.items():
+        gain = r["useful_tokens_per_s"] / one["useful_tokens_per_s"] if one else float("nan")
+        lines.append(
+            f"| {name} | {r['step_s']:.3f} | {r['useful_tokens_per_s']:,.0f} | "
+            f"{r['peak_memory_gb_rank0']:.1f} | {gain:.2f}x |"
+        )
+    if "fsdp_adapter_same_tensors_as_ddp" in scaling:
+        lines += [
+            "",
+            "FSDP adapter has the same tensor names, shapes and dtypes as the DDP run's: "
+            f"{scaling['fsdp_adapter_same_tensors_as_ddp']}.",
+        ]
+    return [*lines, ""]
+
+
+def _scores(name: str, r: dict) -> str:
+    if not ok(r):
+        return f"{name}: failed ({(r or {}).get('reason', 'not run')[:100]})"
+    return (
+        f"{name} ({r['n']} rows): exact match {100 * r['exact_match']:.1f}%, slot F1 {100 * r['slot_f1']:.1f}%, "
+        f"dialogue-act accuracy {100 * r['dialogue_act_accuracy']:.1f}%, valid MR {100 * r['valid_mr_rate']:.1f}%"
+    )
+
+
+def _smollm2(results: dict) -> list[str]:
+    small = results.get("smollm2")
+    if not small:
+        return []
+    seed = small.get("seed", {})
+    lines = ["### SmolLM2-135M-Instruct (the embedded model), each timed alone", "", *HEADER]
+    if seed:
+        lines.append(_row("seed recipe", seed, None))
+    if small.get("project"):
+        lines.append(_row("mrtune configs/smollm2-gpu.yaml (3 epochs, 2,048-token steps)", small["project"], seed))
+    if small.get("two_epochs"):
+        two = " ".join(PLANS["smollm2"]["two_epochs"])
+        lines.append(_row(f"mrtune two-epoch variant (`{two}`)", small["two_epochs"], seed))
+    for name, entry in small.get("fast", {}).items():
+        lines.append(_row(f"mrtune fast variant {name} (`{' '.join(entry['overrides'])}`)", entry["train"], seed))
+    lines.append("")
+    for name, entry in small.get("fast", {}).items():
+        if ok(entry.get("train")):
+            lines += [
+                f"- Fast variant {name}, {entry['train']['train_seconds']:.0f} s of training: "
+                + _scores("test split", entry.get("test"))
+            ]
+    if ok(small.get("two_epochs")):
+        lines += [
+            f"- Two-epoch variant, {small['two_epochs']['train_seconds']:.0f} s of training: "
+            + _scores("test split", small.get("two_epochs_evaluate"))
+        ]
+    ev = small.get("evaluate")
+    if ok(ev):
+        lines += [
+            f"- configs/smollm2-gpu.yaml, {small['project']['train_seconds']:.0f} s of training: "
+            + _scores("test split", ev)
+            + f"; `mrtune evaluate` decoded it in {ev['decode_seconds']:.1f} s (static KV cache)"
+        ]
+        if ok(small.get("evaluate_dynamic_cache")):
+            lines += [
+                f"- The same decode with a growing (dynamic) KV cache: "
+                f"{small['evaluate_dynamic_cache']['decode_seconds']:.1f} s"
+            ]
+    if ok(small.get("unseen_names")):
+        lines += [
+            "- "
+            + _scores(
+                "Game names never seen in training (`python -m mrtune.task.generalization`)", small["unseen_names"]
+            )
+        ]
+    return [*lines, ""]
+
+
+def _accuracy(results: dict) -> list[str]:
+    part = results.get("accuracy")
+    if not part:
+        return []
+    means = part.get("validation_exact_match_mean", {})
+    lines = [
+        "### Accuracy levers, SmolLM2-135M (variants of configs/smollm2-gpu.yaml, chosen on validation)",
+        "",
+        "Each variant trained once per seed, all at once on the one GPU (their times are not speed figures), "
+        "and scored on all 714 validation rows with constrained decoding.",
+        "",
+        "| variant | overrides | validation exact match, per seed | mean | slot F1 (mean) |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for name, seeds in part.get("variants", {}).items():
+        overrides = " ".join(PLANS["accuracy"]["variants"].get(name, []))
+        if not seeds:
+            lines.append(f"| {name} | `{overrides}` | not finished | | |")
+            continue
+        scores = [e.get("validation") for e in seeds.values()]
+        per_seed = ", ".join(f"{100 * v['exact_match']:.1f}%" if ok(v) else "failed" for v in scores)
+        f1 = [v["slot_f1"] for v in scores if ok(v)]
+        mean = f"{100 * means[name]:.1f}%" if name in means else ""
+        f1_text = f"{100 * sum(f1) / len(f1):.1f}%" if f1 else ""
+        lines.append(f"| {name} | `{overrides or '(none)'}` | {per_seed} | {mean} | {f1_text} |")
+    lines.append("")
+    if part.get("winner"):
+        lines += [f"Chosen on validation: **{part['winner']}**. Scored once, beside the base recipe (seed 0 runs):", ""]
+    for name, scored in part.get("scored", {}).items():
+        lines += [f"- {name}: " + "; ".join(_scores(k.replace("_", " "), v) for k, v in scored.items())]
+    return [*lines, ""]
+
+
+def _levers(results: dict) -> list[str]:
+    levers = results.get("mistral7b_shape", {}).get("levers")
+    if not levers:
+        return []
+    base = next(iter(levers.values()))
+    lines = [
+        "### Speed levers, each alone (random-init Mistral-7B shape, 4-bit, seed prompt and adapters)",
+        "",
+        "| lever | s / step | useful tokens/s | peak GB | predicted gain | measured gain |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for name, r in levers.items():
+        if r.get("failed"):
+            lines.append(f"| {name} | failed: {r.get('reason', '')[:100]} | | | {PREDICTED.get(name, '')} | |")
+            continue
+        gain = "" if base.get("failed") else f"{r['useful_tokens_per_s'] / base['useful_tokens_per_s']:.2f}x"
+        lines.append(
+            f"| {name} | {r['step_s']:.3f} | {r['useful_tokens_per_s']:,.0f} | "
+            f"{r['peak_memory_gb']:.1f} | {PREDICTED.get(name, '')} | {gain} |"
+        )
+    return [*lines, ""]
+
+
+def _searches(results: dict) -> list[str]:
+    lines = []
+    if results.get("search"):
+        lines += [
+            "### Recipe search, SmolLM2-135M (variants of configs/smollm2-gpu.yaml, chosen on validation)",
+            "",
+            "Variants ran 8 at a time on the one GPU, so their times are not speed figures.",
+            "",
+            *_search_table(results["search"], "valid MR", "valid_mr_rate"),
+        ]
+    if results.get("demo_search"):
+        common = " ".join(PLANS["searches"]["demo-search"]["common"])
+        lines += [
+            "### The CPU demo's recipe, searched on the GPU (SmolLM2-135M in fp32, chosen on validation)",
+            "",
+            "Variants of the demo's recipe (configs/smollm2-cpu.yaml: LoRA r=16 in fp32, compact prompt) for a "
+            f"fixed number of steps instead of its 600 s (`{common}`), 8 at a time on the one GPU; scored on the "
+            "validation rows with constrained decoding.",
+            "",
+            *_search_table(results["demo_search"], "dialogue act", "dialogue_act_accuracy"),
+        ]
+    return lines
+
+
+def _search_table(entries: dict, last_header: str, last_key: str) -> list[str]:
+    """A search's rows: each variant, its overrides, steps and validation metrics."""
+    lines = [
+        f"| variant | overrides | steps | validation exact match | slot F1 | {last_header} |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for name, entry in entries.items():
+        v, t = entry.get("validation", {}), entry.get("train", {})
+        overrides = " ".join(entry["overrides"]) or "(none)"
+        if t.get("failed") or not v or v.get("failed"):
+            lines.append(f"| {name} | `{overrides}` | failed | | | |")
+            continue
+        lines.append(
+            f"| {name} | `{overrides}` | {t['total_steps']} | {100 * v['exact_match']:.1f}% | "
+            f"{100 * v['slot_f1']:.1f}% | {100 * v[last_key]:.1f}% |"
+        )
+    return [*lines, ""]
+
+
+def merge(results_paths: list[Path]) -> dict:
+    """The results.json of several calls on the same card and day, merged: later files win, key by key (the 7B
+    settings and levers one by one). Each 7B measurement keeps the seed recipe's median rate and step time of its
+    own call, so that every ratio compares figures of one call. A scaling.json (bench/scaling.sh) goes in as
+    `scaling`."""
+    results: dict = {"calls": [], "seed_runs": [], "seed_medians": []}
+    index = 0
+    for path in results_paths:
+        data = json.loads(path.read_text())
+        index += any(isinstance(v, dict) for v in data.values())  # a file of notes alone is not a call
+        if "scaling_2gpu_7b" in data:
+            results["scaling"] = data
+            results["calls"].append(f"{path.name}: bench/scaling.sh on {data.get('card')} x{data.get('gpus', 2)}")
+            continue
+        seven = data.get("mistral7b_shape", {})
+        seed = seven.get("seed", {})
+        if ok(seed):
+            results["seed_runs"] += [{"call": index, **run} for run in seven.get("seed_runs", [seed])]
+            results["seed_medians"].append({"call": index, **seed})
+            for entry in [
+                *seven.get("settings", {}).values(),
+                seven.get("default_recipe"),
+                *seven.get("levers", {}).values(),
+            ]:
+                if entry:
+                    entry.update(
+                        seed_useful_tokens_per_s=seed["useful_tokens_per_s"], seed_step_s=seed["step_s"], call=index
+                    )
+        if any(isinstance(v, dict) for v in data.values()):
+            results["calls"].append(f"{path.name}: " + ", ".join(k for k in data if isinstance(data[k], dict)))
+        for key, value in data.items():
+            if key in ("calls", "seed_runs", "seed_medians"):
+                continue
+            if isinstance(value, dict) and isinstance(results.get(key), dict):
+                for inner, item in value.items():  # one level deeper: settings and levers merge by name
+                    if (
+                        isinstance(item, dict)
+                        and isinstance(results[key].get(inner), dict)
+                        and inner in ("settings", "levers", "fast")
+                    ):
+                        results[key][inner].update(item)
+                    else:
+                        results[key][inner] = item
+            else:
+                results[key] = value
+    return results
+
+
+def publish(results_paths: list[Path]) -> None:
+    """Merge calls (`merge`) and write them into the repository: bench/results/raw-DATE.json, the headline figures
+    into bench/results/latest.json (keys not measured again keep their earlier values, and `measured_on` says the
+    date of each), and this run's section of BENCHMARKS.md (replaced if the date's section is there, else added
+    above the earlier ones)."""
+    results = merge(results_paths)
+    folder = ROOT / "bench" / "results"
+    folder.mkdir(exist_ok=True)
+    (folder / f"raw-{results['date']}.json").write_text(json.dumps(results, indent=2) + "\n")
+    latest_path = folder / "latest.json"
+    latest = json.loads(latest_path.read_text()) if latest_path.is_file() else {}
+    dates = latest.pop("measured_on", {k: latest.get("date") for k in latest if k not in ("card", "date")})
+    summary = summarise(results)
+    dates.update({k: results["date"] for k in summary if k not in ("card", "date")})
+    latest.update(summary)
+    latest["measured_on"] = dates
+    latest_path.write_text(json.dumps(latest, indent=2) + "\n")
+    path = ROOT / "BENCHMARKS.md"
+    text = path.read_text() if path.is_file() else "# Benchmarks\n"
+    start, end = markers(results["date"])
+    block = markdown(results)
+    if start in text and end in text:
+        text = text[: text.index(start)] + block + text[text.index(end) + len(end) :]
+    elif "<!-- gpu-bench" in text:
+        at = text.index("<!-- gpu-bench")
+        text = text[:at] + block + "\n\n" + text[at:]
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    path.write_text(text)

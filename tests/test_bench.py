@@ -1,0 +1,104 @@
+"""The GPU benchmark's harness, on CPU: its commands, its FLOP count, the seed median, the BENCHMARKS.md section."""
+
+import json
+
+import pytest
+
+from bench import publish as pub
+from bench import run as bench_run
+from mrtune.task.mr import Vocabulary, parse_mr
+
+
+def test_measure_is_a_visible_sub_command():
+    args = bench_run.parser().parse_args(["measure", "evaluate", "--result", "r.json", "RUN", "--split", "validation"])
+    assert (args.command, args.kind, args.run_dir, args.split) == ("measure", "evaluate", "RUN", "validation")
+    with pytest.raises(SystemExit):
+        bench_run.parser().parse_args(["bench"])  # --out is required
+    args = bench_run.parser().parse_args(["bench", "--out", "o", "--only", "accuracy", "mistral"])
+    assert args.only == ["accuracy", "mistral"]
+
+
+def test_every_plan_variant_is_a_valid_config():
+    from mrtune.config import load_config
+
+    plans = bench_run.PLANS
+    for overrides in plans["accuracy"]["variants"].values():
+        load_config(plans["accuracy"]["config"], overrides)
+    for overrides in plans["smollm2"]["fast"].values():
+        load_config(plans["smollm2"]["config"], overrides)
+    for setting in plans["seven_b"]["settings"].values():
+        load_config(None, [*plans["seven_b"]["common"], *setting["set"]])
+    for search in plans["searches"].values():
+        for overrides in search["variants"].values():
+            load_config(search["config"], [*search.get("common", []), *overrides])
+
+
+def test_mistral_7b_flops_per_token_is_about_29_gflop():
+    flops = bench_run.model_flops_per_token(bench_run.mistral_shape_config(49152), mean_row_tokens=237)
+    assert 7.1e9 < flops["weights_in_matmuls"] < 7.3e9  # 32 layers of 218 M + the 201 M head
+    assert 28.5e9 < flops["flops_per_token"] < 29.5e9
+
+
+def test_the_seed_figure_is_the_median_of_its_runs():
+    runs = [
+        {"step_s": s, "useful_tokens_per_s": 1000 / s, "padded_tokens_per_s": 2000 / s, "peak_memory_gb": 7.0}
+        for s in (2.0, 2.5, 3.0)
+    ]
+    median = bench_run.median_seed([*runs, {"failed": True}])
+    assert median["step_s"] == 2.5 and median["useful_tokens_per_s"] == 400 and median["median_of_runs"] == 3
+
+
+def test_section_reports_mfu_and_the_chosen_variant(monkeypatch, tmp_path):
+    seed = {"step_s": 2.5, "useful_tokens_per_s": 700.0, "padded_tokens_per_s": 1500.0, "peak_memory_gb": 7.0}
+    setting = {"step_s": 0.5, "useful_tokens_per_s": 7000.0, "padded_tokens_per_s": 7100.0, "peak_memory_gb": 7.5}
+    flops = bench_run.model_flops_per_token(bench_run.mistral_shape_config(49152), 237)
+    scores = {"n": 10, "exact_match": 0.9, "slot_f1": 0.95, "dialogue_act_accuracy": 1.0, "valid_mr_rate": 1.0}
+    results = {
+        "card": "NVIDIA H200",
+        "date": "2026-11-30",
+        "mistral7b_shape": {"seed": seed, "seed_runs": [seed], "flops": flops, "settings": {"packed": setting}},
+        "accuracy": {
+            "variants": {"base": {"seed0": {"overrides": ["train.seed=0"], "validation": scores}}},
+            "validation_exact_match_mean": {"base": 0.9},
+            "winner": "base",
+            "scored": {"base": {"test": scores, "unseen_names": scores, "novel_phrasing": scores}},
+        },
+    }
+    summary = pub.summarise(results)
+    assert summary["speedup_max_useful_tokens_per_s_7b"] == pytest.approx(10.0)
+    assert summary["mfu_max_7b"] == pytest.approx(7000 * flops["flops_per_token"] / 989e12)
+    assert summary["smollm2_best_test_exact_match"] == 0.9
+    text = pub.markdown(results)
+    assert (
+        "| mrtune packed | 0.500 | 7,000 | 7,100 | 7.5 | 10.0x |" in text and "Chosen on validation: **base**" in text
+    )
+
+    monkeypatch.setattr(pub, "ROOT", tmp_path)
+    (tmp_path / "BENCHMARKS.md").write_text("# B\n\n<!-- gpu-bench:start -->\nold\n<!-- gpu-bench:end -->\n")
+    (tmp_path / "bench" / "results").mkdir(parents=True)
+    (tmp_path / "bench" / "results" / "latest.json").write_text('{"card": "H200", "date": "2026-11-27", "x": 1}')
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps(results))
+    pub.publish([path])
+    written = (tmp_path / "BENCHMARKS.md").read_text()
+    assert written.index("gpu-bench 2026-11-30:start") < written.index("old")  # earlier sections stay, below
+    latest = json.loads((tmp_path / "bench" / "results" / "latest.json").read_text())
+    assert latest["x"] == 1 and latest["measured_on"]["x"] == "2026-11-27"
+    assert latest["measured_on"]["mfu_max_7b"] == "2026-11-30"
+
+
+def test_novel_phrasings_are_valid_unseen_and_cover_every_act():
+    rows = [json.loads(line) for line in bench_run.NOVEL_PHRASING.read_text().splitlines()]
+    train = {json.loads(line)["target"] for line in (bench_run.ROOT / "src/mrtune/data/train.jsonl").open()}
+    vocabulary = Vocabulary.from_mrs(
+        json.loads(line)["meaning_representation"] for line in open(pub.ROOT / "src/mrtune/data/train.jsonl")
+    )
+    assert len(rows) == 50
+    acts = set()
+    for row in rows:
+        mr = parse_mr(row["meaning_representation"])
+        assert row["target"] not in train
+        assert mr.dialogue_act in vocabulary.dialogue_acts
+        assert set(mr.attributes) <= set(vocabulary.attributes)
+        acts.add(mr.dialogue_act)
+    assert acts == set(vocabulary.dialogue_acts)

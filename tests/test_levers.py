@@ -1,0 +1,113 @@
+"""The accuracy and speed levers: name substitution, DoRA adapters, regional compilation of the decoder layers."""
+
+import random
+import re
+
+import pytest
+import torch
+
+from mrtune.config import load_config
+from mrtune.errors import MrtuneError
+from mrtune.model.build import attach_lora, load_base_model
+from mrtune.task.augment import invented_name, substitute_names
+from mrtune.task.data import Example, load_split
+from mrtune.task.generalization import UNSEEN_NAMES
+from mrtune.task.mr import parse_mr
+
+ROWS = [
+    Example("Is Portal 2 on Mac? I loved Portal 2.", "verify_attribute(name[Portal 2], has_mac_release[yes])"),
+    Example("What do you think of puzzle games?", "request_attribute(genres[])"),
+    Example("The racer Dirt: Showdown.", "inform(name[Dirt: Showdown], genres[driving/racing])"),
+    Example("It is called dirt showdown.", "inform(name[Dirt: Showdown])"),  # not verbatim: left alone
+]
+
+
+def test_name_substitution_swaps_sentence_and_mr_together():
+    out = substitute_names(ROWS, 1.0, seed=0)
+    assert len(out) == len(ROWS) and out[1] == ROWS[1] and out[3] == ROWS[3]
+    for before, after in ((ROWS[0], out[0]), (ROWS[2], out[2])):
+        old = dict(parse_mr(before.meaning_representation).slots)["name"]
+        new = dict(parse_mr(after.meaning_representation).slots)["name"]
+        assert new != old and old not in after.sentence
+        assert after.sentence == before.sentence.replace(old, new)
+        assert after.meaning_representation == before.meaning_representation.replace(old, new)
+    assert out == substitute_names(ROWS, 1.0, seed=0)  # deterministic
+    assert out != substitute_names(ROWS, 1.0, seed=1)
+    assert substitute_names(ROWS, 0.0, seed=0) == ROWS
+
+
+def test_name_substitution_hits_about_the_fraction_asked_for():
+    rows = load_split("viggo:train")
+    out = substitute_names(rows, 0.5, seed=3)
+    swappable = sum(
+        1 for r in rows if (name := dict(parse_mr(r.meaning_representation).slots).get("name")) and name in r.sentence
+    )
+    changed = sum(a != b for a, b in zip(rows, out))
+    assert 0.45 * swappable < changed < 0.55 * swappable
+
+
+def test_invented_names_never_reuse_a_word_of_the_unseen_name_set():
+    reserved = {w.lower() for n in UNSEEN_NAMES for w in re.findall(r"\w+", n)}
+    rng = random.Random(0)
+    names = [invented_name(rng) for _ in range(2000)]
+    assert not {w.lower() for n in names for w in re.findall(r"\w+", n)} & reserved
+    assert len(set(names)) > 1900
+    for name in names[:50]:
+        parse_mr(f"inform(name[{name}])")  # no bracket or comma that would break an MR
+
+
+def test_name_substitution_out_of_range_is_a_config_error():
+    with pytest.raises(MrtuneError, match="data.name_substitution must be between 0 and 1"):
+        load_config(None, ["data.name_substitution=1.5"])
+
+
+def test_dora_run_trains_and_evaluates(tmp_path, tiny_overrides):
+    from mrtune.infer.evaluate import evaluate
+    from mrtune.train.recipe import train
+
+    overrides = [*tiny_overrides, "lora.dora=true", "train.max_steps=2", "train.eval_every=2"]
+    run = train(load_config(None, overrides), tmp_path / "run", progress=False)
+    assert '"use_dora": true' in (run.adapter / "adapter_config.json").read_text()
+    metrics = evaluate(run.path, limit=2, progress=False)
+    assert metrics["n"] == 2
+
+
+@pytest.mark.slow
+def test_compiled_layers_match_eager_values_and_gradients(tiny_model_dir):
+    overrides = [f"model.name={tiny_model_dir}", "model.dtype=float32", "lora.dropout=0.0", "lora.r=4"]
+    config = load_config(None, overrides)
+    torch.manual_seed(0)
+    eager = attach_lora(load_base_model(config.model, torch.device("cpu")), config.lora, config.model)
+    config.model.compile_layers = True
+    torch.manual_seed(0)
+    compiled = attach_lora(load_base_model(config.model, torch.device("cpu")), config.lora, config.model)
+    for model in (eager, compiled):  # LoRA B starts at zero: give it values, the same in both
+        torch.manual_seed(1)
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.data.normal_(0, 0.1)
+    ids = torch.randint(0, 500, (1, 24))
+    positions = torch.cat([torch.arange(10), torch.arange(14)])[None]  # two packed rows
+    losses = []
+    for model in (eager, compiled):
+        loss = model(input_ids=ids, position_ids=positions, labels=ids).loss
+        loss.backward()
+        losses.append(loss)
+    assert torch.allclose(losses[0], losses[1], atol=1e-4)
+    grads = [{n: p.grad for n, p in m.named_parameters() if p.requires_grad} for m in (eager, compiled)]
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        assert torch.allclose(grads[0][name], grads[1][name], atol=1e-4), name
+    assert sum(hasattr(m, "_compiled_call_impl") and m._compiled_call_impl is not None for m in compiled.modules()) == 2
+
+
+def test_compiling_layers_allows_a_graph_per_layer(tiny_model_dir, monkeypatch):
+    """Past dynamo's recompile limit a frame silently runs eagerly: the limit must cover every layer."""
+    from mrtune.model.build import compile_decoder_layers
+
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)
+    config = load_config(None, [f"model.name={tiny_model_dir}", "model.dtype=float32"])
+    model = load_base_model(config.model, torch.device("cpu"))
+    model.model.layers.extend(model.model.layers[0].__class__(model.config, i) for i in range(2, 12))
+    assert compile_decoder_layers(model) == 12
+    assert torch._dynamo.config.recompile_limit >= 24
