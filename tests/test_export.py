@@ -83,10 +83,12 @@ def test_adapter_directory_is_self_contained_readable_and_renders_the_training_p
     assert "license: cc-by-sa-4.0" in card and "### Sentence:" in card and "mrtune predict" in card
 
 
-def test_no_file_of_the_run_names_a_path_of_the_training_machine(tiny_run, tiny_model_dir):
+def test_run_files_are_world_readable_and_name_no_path_of_the_training_machine(tiny_run, tiny_model_dir):
     # config.yaml (and the report, which quotes it) hold the model name as the user gave it, here a local
     # directory: that is the run's input, not something the run chose
     for path in tiny_run.path.rglob("*"):
+        if path.is_file():
+            assert path.stat().st_mode & stat.S_IROTH, path  # a server running as another user reads the run
         if path.is_file() and path.name not in ("config.yaml", "report.md") and path.suffix != ".png":
             text = path.read_bytes().decode("utf-8", errors="replace")
             assert str(tiny_model_dir) not in text and str(Path.home() / ".cache") not in text, path
