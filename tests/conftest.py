@@ -148,3 +148,25 @@ def finished_run(tmp_path_factory, fault_overrides):
     from mrtune.train.recipe import train
 
     return train(load_config(None, fault_overrides), tmp_path_factory.mktemp("finished") / "run", progress=False)
+
+
+def train_tiny_run(base: Path, model_dir: Path, rows: dict[str, int], extra: list[str] = ()):
+    """A finished run of one training step on the tiny model, with `rows` rows of each ViGGO split, in `base/run`."""
+    from mrtune.config import load_config
+    from mrtune.train.recipe import train
+
+    data = {split: write_jsonl(base / f"{split}.jsonl", viggo_rows(split, n)) for split, n in rows.items()}
+    settings = [
+        f"model.name={model_dir}",
+        "model.dtype=float32",
+        *(f"data.{split}={path}" for split, path in data.items()),
+        "lora.r=2",
+        "lora.alpha=4",
+        "train.batch_size=8",
+        "train.max_steps=1",
+        "train.eval_every=1",
+        "eval.batch_size=4",
+        "eval.max_new_tokens=24",
+        *extra,
+    ]
+    return train(load_config(None, settings), base / "run", progress=False)

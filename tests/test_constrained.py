@@ -264,34 +264,10 @@ def test_sentencepiece_style_tokenizer(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory, tiny_model_dir):
-    from conftest import write_jsonl
-
-    from mrtune.config import load_config
-    from mrtune.train.recipe import train
+    from conftest import train_tiny_run
 
     base = tmp_path_factory.mktemp("constrained-run")
-    data = {
-        split: write_jsonl(base / f"{split}.jsonl", viggo_rows(split, n))
-        for split, n in (("train", 16), ("validation", 4), ("test", 4))
-    }
-    config = load_config(
-        None,
-        [
-            f"model.name={tiny_model_dir}",
-            "model.dtype=float32",
-            f"data.train={data['train']}",
-            f"data.validation={data['validation']}",
-            f"data.test={data['test']}",
-            "lora.r=2",
-            "lora.alpha=4",
-            "train.batch_size=8",
-            "train.max_steps=1",
-            "train.eval_every=1",
-            "eval.batch_size=4",
-            "eval.max_new_tokens=24",
-        ],
-    )
-    return train(config, base / "run", progress=False)
+    return train_tiny_run(base, tiny_model_dir, {"train": 16, "validation": 4, "test": 4})
 
 
 def test_evaluate_and_predict_are_constrained_unless_told_not_to(tiny_run, capsys):

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import viggo_rows, write_jsonl
+from conftest import train_tiny_run, viggo_rows
 
 from mrtune.task.mr import parse_mr
 
@@ -30,30 +30,8 @@ JSON = {"Content-Type": "application/json"}
 @pytest.fixture(scope="module")
 def serve_run(tmp_path_factory, tiny_model_dir):
     """A finished tiny run (one training step): what `mrtune serve` loads."""
-    from mrtune.config import load_config
-    from mrtune.train.recipe import train
-
     base = tmp_path_factory.mktemp("serve-run")
-    data = {
-        split: write_jsonl(base / f"{split}.jsonl", viggo_rows(split, n))
-        for split, n in (("train", 16), ("validation", 12), ("test", 4))
-    }
-    config = load_config(
-        None,
-        [
-            f"model.name={tiny_model_dir}",
-            "model.dtype=float32",
-            *(f"data.{split}={path}" for split, path in data.items()),
-            "lora.r=2",
-            "lora.alpha=4",
-            "train.batch_size=8",
-            "train.max_steps=1",
-            "train.eval_every=1",
-            "eval.batch_size=4",
-            "eval.max_new_tokens=24",
-        ],
-    )
-    return train(config, base / "run", progress=False)
+    return train_tiny_run(base, tiny_model_dir, {"train": 16, "validation": 12, "test": 4})
 
 
 @pytest.fixture(scope="module")
