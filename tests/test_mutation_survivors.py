@@ -141,8 +141,12 @@ def test_a_csv_row_with_bytes_that_are_not_utf8_is_reported_once_and_the_rest_re
     content += b"fine," + MR_B.encode() + b"\n"
     message = _problems(tmp_path, "d.csv", content)
     assert message.startswith("d.csv: 1 bad row(s): d.csv:3: the line is not UTF-8 (its byte 5)")
-    good = b"target,meaning_representation\nbad \xff," + MR_A.encode() + b"\nfine," + MR_B.encode() + b"\n"
-    assert "1 bad row(s)" in _problems(tmp_path, "e.csv", good)
+    # The rows after a line that is not UTF-8 are still read and checked.
+    content = b"target,meaning_representation\nbad \xff," + MR_A.encode() + b"\nnext,oops\n"
+    message = _problems(tmp_path, "e.csv", content)
+    assert message.startswith(
+        "e.csv: 2 bad row(s): e.csv:2: the line is not UTF-8 (its byte 5): re-save the file as UTF-8; e.csv:3: 'meaning_"
+    )
 
 
 def test_csv_fields_over_the_size_limit_are_named_with_their_line(tmp_path):
@@ -151,10 +155,10 @@ def test_csv_fields_over_the_size_limit_are_named_with_their_line(tmp_path):
     huge = "x" * (csv.field_size_limit() + 10)
     message = _problems(tmp_path, "h.csv", f'"{huge}",meaning_representation\nok,{MR_A}\n')
     assert message.startswith("h.csv: 1 bad row(s): h.csv:1: bad CSV header (field larger than field limit")
-    content = f'target,meaning_representation\n"{huge}",{MR_A}\nok,{MR_A}\nalso,oops\n'
+    content = f'target,meaning_representation\n"{huge}",{MR_A}\nalso,oops\nok,{MR_A}\n'
     message = _problems(tmp_path, "r.csv", content)
     assert message.startswith("r.csv: 2 bad row(s): r.csv:2: bad CSV (field larger than field limit")
-    assert "; r.csv:4: 'meaning_representation' is not a meaning representation" in message
+    assert "; r.csv:3: 'meaning_representation' is not a meaning representation" in message  # the next line
 
 
 def test_json_arrays_may_start_with_whitespace_and_their_errors_are_located(tmp_path):
@@ -192,6 +196,9 @@ def test_exactly_five_problems_are_all_shown_with_nothing_more(tmp_path):
     rows = [json.dumps({"target": f"s{i}", "meaning_representation": "nope"}) for i in range(5)]
     message = _problems(tmp_path, "five.jsonl", "\n".join(rows))
     assert "(and" not in message and message.count("is not a meaning representation") == 5
+    assert (
+        "five.jsonl:5: 'meaning_representation' is not a meaning representation act(attr[value], ...). Fix" in message
+    )
     inputs = ['{"target": ""}', '{"target": "ok"}']
     message = _problems(tmp_path, "inputs.jsonl", "\n".join(inputs), output_field=None)
     assert message.endswith("(expected 'target')")
@@ -288,5 +295,6 @@ def test_default_plans_group_rows_of_similar_length_with_seed_zero():
     chunks = [by_length[i : i + 3] for i in range(0, len(lengths), 3)]
     assert sorted(plan) == sorted(chunks)  # the 2-row batch holds the two shortest rows
     assert plan != plan_batches(lengths, batch_size=3, seed=1)
-    budget = dict(batch_size=1, batch_tokens=100)  # padded unless told to pack: rows x longest <= 100
+    budget = dict(batch_size=1, batch_tokens=120)  # padded unless told to pack: rows x longest <= 120
+    assert plan_batches(lengths, **budget) != plan_batches(lengths, packing=True, **budget)
     assert plan_batches(lengths, **budget) == plan_batches(lengths, packing=False, **budget)
