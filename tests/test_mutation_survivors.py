@@ -298,3 +298,23 @@ def test_default_plans_group_rows_of_similar_length_with_seed_zero():
     budget = dict(batch_size=1, batch_tokens=120)  # padded unless told to pack: rows x longest <= 120
     assert plan_batches(lengths, **budget) != plan_batches(lengths, packing=True, **budget)
     assert plan_batches(lengths, **budget) == plan_batches(lengths, packing=False, **budget)
+
+
+def test_load_splits_reports_the_problems_of_every_split_at_once(tmp_path):
+    from mrtune.errors import MrtuneError
+    from mrtune.task.data import load_splits
+
+    good = tmp_path / "good.jsonl"
+    good.write_text(json.dumps({"target": "s", "meaning_representation": MR_A}) + "\n")
+    splits = load_splits({"train": str(good), "test": "viggo:test"})
+    assert list(splits) == ["train", "test"] and splits["train"][0].sentence == "s" and len(splits["test"]) == 1083
+    with pytest.raises(MrtuneError, match=r"^\[data.test\] unknown bundled split 'viggo:nope'"):
+        load_splits({"train": str(good), "test": "viggo:nope"})
+    with pytest.raises(MrtuneError) as info:
+        load_splits({"train": "viggo:bad", "validation": str(good), "test": "viggo:nope"})
+    assert str(info.value).startswith(
+        "2 data splits have problems: [data.train] unknown bundled split 'viggo:bad': use viggo:train, "
+        "viggo:validation or viggo:test [data.test] unknown bundled split 'viggo:nope'"
+    )
+    with pytest.raises(MrtuneError, match=r"^\[data.train\] .*good.jsonl:1: missing field 'sentence'\. "):
+        load_splits({"train": str(good)}, input_field="sentence", output_field="meaning_representation")
