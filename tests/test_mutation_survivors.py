@@ -307,7 +307,8 @@ def test_load_splits_reports_the_problems_of_every_split_at_once(tmp_path):
     good = tmp_path / "good.jsonl"
     good.write_text(json.dumps({"target": "s", "meaning_representation": MR_A}) + "\n")
     splits = load_splits({"train": str(good), "test": "viggo:test"})
-    assert list(splits) == ["train", "test"] and splits["train"][0].sentence == "s" and len(splits["test"]) == 1083
+    assert list(splits) == ["train", "test"] and len(splits["test"]) == 1083
+    assert (splits["train"][0].sentence, splits["train"][0].meaning_representation) == ("s", MR_A)
     with pytest.raises(MrtuneError, match=r"^\[data.test\] unknown bundled split 'viggo:nope'"):
         load_splits({"train": str(good), "test": "viggo:nope"})
     with pytest.raises(MrtuneError) as info:
@@ -318,3 +319,42 @@ def test_load_splits_reports_the_problems_of_every_split_at_once(tmp_path):
     )
     with pytest.raises(MrtuneError, match=r"^\[data.train\] .*good.jsonl:1: missing field 'sentence'\. "):
         load_splits({"train": str(good)}, input_field="sentence", output_field="meaning_representation")
+
+
+def test_a_hub_spec_loads_through_datasets_and_its_failures_are_one_line(tmp_path, monkeypatch):
+    import datasets
+
+    from mrtune.errors import MrtuneError
+    from mrtune.task.data import load_split, load_splits
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "cache")  # not the user's cache
+    local = tmp_path / "local"
+    local.mkdir()
+    (local / "train.jsonl").write_text(
+        json.dumps({"target": "s", "mr": MR_A}) + "\n" + json.dumps({"target": "t", "mr": MR_B}) + "\n"
+    )
+    examples = load_split(f"hf:{local}:train", output_field="mr")
+    assert [(e.sentence, e.meaning_representation, e.source) for e in examples] == [
+        ("s", MR_A, f"{local}[train]:0"),
+        ("t", MR_B, f"{local}[train]:1"),
+    ]
+    assert load_splits({"train": f"hf:{local}:train"}, output_field="mr")["train"] == examples
+
+    missing = str(tmp_path / ("x" * 200) / "no:such")  # a colon inside the name: the split is after the last one
+    with pytest.raises(Exception) as direct:
+        datasets.load_dataset(missing, split="train")
+    reason = str(direct.value).strip().splitlines()[0][:160]
+    assert len(str(direct.value).strip().splitlines()[0]) > 160
+    with pytest.raises(MrtuneError) as info:
+        load_split(f"hf:{missing}:train")
+    assert str(info.value) == (
+        f"cannot load dataset {missing!r} split 'train' from the hub ({reason}): use the bundled copy "
+        "(viggo:train) or a local file"
+    )
+
+    def fail(*args, **kwargs):
+        raise RuntimeError()
+
+    monkeypatch.setattr(datasets, "load_dataset", fail)
+    with pytest.raises(MrtuneError, match=r"from the hub \(RuntimeError\): use the bundled copy"):
+        load_split("hf:some/dataset:test")
