@@ -358,3 +358,21 @@ def test_a_hub_spec_loads_through_datasets_and_its_failures_are_one_line(tmp_pat
     monkeypatch.setattr(datasets, "load_dataset", fail)
     with pytest.raises(MrtuneError, match=r"from the hub \(RuntimeError\): use the bundled copy"):
         load_split("hf:some/dataset:test")
+
+
+def test_parse_mr_messages_for_non_text_empty_nested_and_trailing_input():
+    with pytest.raises(TypeError, match=r"^parse_mr expects a str, got int$"):
+        parse_mr(5)
+    with pytest.raises(MRParseError) as info:
+        parse_mr("   ")
+    assert str(info.value) == "empty meaning representation: expected 'act(attr[value], ...)'"
+    assert (info.value.text, info.value.position) == ("", 0)
+    # The first '[' inside a value is the one reported, also when the value is never closed.
+    assert _message("inform(name[a[b[c]])")[0] == 13
+    position, message = _message("inform(name[ab[")
+    assert position == 14 and message.startswith("unexpected '[' inside the value of attribute 'name' at position 14")
+    # Trailing text is quoted up to 40 characters, then cut with "...".
+    _, message = _message(PARSED + " " + "y" * 40)
+    assert message.startswith(f"unexpected text {'y' * 40!r} after the closing ')'")
+    _, message = _message(PARSED + " " + "y" * 41)
+    assert message.startswith(f"unexpected text {'y' * 40 + '...'!r} after the closing ')'")
