@@ -51,7 +51,9 @@ mutants: setup
 mutation: setup
 	$(PY) -m pip install -q -e '.[mutation]'
 	rm -rf mutants
-	$(BIN)/mutmut run --max-children 2
+	# One OpenMP thread: mutmut forks workers from a process that has run torch, and a forked child of a
+	# multi-threaded OpenMP runtime can hang (grammar mutants stalled at 0% CPU until timed out).
+	OMP_NUM_THREADS=1 $(BIN)/mutmut run --max-children 2
 	$(BIN)/mutmut results
 
 clean:
