@@ -376,3 +376,32 @@ def test_parse_mr_messages_for_non_text_empty_nested_and_trailing_input():
     assert message.startswith(f"unexpected text {'y' * 40!r} after the closing ')'")
     _, message = _message(PARSED + " " + "y" * 41)
     assert message.startswith(f"unexpected text {'y' * 40 + '...'!r} after the closing ')'")
+
+
+# -- grammar.py: every UTF-8 lead byte range, at its bounds ------------------------------------------------------------
+def test_the_grammar_takes_whole_characters_at_every_utf8_length_bound():
+    from mrtune.task.grammar import DONE, MRGrammar
+    from mrtune.task.mr import Vocabulary
+
+    grammar = MRGrammar(Vocabulary(("inform",), ("name",)))
+
+    def done(value: bytes) -> bool:
+        state = grammar.advance(grammar.start, b"inform(name[" + value + b"])")
+        return state is not None and state.phase == DONE
+
+    # The first and last character of each UTF-8 length (lead bytes C2, DF, E0, EF, F0, F4), and the last ASCII one.
+    for character in ("~", "\u0080", "\u07ff", "\u0800", "\ufffd", "\U00010000", "\U0010ffff", "a\u00e9b"):
+        assert done(character.encode()), repr(character)
+    # Bytes that cannot start a character, and characters cut short or overlong.
+    for value in (
+        b"\x80",
+        b"\xbf",
+        b"\xc0\x80",
+        b"\xc1\xbf",
+        b"\xf5\x80\x80\x80",
+        b"\xdf",
+        b"\xef\xbf",
+        b"\xf4\x8f\xbf",
+    ):
+        assert not done(value), value
+    assert not done(b"\xe0\x80\x80") and not done(b"\xf0\x80\x80\x80")  # overlong 3- and 4-byte forms
