@@ -141,8 +141,12 @@ def test_a_csv_row_with_bytes_that_are_not_utf8_is_reported_once_and_the_rest_re
     content += b"fine," + MR_B.encode() + b"\n"
     message = _problems(tmp_path, "d.csv", content)
     assert message.startswith("d.csv: 1 bad row(s): d.csv:3: the line is not UTF-8 (its byte 5)")
-    good = b"target,meaning_representation\nbad \xff," + MR_A.encode() + b"\nfine," + MR_B.encode() + b"\n"
-    assert "1 bad row(s)" in _problems(tmp_path, "e.csv", good)
+    # The rows after a line that is not UTF-8 are still read and checked.
+    content = b"target,meaning_representation\nbad \xff," + MR_A.encode() + b"\nnext,oops\n"
+    message = _problems(tmp_path, "e.csv", content)
+    assert message.startswith(
+        "e.csv: 2 bad row(s): e.csv:2: the line is not UTF-8 (its byte 5): re-save the file as UTF-8; e.csv:3: "
+    )
 
 
 def test_csv_fields_over_the_size_limit_are_named_with_their_line(tmp_path):
@@ -151,10 +155,10 @@ def test_csv_fields_over_the_size_limit_are_named_with_their_line(tmp_path):
     huge = "x" * (csv.field_size_limit() + 10)
     message = _problems(tmp_path, "h.csv", f'"{huge}",meaning_representation\nok,{MR_A}\n')
     assert message.startswith("h.csv: 1 bad row(s): h.csv:1: bad CSV header (field larger than field limit")
-    content = f'target,meaning_representation\n"{huge}",{MR_A}\nok,{MR_A}\nalso,oops\n'
+    content = f'target,meaning_representation\n"{huge}",{MR_A}\nalso,oops\nok,{MR_A}\n'
     message = _problems(tmp_path, "r.csv", content)
     assert message.startswith("r.csv: 2 bad row(s): r.csv:2: bad CSV (field larger than field limit")
-    assert "; r.csv:4: 'meaning_representation' is not a meaning representation" in message
+    assert "; r.csv:3: 'meaning_representation' is not a meaning representation" in message  # the next line
 
 
 def test_json_arrays_may_start_with_whitespace_and_their_errors_are_located(tmp_path):
@@ -192,6 +196,9 @@ def test_exactly_five_problems_are_all_shown_with_nothing_more(tmp_path):
     rows = [json.dumps({"target": f"s{i}", "meaning_representation": "nope"}) for i in range(5)]
     message = _problems(tmp_path, "five.jsonl", "\n".join(rows))
     assert "(and" not in message and message.count("is not a meaning representation") == 5
+    assert (
+        "five.jsonl:5: 'meaning_representation' is not a meaning representation act(attr[value], ...). Fix" in message
+    )
     inputs = ['{"target": ""}', '{"target": "ok"}']
     message = _problems(tmp_path, "inputs.jsonl", "\n".join(inputs), output_field=None)
     assert message.endswith("(expected 'target')")
@@ -288,5 +295,113 @@ def test_default_plans_group_rows_of_similar_length_with_seed_zero():
     chunks = [by_length[i : i + 3] for i in range(0, len(lengths), 3)]
     assert sorted(plan) == sorted(chunks)  # the 2-row batch holds the two shortest rows
     assert plan != plan_batches(lengths, batch_size=3, seed=1)
-    budget = dict(batch_size=1, batch_tokens=100)  # padded unless told to pack: rows x longest <= 100
+    budget = dict(batch_size=1, batch_tokens=120)  # padded unless told to pack: rows x longest <= 120
+    assert plan_batches(lengths, **budget) != plan_batches(lengths, packing=True, **budget)
     assert plan_batches(lengths, **budget) == plan_batches(lengths, packing=False, **budget)
+
+
+def test_load_splits_reports_the_problems_of_every_split_at_once(tmp_path):
+    from mrtune.errors import MrtuneError
+    from mrtune.task.data import load_splits
+
+    good = tmp_path / "good.jsonl"
+    good.write_text(json.dumps({"target": "s", "meaning_representation": MR_A}) + "\n")
+    splits = load_splits({"train": str(good), "test": "viggo:test"})
+    assert list(splits) == ["train", "test"] and len(splits["test"]) == 1083
+    assert (splits["train"][0].sentence, splits["train"][0].meaning_representation) == ("s", MR_A)
+    with pytest.raises(MrtuneError, match=r"^\[data.test\] unknown bundled split 'viggo:nope'"):
+        load_splits({"train": str(good), "test": "viggo:nope"})
+    with pytest.raises(MrtuneError) as info:
+        load_splits({"train": "viggo:bad", "validation": str(good), "test": "viggo:nope"})
+    assert str(info.value).startswith(
+        "2 data splits have problems: [data.train] unknown bundled split 'viggo:bad': use viggo:train, "
+        "viggo:validation or viggo:test [data.test] unknown bundled split 'viggo:nope'"
+    )
+    with pytest.raises(MrtuneError, match=r"^\[data.train\] .*good.jsonl:1: missing field 'sentence'\. "):
+        load_splits({"train": str(good)}, input_field="sentence", output_field="meaning_representation")
+
+
+def test_a_hub_spec_loads_through_datasets_and_its_failures_are_one_line(tmp_path, monkeypatch):
+    import datasets
+
+    from mrtune.errors import MrtuneError
+    from mrtune.task.data import load_split, load_splits
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "cache")  # not the user's cache
+    local = tmp_path / "local"
+    local.mkdir()
+    (local / "train.jsonl").write_text(
+        json.dumps({"target": "s", "mr": MR_A}) + "\n" + json.dumps({"target": "t", "mr": MR_B}) + "\n"
+    )
+    examples = load_split(f"hf:{local}:train", output_field="mr")
+    assert [(e.sentence, e.meaning_representation, e.source) for e in examples] == [
+        ("s", MR_A, f"{local}[train]:0"),
+        ("t", MR_B, f"{local}[train]:1"),
+    ]
+    assert load_splits({"train": f"hf:{local}:train"}, output_field="mr")["train"] == examples
+
+    missing = str(tmp_path / ("x" * 200) / "no:such")  # a colon inside the name: the split is after the last one
+    with pytest.raises(Exception) as direct:
+        datasets.load_dataset(missing, split="train")
+    reason = str(direct.value).strip().splitlines()[0][:160]
+    assert len(str(direct.value).strip().splitlines()[0]) > 160
+    with pytest.raises(MrtuneError) as info:
+        load_split(f"hf:{missing}:train")
+    assert str(info.value) == (
+        f"cannot load dataset {missing!r} split 'train' from the hub ({reason}): use the bundled copy "
+        "(viggo:train) or a local file"
+    )
+
+    def fail(*args, **kwargs):
+        raise RuntimeError()
+
+    monkeypatch.setattr(datasets, "load_dataset", fail)
+    with pytest.raises(MrtuneError, match=r"from the hub \(RuntimeError\): use the bundled copy"):
+        load_split("hf:some/dataset:test")
+
+
+def test_parse_mr_messages_for_non_text_empty_nested_and_trailing_input():
+    with pytest.raises(TypeError, match=r"^parse_mr expects a str, got int$"):
+        parse_mr(5)
+    with pytest.raises(MRParseError) as info:
+        parse_mr("   ")
+    assert str(info.value) == "empty meaning representation: expected 'act(attr[value], ...)'"
+    assert (info.value.text, info.value.position) == ("", 0)
+    # The first '[' inside a value is the one reported, also when the value is never closed.
+    assert _message("inform(name[a[b[c]])")[0] == 13
+    position, message = _message("inform(name[ab[")
+    assert position == 14 and message.startswith("unexpected '[' inside the value of attribute 'name' at position 14")
+    # Trailing text is quoted up to 40 characters, then cut with "...".
+    _, message = _message(PARSED + " " + "y" * 40)
+    assert message.startswith(f"unexpected text {'y' * 40!r} after the closing ')'")
+    _, message = _message(PARSED + " " + "y" * 41)
+    assert message.startswith(f"unexpected text {'y' * 40 + '...'!r} after the closing ')'")
+
+
+# -- grammar.py: every UTF-8 lead byte range, at its bounds ------------------------------------------------------------
+def test_the_grammar_takes_whole_characters_at_every_utf8_length_bound():
+    from mrtune.task.grammar import DONE, MRGrammar
+    from mrtune.task.mr import Vocabulary
+
+    grammar = MRGrammar(Vocabulary(("inform",), ("name",)))
+
+    def done(value: bytes) -> bool:
+        state = grammar.advance(grammar.start, b"inform(name[" + value + b"])")
+        return state is not None and state.phase == DONE
+
+    # The first and last character of each UTF-8 length (lead bytes C2, DF, E0, EF, F0, F4), and the last ASCII one.
+    for character in ("~", "\u0080", "\u07ff", "\u0800", "\ufffd", "\U00010000", "\U0010ffff", "a\u00e9b"):
+        assert done(character.encode()), repr(character)
+    # Bytes that cannot start a character, and characters cut short or overlong.
+    for value in (
+        b"\x80",
+        b"\xbf",
+        b"\xc0\x80",
+        b"\xc1\xbf",
+        b"\xf5\x80\x80\x80",
+        b"\xdf",
+        b"\xef\xbf",
+        b"\xf4\x8f\xbf",
+    ):
+        assert not done(value), value
+    assert not done(b"\xe0\x80\x80") and not done(b"\xf0\x80\x80\x80")  # overlong 3- and 4-byte forms
