@@ -405,3 +405,16 @@ def test_the_grammar_takes_whole_characters_at_every_utf8_length_bound():
     ):
         assert not done(value), value
     assert not done(b"\xe0\x80\x80") and not done(b"\xf0\x80\x80\x80")  # overlong 3- and 4-byte forms
+
+
+def test_the_grammar_refuses_del_and_an_empty_vocabulary():
+    from mrtune.errors import MrtuneError
+    from mrtune.task.grammar import MRGrammar
+    from mrtune.task.mr import Vocabulary
+
+    grammar = MRGrammar(Vocabulary(("inform",), ("name",)))
+    assert grammar.accepts("inform(name[a~b])") and not grammar.accepts("inform(name[a\x7fb])")
+    message = "^constrained decoding needs a vocabulary with at least one dialogue act and attribute$"
+    for acts, attributes in ((("inform",), ()), ((), ("name",))):
+        with pytest.raises(MrtuneError, match=message):
+            MRGrammar(Vocabulary(acts, attributes))
