@@ -418,3 +418,21 @@ def test_the_grammar_refuses_del_and_an_empty_vocabulary():
     for acts, attributes in ((("inform",), ()), ((), ("name",))):
         with pytest.raises(MrtuneError, match=message):
             MRGrammar(Vocabulary(acts, attributes))
+
+
+def test_every_closing_takes_every_prefix_of_an_mr_to_the_end():
+    """`closings(state)` is what finish_cost measures: each string must close the MR from that state."""
+    from mrtune.task.grammar import DONE, MRGrammar
+    from mrtune.task.mr import Vocabulary
+
+    grammar = MRGrammar(Vocabulary(("inform", "request"), ("name", "rating")))
+    for text in ("inform(name[Tetris], rating[good])", "request(rating[a \u00e4\u20ac\U00010348 x])"):
+        data = text.encode()
+        assert grammar.accepts(text)
+        for cut in range(len(data)):
+            state = grammar.advance(grammar.start, data[:cut])
+            closings = grammar.closings(state)
+            assert closings, (text, cut)
+            for closing in closings:
+                end = grammar.advance(state, closing)
+                assert end is not None and end.phase == DONE, (data[:cut], closing)
