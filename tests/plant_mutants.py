@@ -70,6 +70,7 @@ def run_tests(tree: Path, tests: list[str], timeout: float) -> tuple[int, str, f
     """pytest on `tests` (node ids relative to the repository) with `tree/src` imported as mrtune."""
     env = {**os.environ, "PYTHONPATH": f"{tree / 'src'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     env["MRTUNE_EXPECTED_SOURCE"] = str(tree / "src")
+    env.setdefault("OMP_NUM_THREADS", "1")  # mutants run side by side (--jobs): one thread each, no oversubscription
     started = time.perf_counter()
     check = "import mrtune, os, sys; sys.exit(0 if mrtune.__file__.startswith(os.environ['MRTUNE_EXPECTED_SOURCE'])"
     check += " else 'mrtune imported from ' + mrtune.__file__)"

@@ -405,3 +405,34 @@ def test_the_grammar_takes_whole_characters_at_every_utf8_length_bound():
     ):
         assert not done(value), value
     assert not done(b"\xe0\x80\x80") and not done(b"\xf0\x80\x80\x80")  # overlong 3- and 4-byte forms
+
+
+def test_the_grammar_refuses_del_and_an_empty_vocabulary():
+    from mrtune.errors import MrtuneError
+    from mrtune.task.grammar import MRGrammar
+    from mrtune.task.mr import Vocabulary
+
+    grammar = MRGrammar(Vocabulary(("inform",), ("name",)))
+    assert grammar.accepts("inform(name[a~b])") and not grammar.accepts("inform(name[a\x7fb])")
+    message = "^constrained decoding needs a vocabulary with at least one dialogue act and attribute$"
+    for acts, attributes in ((("inform",), ()), ((), ("name",))):
+        with pytest.raises(MrtuneError, match=message):
+            MRGrammar(Vocabulary(acts, attributes))
+
+
+def test_every_closing_takes_every_prefix_of_an_mr_to_the_end():
+    """`closings(state)` is what finish_cost measures: each string must close the MR from that state."""
+    from mrtune.task.grammar import DONE, MRGrammar
+    from mrtune.task.mr import Vocabulary
+
+    grammar = MRGrammar(Vocabulary(("inform", "request"), ("name", "rating")))
+    for text in ("inform(name[Tetris], rating[good])", "request(rating[a \u00e4\u20ac\U00010348 x])"):
+        data = text.encode()
+        assert grammar.accepts(text)
+        for cut in range(len(data)):
+            state = grammar.advance(grammar.start, data[:cut])
+            closings = grammar.closings(state)
+            assert closings, (text, cut)
+            for closing in closings:
+                end = grammar.advance(state, closing)
+                assert end is not None and end.phase == DONE, (data[:cut], closing)
