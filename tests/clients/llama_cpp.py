@@ -3,8 +3,8 @@ compiler), pinned, installed once into the mrtune cache, driven by llama_cpp_dec
 
 Used by tests/test_llama_cpp.py and, by hand, for BENCHMARKS.md:
     python tests/clients/llama_cpp.py RUN --rows 200 --workdir DIR
-compares llama.cpp's greedy MRs from the exported GGUF (f16, q8_0; without and with the exported GBNF grammar;
-and the LoRA GGUF on the Q4_1 base) with mrtune's own on the same test rows, and prints one JSON summary.
+compares llama.cpp's greedy MRs from the exported GGUF (f32, f16, q8_0; without and with the exported GBNF
+grammar; and the LoRA GGUF on the Q4_1 base) with mrtune's own on the same test rows, and prints a JSON summary.
 """
 
 from __future__ import annotations
@@ -88,6 +88,7 @@ def compare(run_dir: Path, rows: int, workdir: Path, threads: int = 2) -> dict:
     run = RunDir(run_dir)
     workdir.mkdir(parents=True, exist_ok=True)
     files = {
+        "f32": export(run.path, "gguf", workdir / "model-f32.gguf", quant="f32", overwrite=True),
         "f16": export(run.path, "gguf", workdir / "model-f16.gguf", quant="f16", overwrite=True),
         "q8_0": export(run.path, "gguf", workdir / "model-q8_0.gguf", quant="q8_0", overwrite=True),
         "lora": export(run.path, "gguf-lora", workdir / "lora-f16.gguf", overwrite=True),
@@ -109,6 +110,7 @@ def compare(run_dir: Path, rows: int, workdir: Path, threads: int = 2) -> dict:
 
     grammar = MRGrammar(Vocabulary.from_dict(json.loads(run.vocabulary.read_text())))
     cases = {
+        "f32": (files["f32"], None, None),
         "f16": (files["f16"], None, None),
         "q8_0": (files["q8_0"], None, None),
         "f16+gbnf": (files["f16"], files["gbnf"], None),

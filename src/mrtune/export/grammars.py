@@ -40,6 +40,10 @@ CANONICAL_ATTRIBUTES = (
 # A value byte: anything but control characters, space, "[", "]" and DEL (as MRGrammar); words are joined by
 # single spaces and a value may be empty.
 _VALUE_CHAR = r"[^\x00-\x20\x5b\x5d\x7f]"
+# Values are bounded (ViGGO's longest has 10 words, its longest word 17 characters), so that a model stuck
+# repeating itself inside a value is made to close it: the nearest a grammar comes to the token-budget rule.
+MAX_WORDS, MAX_WORD_CHARS = 12, 32
+_WORD = f"{_VALUE_CHAR}{{1,{MAX_WORD_CHARS}}}"
 
 
 def ordered_attributes(vocabulary: Vocabulary) -> list[str]:
@@ -65,10 +69,12 @@ _DIALECTS = {
         "root",
         lambda name: name.replace("_", "-"),
         "value",
-        f'value ::= ({_VALUE_CHAR}+ (" " {_VALUE_CHAR}+)*)?',
+        f'value ::= ({_WORD} (" " {_WORD}){{0,{MAX_WORDS - 1}}})?',
     ),
     # llguidance's Lark: the value is one regex terminal (upper case), optional, since a lexeme cannot be empty
-    "lark": _Dialect("//", ": ", "start", lambda name: name, "VALUE?", f"VALUE: /{_VALUE_CHAR}+( {_VALUE_CHAR}+)*/"),
+    "lark": _Dialect(
+        "//", ": ", "start", lambda name: name, "VALUE?", f"VALUE: /{_WORD}( {_WORD}){{0,{MAX_WORDS - 1}}}/"
+    ),
 }
 
 
