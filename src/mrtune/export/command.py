@@ -5,16 +5,14 @@ temporary name beside the output and renamed into place, so a kill or a full dis
 
 from __future__ import annotations
 
-import errno
-import json
-import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 from mrtune.errors import MrtuneError
 from mrtune.export.gguf_export import QUANTS, write_lora_gguf, write_merged_gguf
 from mrtune.export.grammars import grammar
+from mrtune.run.durable import atomic_path, is_disk_full
+from mrtune.run.outputs import check_output
 from mrtune.run.rundir import RunDir
 from mrtune.task.mr import Vocabulary
 
@@ -37,36 +35,17 @@ def _check_run(run: RunDir) -> None:
     run.require_adapter()
 
 
-def _check_output(output: Path, overwrite: bool) -> None:
-    if output.is_dir():
-        raise MrtuneError(f"--output {output} is a directory: name a file")
-    if output.exists() and not overwrite:
-        raise MrtuneError(f"--output {output} exists: pass --overwrite to replace it, or name another file")
-    if not output.parent.is_dir():
-        raise MrtuneError(f"the directory of --output {output} does not exist: create {output.parent} first")
-
-
-def write_file_atomic(output: Path, write: Callable[[Path], None]) -> None:
-    """`write(tmp_path)` then fsync and rename onto `output` (mode 0644); on any failure the temporary file is
-    removed and `output` is left as it was. A full disk becomes a one-line MrtuneError."""
-    fd, name = tempfile.mkstemp(dir=output.parent, prefix=f".{output.name}.", suffix=".tmp")
-    os.close(fd)
-    tmp = Path(name)
+def _write(output: Path, write: Callable[[Path], None]) -> None:
+    """`write(tmp_path)` under a temporary name, renamed onto `output` when complete (`durable.atomic_path`); a
+    full disk becomes a one-line error and leaves `output` as it was."""
     try:
-        write(tmp)
-        with open(tmp, "rb+") as handle:
-            os.fsync(handle.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, output)
+        with atomic_path(output) as tmp:
+            write(tmp)
     except OSError as error:
-        tmp.unlink(missing_ok=True)
-        if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        if is_disk_full(error):
             raise MrtuneError(
                 f"the disk of {output.parent} is full: free space and export again ({output} was not written)"
             ) from None
-        raise
-    except BaseException:
-        tmp.unlink(missing_ok=True)
         raise
 
 
@@ -85,15 +64,15 @@ def export(
     output = Path(output)
     run = RunDir.open(run_dir)
     _check_run(run)
-    _check_output(output, overwrite)
+    output = check_output(output, protected={"the run": run.path}, overwrite=overwrite, kind="file")
+    if not output.parent.is_dir():
+        raise MrtuneError(f"the directory of --output {output} does not exist: create {output.parent} first")
     config = run.config()
+    run.check_intact(config)  # a damaged run is named in one line (`run damaged: FILE: what`), nothing written
     if fmt in ("gbnf", "lark"):
-        if not run.vocabulary.is_file():
-            raise MrtuneError(f"{run.vocabulary} is missing: the run's grammar cannot be written")
-        vocabulary = Vocabulary.from_dict(json.loads(run.vocabulary.read_text(encoding="utf-8")))
-        text = grammar(vocabulary, fmt)
-        write_file_atomic(output, lambda path: path.write_text(text, encoding="utf-8"))
+        text = grammar(Vocabulary.from_dict(run.read_vocabulary()), fmt)
+        _write(output, lambda path: path.write_text(text, encoding="utf-8"))
     else:
         write = write_merged_gguf if fmt == "gguf" else write_lora_gguf
-        write_file_atomic(output, lambda path: write(run.path.name, config, run.adapter, path, quant))
+        _write(output, lambda path: write(run.path.name, config, run.adapter, path, quant))
     return output

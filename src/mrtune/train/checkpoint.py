@@ -25,7 +25,6 @@ random states of every rank are gathered into rng.pt.
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import os
@@ -43,11 +42,6 @@ from mrtune.run.durable import recover_dir, write_dir_atomic, write_json
 from mrtune.run.rundir import RunDir
 
 STATE_FILE = "state.json"
-DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
-
-
-def is_disk_full(error: BaseException) -> bool:
-    return isinstance(error, OSError) and error.errno in DISK_FULL_ERRNOS
 
 
 def data_fingerprint(rows) -> str:

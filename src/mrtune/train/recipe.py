@@ -31,7 +31,7 @@ from mrtune.export.portable import make_portable
 from mrtune.infer.generation import generate
 from mrtune.model.build import attach_lora, load_base_model, quantization_config
 from mrtune.model.resolve import load_tokenizer, resolve_model_path
-from mrtune.run.durable import write_dir_atomic, write_json, write_text_atomic
+from mrtune.run.durable import is_disk_full, write_dir_atomic, write_json, write_text_atomic
 from mrtune.run.rundir import RunDir
 from mrtune.task.augment import substitute_names
 from mrtune.task.data import find_duplicates, load_splits, spread_sample
@@ -42,7 +42,6 @@ from mrtune.train.checkpoint import (
     STATE_FILE,
     StopSignals,
     data_fingerprint,
-    is_disk_full,
     load_checkpoint,
     read_checkpoint_state,
     recover_run,
