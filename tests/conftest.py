@@ -29,6 +29,11 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
+def write_viggo_splits(base: Path, sizes) -> dict[str, Path]:
+    """The first `n` bundled ViGGO rows of each (split, n) in `sizes`, as base/<split>.jsonl: {split: path}."""
+    return {split: write_jsonl(base / f"{split}.jsonl", viggo_rows(split, n)) for split, n in dict(sizes).items()}
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A 2-layer Mistral with random weights and a 600-token BPE tokenizer, saved as a local model directory."""
@@ -117,10 +122,7 @@ FAULT_SETTINGS = ["train.max_steps=6", "train.checkpoint_every=2", "train.eval_e
 @pytest.fixture(scope="session")
 def fault_data(tmp_path_factory):
     base = tmp_path_factory.mktemp("fault-data")
-    return {
-        split: write_jsonl(base / f"{split}.jsonl", viggo_rows(split, n))
-        for split, n in (("train", 48), ("validation", 8), ("test", 6))
-    }
+    return write_viggo_splits(base, (("train", 48), ("validation", 8), ("test", 6)))
 
 
 @pytest.fixture(scope="session")
@@ -155,7 +157,7 @@ def train_tiny_run(base: Path, model_dir: Path, rows: dict[str, int], extra: lis
     from mrtune.config import load_config
     from mrtune.train.recipe import train
 
-    data = {split: write_jsonl(base / f"{split}.jsonl", viggo_rows(split, n)) for split, n in rows.items()}
+    data = write_viggo_splits(base, rows)
     settings = [
         f"model.name={model_dir}",
         "model.dtype=float32",

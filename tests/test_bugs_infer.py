@@ -28,15 +28,12 @@ METRICS = ("exact_match", "exact_match_unordered", "dialogue_act_accuracy", "slo
 
 @pytest.fixture(scope="module")
 def tuned(tmp_path_factory, tiny_model_dir):
-    from conftest import viggo_rows, write_jsonl
+    from conftest import write_viggo_splits
 
     from mrtune.train.recipe import train
 
     base = tmp_path_factory.mktemp("bugs-infer")
-    data = {
-        split: write_jsonl(base / f"{split}.jsonl", viggo_rows(split, n))
-        for split, n in (("train", 48), ("validation", 8), ("test", 7))
-    }
+    data = write_viggo_splits(base, (("train", 48), ("validation", 8), ("test", 7)))
     overrides = [
         f"model.name={tiny_model_dir}",
         "model.dtype=float32",

@@ -30,13 +30,10 @@ STEPS = 3  # with these settings the validation loss is best at step 1 and highe
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    from conftest import viggo_rows, write_jsonl
+    from conftest import write_viggo_splits
 
     base = tmp_path_factory.mktemp("bugs-train-data")
-    return {
-        split: write_jsonl(base / f"{split}.jsonl", viggo_rows(split, n))
-        for split, n in (("train", 32), ("validation", 8), ("test", 4))
-    }
+    return write_viggo_splits(base, (("train", 32), ("validation", 8), ("test", 4)))
 
 
 @pytest.fixture(scope="module")

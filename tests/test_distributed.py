@@ -62,15 +62,12 @@ def _sets(overrides: list[str]) -> list[str]:
 
 @pytest.fixture(scope="module")
 def data_overrides(tiny_model_dir, tmp_path_factory) -> list[str]:
-    from conftest import viggo_rows, write_jsonl
+    from conftest import write_viggo_splits
 
     base = tmp_path_factory.mktemp("distributed-data")
     # 5 validation rows: rank 0 gets 3 (two batches of 2), rank 1 gets 2 (one batch), so rank 1 runs one uncounted
     # batch to keep the forward passes in step; the validation loss must still equal one process's.
-    data = {
-        split: write_jsonl(base / f"{split}.jsonl", viggo_rows(split, n))
-        for split, n in (("train", 48), ("validation", 5), ("test", 4))
-    }
+    data = write_viggo_splits(base, (("train", 48), ("validation", 5), ("test", 4)))
     return [f"model.name={tiny_model_dir}", *(f"data.{split}={path}" for split, path in data.items()), *SETTINGS]
 
 

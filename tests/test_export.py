@@ -29,13 +29,10 @@ DATA = Path(__file__).parents[1] / "src" / "mrtune" / "data"
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory, tiny_model_dir) -> RunDir:
-    from conftest import viggo_rows, write_jsonl
+    from conftest import write_viggo_splits
 
     base = tmp_path_factory.mktemp("export-run")
-    data = {
-        split: write_jsonl(base / f"{split}.jsonl", viggo_rows(split, n))
-        for split, n in (("train", 32), ("validation", 8), ("test", 4))
-    }
+    data = write_viggo_splits(base, (("train", 32), ("validation", 8), ("test", 4)))
     overrides = [
         f"model.name={tiny_model_dir}",
         "model.dtype=float32",

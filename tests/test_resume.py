@@ -36,13 +36,10 @@ CURVE_KEYS = ("step", "epoch", "train_loss", "grad_norm", "learning_rate", "usef
 
 @pytest.fixture(scope="module")
 def overrides(tiny_model_dir, tmp_path_factory):
-    from conftest import viggo_rows, write_jsonl
+    from conftest import write_viggo_splits
 
     base = tmp_path_factory.mktemp("resume-data")
-    data = {
-        split: write_jsonl(base / f"{split}.jsonl", viggo_rows(split, n))
-        for split, n in (("train", 48), ("validation", 8), ("test", 6))
-    }
+    data = write_viggo_splits(base, (("train", 48), ("validation", 8), ("test", 6)))
     return [
         f"model.name={tiny_model_dir}",
         "model.dtype=float32",

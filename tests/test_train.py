@@ -43,13 +43,10 @@ EXPECTED_RUN_FILES = {
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory, tiny_model_dir):
     """One tiny training run shared by the tests that only read it."""
-    from conftest import viggo_rows, write_jsonl
+    from conftest import write_viggo_splits
 
     base = tmp_path_factory.mktemp("run")
-    data = {
-        split: write_jsonl(base / f"{split}.jsonl", viggo_rows(split, n))
-        for split, n in (("train", 48), ("validation", 8), ("test", 6))
-    }
+    data = write_viggo_splits(base, (("train", 48), ("validation", 8), ("test", 6)))
     overrides = [
         f"model.name={tiny_model_dir}",
         "model.dtype=float32",
