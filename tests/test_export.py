@@ -21,7 +21,7 @@ from mrtune.export.grammars import CANONICAL_ATTRIBUTES, grammar
 from mrtune.infer.predict import predict
 from mrtune.run.rundir import RunDir
 from mrtune.task.mr import Vocabulary
-from mrtune.task.prompts import build_prompt
+from mrtune.task.prompts import build_prompt, template
 from mrtune.train.recipe import train
 
 DATA = Path(__file__).parents[1] / "src" / "mrtune" / "data"
@@ -285,7 +285,7 @@ def embedded_run(tmp_path_factory) -> RunDir:
 
     path = tmp_path_factory.mktemp("embedded") / "run"
     path.mkdir()
-    config = load_config(None, ["model.dtype=float32"])
+    config = load_config(None, ["model.dtype=float32", "lora.r=8", "lora.alpha=16"])  # the adapter made below
     model_path = resolve_model_path(config.model.name)
     from transformers import AutoModelForCausalLM
 
@@ -299,6 +299,7 @@ def embedded_run(tmp_path_factory) -> RunDir:
     peft_model.save_pretrained(run.adapter)
     load_tokenizer(config.model.name).save_pretrained(run.tokenizer)
     run.save_config(config)
+    (run.path / "prompt.txt").write_text(template(config.data.prompt_style), encoding="utf-8")  # as train writes it
     references = [
         json.loads(line)["meaning_representation"] for line in (DATA / "train.jsonl").read_text().splitlines()
     ]
