@@ -313,7 +313,12 @@ class ServerProcess:
         self.log = log
         command = [sys.executable, "-m", "mrtune", "serve", str(run_path), "--port", "0", "--log-level", "warning"]
         self.process = subprocess.Popen([*command, *args], stdout=subprocess.DEVNULL, stderr=log.open("w"), env=env)
-        self.url = self._wait_for_url()
+        try:
+            self.url = self._wait_for_url()
+        except BaseException:  # no server left behind by a failed start
+            self.process.kill()
+            self.process.wait()
+            raise
 
     def _wait_for_url(self, timeout_s: float = 180) -> str:
         import httpx
