@@ -494,14 +494,18 @@ def test_sigterm_answers_requests_in_flight_then_exits_0(serve_run, tmp_path):
 
     asker = threading.Thread(target=ask)
     asker.start()
-    deadline = time.monotonic() + 60
-    while metric(server.url, "mrtune_rows_total") < 2:  # decoding has started
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
-    server.process.send_signal(signal.SIGTERM)
-    in_flight = asker.is_alive()
-    assert server.process.wait(timeout=120) == 0, server.log.read_text()
-    asker.join()
+    try:
+        deadline = time.monotonic() + 60
+        while metric(server.url, "mrtune_rows_total") < 2:  # decoding has started
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        server.process.send_signal(signal.SIGTERM)
+        in_flight = asker.is_alive()
+        assert server.process.wait(timeout=120) == 0, server.log.read_text()
+    finally:
+        if server.process.poll() is None:
+            server.process.kill()
+        asker.join()
     assert in_flight, "the request ended before SIGTERM: make it longer"
     response = answer["response"]
     assert response.status_code == 200 and len(response.json()["results"]) == len(many)
