@@ -377,6 +377,22 @@ def test_evaluate_data_results_never_take_a_splits_name_or_leave_eval(run_copy, 
     assert snapshot(run_copy) == before
 
 
+def test_evaluate_stopped_while_writing_keeps_the_previous_results_whole(run_copy, monkeypatch, capsys):
+    assert main(["evaluate", str(run_copy), *DECODE]) == 0
+    before = snapshot(run_copy)
+    real = Path.write_text
+
+    def write_text(self, *args, **kwargs):
+        if self.name == "metrics.json":  # predictions.jsonl is written: Ctrl-C comes before the metrics
+            raise KeyboardInterrupt
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", write_text)
+    assert main(["evaluate", str(run_copy), *DECODE]) == 130
+    assert snapshot(run_copy) == before and [p.name for p in (run_copy / "eval").iterdir()] == ["test"]
+    capsys.readouterr()
+
+
 def test_a_row_limit_error_names_its_key(run_copy, capsys):
     before = snapshot(run_copy)
     assert main(["evaluate", str(run_copy), "--limit", "0"]) == 2

@@ -11,7 +11,7 @@ from mrtune.config import with_eval_overrides
 from mrtune.errors import MrtuneError
 from mrtune.export.portable import make_portable
 from mrtune.infer.predict import check_lengths, decode, load_model
-from mrtune.run.durable import write_json, write_text_atomic
+from mrtune.run.outputs import building_dir
 from mrtune.run.rundir import RunDir
 from mrtune.task.data import load_split, spread_sample
 from mrtune.task.mr import score
@@ -103,23 +103,20 @@ def evaluate(
     )
     if data:
         metrics["data_file"] = str(Path(data).resolve())
-    write_text_atomic(
-        out / "predictions.jsonl",
-        "".join(
-            json.dumps(
-                {
-                    "target": e.sentence,
-                    "reference": e.meaning_representation,
-                    "prediction": p,
-                    "exact_match": p.strip() == e.meaning_representation.strip(),
-                },
-                ensure_ascii=False,
-            )
-            + "\n"
-            for e, p in zip(examples, predictions)
-        ),
-    )
-    write_json(out / "metrics.json", metrics)
+    rows = [
+        {
+            "target": e.sentence,
+            "reference": e.meaning_representation,
+            "prediction": p,
+            "exact_match": p.strip() == e.meaning_representation.strip(),
+        }
+        for e, p in zip(examples, predictions)
+    ]
+    with building_dir(out) as tmp:  # predictions and metrics replace the previous pair together, or not at all
+        (tmp / "predictions.jsonl").write_text(
+            "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8"
+        )
+        (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     make_portable(run)  # the model card shows the new test metrics
     from mrtune.run.report import write_report
 

@@ -111,6 +111,7 @@ def building_dir(final: str | Path) -> Iterator[Path]:
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.tmp-{os.getpid()}-"))
+    os.chmod(tmp, 0o755)  # mkdtemp makes it private (0700); an output is as public as an ordinary directory
     try:
         with _sigterm_raises():
             yield tmp
