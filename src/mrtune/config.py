@@ -26,6 +26,10 @@ from mrtune.task.prompts import PromptStyle
 EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
 """The `model.name` value meaning "the embedded default model" (mrtune.model.resolve finds it)."""
 
+AUTO = "auto"
+"""The value that hands a field to the memory planner (`mrtune.train.memory`): a field annotated
+`... | Literal["auto"]` accepts it beside its own type."""
+
 
 @dataclass(frozen=True)
 class Range:
@@ -70,8 +74,10 @@ class ModelSettings:
     """Dtype of the frozen base weights and of the compute: `bfloat16`, `float16` or `float32`. Adapters stay fp32."""
     attn_implementation: Literal["sdpa", "eager", "flex_attention"] = "sdpa"
     """`sdpa`, `eager` or `flex_attention`, passed to transformers."""
-    gradient_checkpointing: bool = False
-    """Recompute activations in the backward pass: ~1/3 more compute for a fraction of the activation memory."""
+    gradient_checkpointing: bool | Literal["auto"] = False
+    """Recompute activations in the backward pass: ~1/3 more compute for a fraction of the activation memory.
+    `auto` (CUDA): the memory planner turns it on only when that makes training faster within the memory cap
+    (`train.max_memory_gb`), i.e. when it buys enough more tokens per micro-batch."""
     liger_kernel: bool = False
     """Training on CUDA: Liger's fused Triton kernels for RMSNorm, SwiGLU and RoPE (package `liger-kernel`), which
     keep fewer activations for the backward pass. The loss stays ours (`train.target_loss`)."""
@@ -146,8 +152,14 @@ class TrainSettings:
     machine, so such runs are not reproducible step for step."""
     batch_size: Annotated[int, Range(1, 1_000_000)] = 8
     """Rows per micro-batch (ignored when batch_tokens is set)."""
-    batch_tokens: Annotated[int, COUNT] | None = None
-    """Token budget per micro-batch instead of a fixed row count (padded rows count their padding)."""
+    batch_tokens: Annotated[int, COUNT] | Literal["auto"] | None = None
+    """Token budget per micro-batch instead of a fixed row count (padded rows count their padding). `auto` (CUDA):
+    the memory planner measures the memory a token takes in a probe step or two at start and picks the largest
+    budget that fits `train.max_memory_gb` (with `model.gradient_checkpointing: auto`, and whether to checkpoint);
+    what it chose is in run.json (`memory_plan`) and the run's config.yaml."""
+    max_memory_gb: Annotated[float, POSITIVE] | None = None
+    """GPU memory the memory planner plans within, in GB (10^9 bytes), and that the process may then use
+    (`torch.cuda.set_per_process_memory_fraction`); default: all the memory the card has free at start."""
     gradient_accumulation: Annotated[int, Range(1, 1_000_000)] = 1
     packing: bool = False
     """Concatenate a micro-batch's rows into one sequence without padding (position ids restart at each row)."""
@@ -253,18 +265,23 @@ def _field_types(section: type) -> dict[str, Any]:
     return typing.get_type_hints(section, include_extras=True)
 
 
-def _unwrap(annotation: Any) -> tuple[Any, bool, Range | None]:
-    """(the base type, whether None is allowed, the Range if any) of a field's annotation."""
-    optional = False
-    args = typing.get_args(annotation)
-    if typing.get_origin(annotation) in (typing.Union, types.UnionType) and type(None) in args:
-        optional = True
-        annotation = next(a for a in args if a is not type(None))
+def _is_auto(annotation: Any) -> bool:
+    return typing.get_origin(annotation) is Literal and typing.get_args(annotation) == (AUTO,)
+
+
+def _unwrap(annotation: Any) -> tuple[Any, bool, Range | None, bool]:
+    """(the base type, whether None is allowed, the Range if any, whether `auto` is allowed) of a field's
+    annotation: `T`, `T | None`, `T | Literal["auto"]` or `T | Literal["auto"] | None`, T possibly Annotated."""
+    optional = auto = False
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        args = typing.get_args(annotation)
+        optional, auto = type(None) in args, any(_is_auto(a) for a in args)
+        (annotation,) = [a for a in args if a is not type(None) and not _is_auto(a)]
     bounds = None
     if typing.get_origin(annotation) is Annotated:
         annotation, *extras = typing.get_args(annotation)
         bounds = next((e for e in extras if isinstance(e, Range)), None)
-    return annotation, optional, bounds
+    return annotation, optional, bounds, auto
 
 
 def _convert(value: Any, annotation: Any) -> Any:
@@ -310,9 +327,11 @@ def _convert(value: Any, annotation: Any) -> Any:
 
 def _coerce(value: Any, annotation: Any, key: str, problems: list[str]) -> tuple[bool, Any]:
     """(True, the value as the field's type) or (False, None) with the reason recorded in `problems`."""
-    base, optional, _ = _unwrap(annotation)
+    base, optional, _, auto = _unwrap(annotation)
     if optional and (value is None or (isinstance(value, str) and value.lower() in ("none", "null", ""))):
         return True, None
+    if auto and isinstance(value, str) and value.strip().lower() == AUTO:
+        return True, AUTO
     try:
         return True, _convert(value, base)
     except (TypeError, ValueError, OverflowError):
@@ -323,15 +342,17 @@ def _coerce(value: Any, annotation: Any, key: str, problems: list[str]) -> tuple
         kind = {float: "a finite number", list: "a list of names"}.get(
             typing.get_origin(base) or base, getattr(base, "__name__", str(base))
         )
-        problems.append(f"{key}: expected {kind}, got {shown(value)}")
+        problems.append(f"{key}: expected {kind}{' or auto' if auto else ''}, got {shown(value)}")
     return False, None
 
 
 def _check(key: str, value: Any, annotation: Any) -> str | None:
     """Why a field's value is outside what its annotation allows (a Literal's choices, a Range), or None."""
-    base, optional, bounds = _unwrap(annotation)
+    base, optional, bounds, auto = _unwrap(annotation)
     if value is None:
         return None if optional else f"{key} must be set"
+    if auto and value == AUTO:
+        return None
     if typing.get_origin(base) is Literal and value not in typing.get_args(base):
         return f"{key}: {shown(value)} is not one of {', '.join(typing.get_args(base))}"
     if bounds is not None and isinstance(value, (int, float)):

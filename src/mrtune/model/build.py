@@ -133,6 +133,19 @@ def decoder_linear_names(model) -> list[str]:
     )
 
 
+def set_checkpointing(model, on: bool) -> None:
+    """Turn gradient checkpointing on or off (a transformers or peft model), leaving the model in train mode, where
+    checkpointing acts. Non-reentrant: it works with frozen inputs (no enable_input_require_grads hack needed)."""
+    # transformers 5.2x renamed the switches (`activation_checkpointing_*`); the GPU image's 5.17 has only the old.
+    if on and hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    elif on:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        (getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable)()
+    model.train()
+
+
 def attach_lora(model, lora: LoraSettings, settings: ModelSettings):
     """Freeze the base and add trainable LoRA adapters (kept in fp32: bf16 weights swallow small updates)."""
     from peft import LoraConfig, get_peft_model
@@ -140,8 +153,7 @@ def attach_lora(model, lora: LoraSettings, settings: ModelSettings):
     if settings.liger_kernel:
         apply_liger_kernel(model)
     if settings.gradient_checkpointing:
-        # Non-reentrant checkpointing works with frozen inputs (no enable_input_require_grads hack needed).
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        set_checkpointing(model, True)
     targets = "all-linear" if lora.target_modules == ["all-linear"] else lora.target_modules
     layers = None
     if lora.top_layers is not None:

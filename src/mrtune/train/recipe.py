@@ -12,6 +12,7 @@ counters are a `state.LoopState`, which is also what a checkpoint saves; its rec
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import shutil
 import signal
@@ -25,11 +26,11 @@ import torch
 from tqdm.auto import tqdm
 
 from mrtune import __version__
-from mrtune.config import Config
+from mrtune.config import Config, from_dict
 from mrtune.errors import MrtuneError, TrainingInterrupted
 from mrtune.export.portable import make_portable
 from mrtune.infer.generation import generate
-from mrtune.model.build import attach_lora, load_base_model, quantization_config
+from mrtune.model.build import attach_lora, compile_decoder_layers, load_base_model, quantization_config
 from mrtune.model.resolve import load_tokenizer, resolve_model_path
 from mrtune.run.durable import is_disk_full, write_dir_atomic, write_json, write_text_atomic
 from mrtune.run.rundir import RunDir
@@ -56,6 +57,7 @@ from mrtune.train.distributed import (
     uses_fsdp2,
     wrap_adapters_separately,
 )
+from mrtune.train.memory import MemoryPlan, check_plannable, needs_plan, plan_memory
 from mrtune.train.sinks import MetricSinks, ProgressBar
 from mrtune.train.state import LoopState
 
@@ -202,9 +204,16 @@ def check_hardware(config: Config) -> None:
         raise MrtuneError("; ".join(problems))
 
 
-def out_of_memory_message(config: Config, error: BaseException) -> str:
-    """What to change when a step does not fit in GPU memory, leaving out what is already set."""
+def out_of_memory_message(config: Config, error: BaseException, plan: MemoryPlan | None = None) -> str:
+    """What to change when a step does not fit in GPU memory, leaving out what is already set (`config`: the one
+    that ran, with the memory planner's choices in it when `plan` made them)."""
     first = (str(error).strip().splitlines() or [type(error).__name__])[0][:160]
+    if plan is not None:
+        return (
+            f"out of GPU memory ({first}) within the memory planner's {plan.cap_gb:g} GB cap, although it predicted "
+            f"a peak of {plan.predicted_peak_gb:g} GB: start the run again with a lower train.max_memory_gb (say "
+            f"{0.8 * plan.cap_gb:.0f}), or set train.batch_tokens below {plan.batch_tokens}"
+        )
     if config.train.batch_tokens:
         advice = [f"lower train.batch_tokens (now {config.train.batch_tokens})"]
     else:
@@ -226,6 +235,8 @@ class _RunInProgress:
     locked: RunDir | None = None  # the run directory this process holds the lock of
     run: RunDir | None = None  # set once the run is ours to mark failed (created, or checked for a resume)
     checkpoint_step: int | None = None  # the step of the last checkpoint on disk
+    config: Config | None = None  # the config that runs, once the memory planner has filled in its `auto` values
+    memory_plan: MemoryPlan | None = None
 
 
 def train(
@@ -255,7 +266,7 @@ def train(
     except BaseException as error:
         message = None
         if isinstance(error, torch.OutOfMemoryError):
-            message = out_of_memory_message(config, error)
+            message = out_of_memory_message(progress_state.config or config, error, progress_state.memory_plan)
         elif is_disk_full(error):
             message = _disk_full_message(progress_state, error)
         _mark_failed(
@@ -346,6 +357,7 @@ class Recipe:
         self.device = self.accelerator.device
         self.run: RunDir | None = None
         self.sinks = MetricSinks([])
+        self.memory_plan: MemoryPlan | None = None  # set when the memory planner chose batch_tokens/checkpointing
         self.schedule_clock = {"elapsed": 0.0}  # training seconds so far, for a schedule on a time budget
 
     # -- setup -----------------------------------------------------------------------------------------------------
@@ -356,13 +368,19 @@ class Recipe:
         self._check_settings(resume)
         self._setup_data()
         self._setup_tokenizer()
-        self._setup_steps()
+        planned = needs_plan(self.config)  # then the step count waits for the planner's batch_tokens
+        if not planned:
+            self._setup_steps()
         saved = None
         if resume:
             saved = self._setup_resume()
         elif self.is_main:
             RunDir.check_new(self.output_dir, overwrite)
         self._setup_model()
+        if planned:
+            self._plan_memory()
+            self._setup_steps()
+        self._compile_model()
         self._setup_optimizer(saved)
         self._setup_run_dir(saved, overwrite)
         self._setup_state(saved)
@@ -378,6 +396,12 @@ class Recipe:
             raise MrtuneError(
                 "train.loraplus_ratio is not available under FSDP1 (its flat parameters hide which adapter "
                 "tensor is A and which B): unset it, or train with FSDP2 (fsdp_version: 2) or DDP"
+            )
+        check_plannable(self.config, self.device, self.fsdp)
+        if resume and needs_plan(self.config):  # a run's config.yaml holds the planner's choices, not `auto`
+            raise MrtuneError(
+                f"the config.yaml of {self.output_dir} says `auto` for memory settings: set the values its run "
+                "used (run.json, memory_plan) in it, then resume"
             )
         if resume:
             _refuse_unresumable(RunDir.open(self.output_dir))
@@ -487,19 +511,59 @@ class Recipe:
         # Under FSDP the model is loaded with no device map: 4-bit weights go to this rank's GPU (bitsandbytes'
         # default), others stay where accelerate's cpu_ram_efficient_loading puts them (rank 0: CPU, others: meta),
         # and FSDP moves its shards to the GPU (or keeps them in CPU memory with offload) and broadcasts rank 0's.
-        model = load_base_model(self.config.model, None if self.fsdp else self.device, self.model_path)
-        model = attach_lora(model, self.config.lora, self.config.model)
+        settings = self.config.model
+        if needs_plan(self.config):  # the planner probes without checkpointing and compiles nothing: see _plan_memory
+            settings = dataclasses.replace(settings, gradient_checkpointing=False, compile_layers=False)
+        model = load_base_model(settings, None if self.fsdp else self.device, self.model_path)
+        model = attach_lora(model, self.config.lora, settings)
         self.saved_keys = None  # under FSDP, where the saved adapter's tensors are in the gathered state dict
         if self.fsdp:
             wrap_adapters_separately(model, self.accelerator)
             self.saved_keys = adapter_keys(model)
-        if self.settings.compile:
-            model.compile()  # in place: the module keeps its type, so peft's and accelerate's APIs still apply
         # lora.init=pissa|olora: the adapter as initialized, what saved adapters are converted against (save_adapter).
         self.initial = None if self.config.lora.init == "default" else RunDir(self.output_dir).initial_adapter
         self.trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         self.total_parameters = sum(p.numel() for p in model.parameters())
         self.model = model
+
+    def _plan_memory(self) -> None:
+        """Fill in `auto` for train.batch_tokens / model.gradient_checkpointing from probe steps (train/memory.py).
+        The run then goes on, and records itself (config.yaml, run.json), exactly as if given the chosen values."""
+        rows = sorted(self.train_rows, key=len, reverse=True)  # the longest rows: the most memory per token
+        packing, pad_token_id = self.settings.packing, self.tokenizer.pad_token_id
+
+        def run_step(tokens: int) -> None:
+            if packing:
+                chosen, used = [], 0
+                for row in rows:
+                    if used + len(row) > tokens:
+                        break
+                    chosen.append(row)
+                    used += len(row)
+            else:  # padded rows count their padding
+                chosen = rows[: max(1, tokens // len(rows[0]))]
+            batch = collate(chosen, pad_token_id, packing, tokens if packing else None)
+            keep = target_positions(batch["labels"]).to(self.device)
+            batch = {k: v.to(self.device) for k, v in batch.items()}
+            target_loss(self.model, batch, keep).backward()
+            self.model.zero_grad(set_to_none=True)
+
+        plan = plan_memory(self.model, self.config, self.device, run_step, len(rows[0]))
+        config = from_dict(self.config.to_dict())
+        config.train.batch_tokens = plan.batch_tokens
+        config.model.gradient_checkpointing = plan.gradient_checkpointing
+        self.config, self.settings = config, config.train
+        self.failure.config, self.failure.memory_plan = config, plan
+        self.memory_plan = plan
+        if self.is_main:
+            tqdm.write(plan.summary())
+
+    def _compile_model(self) -> None:
+        """torch.compile, once the model's settings are final (the memory planner probes an uncompiled model)."""
+        if self.config.model.compile_layers and self.memory_plan is not None:  # attach_lora compiled the rest
+            compile_decoder_layers(self.model)
+        if self.settings.compile:
+            self.model.compile()  # in place: the module keeps its type, so peft's and accelerate's APIs still apply
 
     def _setup_optimizer(self, saved: LoopState | None) -> None:
         """The optimizer and schedule; a resume puts back their state, the adapter's and the random states."""
@@ -564,6 +628,7 @@ class Recipe:
             steps_per_epoch=self.steps_per_epoch,
             started=time.strftime("%Y-%m-%d %H:%M:%S"),
             data_warnings=self.data_warnings,
+            memory_plan=self.memory_plan.to_dict() if self.memory_plan else None,
         )
 
     def _setup_state(self, saved: LoopState | None) -> None:
