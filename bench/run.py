@@ -80,6 +80,9 @@ def measure_project(config_path: str | None, overrides: list[str], warm: int) ->
     result = steady_rate(run.read_history(), warm)
     result.update(
         peak_memory_gb=(info.get("peak_memory_bytes") or 0) / 1e9,
+        # what the caching allocator held at most: the figure a memory cap (set_per_process_memory_fraction) bounds
+        peak_reserved_gb=torch.cuda.max_memory_reserved() / 1e9 if torch.cuda.is_available() else None,
+        memory_plan=info.get("memory_plan"),
         train_seconds=info["train_seconds"],
         wall_seconds=time.perf_counter() - started,
         total_steps=info["total_steps"],
@@ -346,10 +349,7 @@ def bench_mistral(rec: Recorder, tokenizer_dir: str, model_dir: Path, only: set[
 
     config = mistral_shape_config(len(load_tokenizer(tokenizer_dir)))
     part["flops"] = model_flops_per_token(config, seed_tokens / seed_rows)
-    part["seed_runs"] = [
-        rec.child(f"mistral-seed-{i}", ["seed", str(model_dir), "--steps", "6"], 400) for i in range(seed_runs)
-    ]
-    part["seed"] = median_seed(part["seed_runs"])
+    ensure_seed(rec, part, model_dir, seed_runs)
     common = [f"model.name={model_dir}", *plan["common"]]
     settings = part.setdefault("settings", {})
     for name, setting in plan["settings"].items():
@@ -361,6 +361,29 @@ def bench_mistral(rec: Recorder, tokenizer_dir: str, model_dir: Path, only: set[
         part["default_recipe"] = rec.child(
             "mistral-default", [*default, f"model.name={model_dir}", *plan["default_recipe"]], 400
         )
+
+
+def bench_memory_plan(rec: Recorder, tokenizer_dir: str, model_dir: Path, seed_runs: int) -> None:
+    """The default 7B recipe (batch_tokens and gradient_checkpointing `auto`) under each memory cap of plans.yaml
+    `memory_plan`, beside the seed recipe of this run (measured here unless the mistral part already did)."""
+    plan = PLANS["memory_plan"]
+    part = rec.results.setdefault("mistral7b_shape", {"label": MISTRAL_SHAPE_LABEL})
+    if not (model_dir / "config.json").is_file():
+        make_mistral_shape(model_dir, tokenizer_dir)
+    ensure_seed(rec, part, model_dir, seed_runs)
+    caps = part.setdefault("memory_caps", {})
+    for cap in plan["caps_gb"]:
+        args = ["project", "--config", plan["config"], "--warm", "2", "--set", f"model.name={model_dir}"]
+        caps[str(cap)] = rec.child(f"mistral-cap-{cap}", [*args, *plan["set"], f"train.max_memory_gb={cap}"], 400)
+
+
+def ensure_seed(rec: Recorder, part: dict, model_dir: Path, seed_runs: int) -> None:
+    """The 7B seed recipe `seed_runs` times, once per benchmark run: every 7B ratio of the run divides by it."""
+    if "seed" not in part:
+        part["seed_runs"] = [
+            rec.child(f"mistral-seed-{i}", ["seed", str(model_dir), "--steps", "6"], 400) for i in range(seed_runs)
+        ]
+        part["seed"] = median_seed(part["seed_runs"])
 
 
 def median_seed(runs: list[dict]) -> dict:
@@ -416,7 +439,7 @@ def bench_search(rec: Recorder, name: str, parallel: int) -> None:
 
 
 MISTRAL_SHAPE_LABEL = "random-init Mistral-7B shape (4-bit NF4)"
-PARTS = ("smollm2", "smollm2-fast", "accuracy", "mistral", "levers")
+PARTS = ("smollm2", "smollm2-fast", "accuracy", "mistral", "memory-plan", "levers")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -455,6 +478,8 @@ def command_bench(args: argparse.Namespace) -> None:
             bench_accuracy(rec, args.parallel)
         elif part == "mistral":
             bench_mistral(rec, tokenizer_dir, args.model_dir, names, args.seed_runs)
+        elif part == "memory-plan":
+            bench_memory_plan(rec, tokenizer_dir, args.model_dir, args.seed_runs)
         elif part == "levers":
             bench_levers(rec, args.model_dir, tokenizer_dir)
         else:

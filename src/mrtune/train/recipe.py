@@ -545,8 +545,10 @@ class Recipe:
             batch = collate(chosen, pad_token_id, packing, tokens if packing else None)
             keep = target_positions(batch["labels"]).to(self.device)
             batch = {k: v.to(self.device) for k, v in batch.items()}
-            target_loss(self.model, batch, keep).backward()
-            self.model.zero_grad(set_to_none=True)
+            try:
+                target_loss(self.model, batch, keep).backward()
+            finally:  # out of memory in the backward pass leaves some gradients behind
+                self.model.zero_grad(set_to_none=True)
 
         plan = plan_memory(self.model, self.config, self.device, run_step, len(rows[0]))
         config = from_dict(self.config.to_dict())
