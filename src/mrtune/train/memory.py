@@ -251,6 +251,8 @@ def plan_memory(
 ) -> MemoryPlan:
     """Probe `model` (in train mode, checkpointing off) with `run_step(tokens)`, choose, and hold the process to
     the cap. `run_step` runs a forward and backward pass on a micro-batch of `tokens` and clears the gradients."""
+    if device.type == "cuda" and device.index is None:  # torch.cuda's memory queries want an index
+        device = torch.device("cuda", torch.cuda.current_device())
     cap = cap_bytes(config, device)
     extra = optimizer_bytes(model, config)
     sizes = probe_sizes(config, longest_row)
