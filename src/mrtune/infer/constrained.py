@@ -286,7 +286,7 @@ class MRConstraint:
             out[ids[lo]] = state
             lo += 1
         prefix = strings[lo][:depth]
-        for byte in self.grammar.CANDIDATE_BYTES[state.phase]:
+        for byte in self.grammar.candidate_bytes(state):
             reached = self.grammar.step(state, byte)
             if reached is None:
                 continue
