@@ -5,6 +5,7 @@ the CLI, and (marked `embedded`) the real SmolLM2 tokenizer and model."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -112,6 +113,9 @@ OUTSIDE_CLOSED_VALUES = {
     "inform(name[Tetris], genres[action,, adventure])": "a doubled comma",
     "inform(name[Tetris], platforms[Nintendo Switch 2])": "an item continued past the longest",
     "inform(name[Tetris], release_year[2020])": "a year not in training",
+    "inform(name[Tetris], rating[good, poor])": "rating is one item in training, not a list",
+    "inform(name[Tetris], platforms[PC, Xbox, PC])": "an item twice",
+    "inform(name[Tetris], platforms[Nintendo, Nintendo Switch, PC, PlayStation, Xbox, PC])": "an item twice",
 }
 WITHIN_CLOSED_VALUES = [
     "inform(name[Tetris], platforms[Nintendo])",
@@ -365,6 +369,33 @@ def test_evaluate_and_predict_are_constrained_unless_told_not_to(tiny_run, capsy
     assert try_parse_mr(predict(tiny_run.path, sentences=[sentence], progress=False)[0]) is not None
     assert main(["predict", str(tiny_run.path), sentence, "--no-constrained"]) == 0
     assert try_parse_mr(capsys.readouterr().out.strip().splitlines()[-1]) is None
+
+
+def test_closed_values_bind_decoding_unless_constrain_values_is_false(tiny_run, tmp_path):
+    from mrtune.infer.evaluate import evaluate
+    from mrtune.run.rundir import RunDir
+
+    run = RunDir(shutil.copytree(tiny_run.path, tmp_path / "run"))
+    vocabulary = Vocabulary.from_dict(json.loads(run.vocabulary.read_text()))
+    # A vocabulary.json from before closed values (no closed_values key) loads and allows every value.
+    assert vocabulary.closed_values == ()  # 16 training rows: too few uses to close anything
+    old = vocabulary.to_dict()
+    del old["closed_values"]
+    run.vocabulary.write_text(json.dumps(old))
+    assert evaluate(run.path, progress=False)["valid_mr_rate"] == 1.0
+    # Every attribute closed to one item: the random model can write nothing else, unless told not to.
+    closed = Vocabulary(vocabulary.dialogue_acts, vocabulary.attributes, {a: ["x y"] for a in vocabulary.attributes})
+    run.vocabulary.write_text(json.dumps(closed.to_dict()))
+
+    def values(metrics) -> set[str]:
+        rows = (run.eval_dir("test") / "predictions.jsonl").read_text().splitlines()
+        return {v for row in rows for _, v in parse_mr(json.loads(row)["prediction"]).slots}
+
+    metrics = evaluate(run.path, progress=False)
+    assert metrics["constrained_values"] is True and values(metrics) == {"x y"}
+    metrics = evaluate(run.path, progress=False, overrides=["eval.constrain_values=false"])
+    assert metrics["constrained_values"] is False and metrics["valid_mr_rate"] == 1.0 and values(metrics) - {"x y"}
+    assert run.config().eval.constrain_values is True  # --set changes one command only
 
 
 # ---- the real embedded model ---------------------------------------------------------------------------------

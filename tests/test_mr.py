@@ -175,6 +175,7 @@ def test_vocabulary_json_round_trip_and_normalisation():
         "dialogue_acts": ["inform", "request"],
         "attributes": ["name", "rating", "specifier"],
         "closed_values": {},
+        "list_attributes": [],
     }
 
 
@@ -196,6 +197,7 @@ def test_closed_values_of_viggo_train_are_its_categorical_attributes():
     assert vocabulary.items_of("has_multiplayer") == ("", "no", "yes")  # has_multiplayer[] occurs
     assert vocabulary.items_of("platforms") == ("", "Nintendo", "Nintendo Switch", "PC", "PlayStation", "Xbox")
     assert len(vocabulary.items_of("genres")) == 26 and "action-adventure" in vocabulary.items_of("genres")
+    assert vocabulary.list_attributes == ("genres", "platforms", "player_perspective")
     for open_attribute in ("name", "developer", "specifier", "exp_release_date"):
         assert vocabulary.items_of(open_attribute) is None, open_attribute
     # Every item of validation and test is a training item: closing loses no reference value (specifier is open).
@@ -224,19 +226,25 @@ def test_closed_rule_few_items_each_used_often_enough():
     many = [f"v{i}" for i in range(41)]
     assert Vocabulary.from_mrs(_uses("name", many, 30)).items_of("name") is None
     assert Vocabulary.from_mrs(_uses("name", many[:40], 30)).items_of("name") == tuple(sorted(many[:40]))
-    # A value that is not a plain list of items (an empty item, a comma inside one): open.
+    # A value that is not a plain list of distinct items (an empty item, a comma inside one, an item twice): open.
     assert Vocabulary.from_mrs(_uses("genres", ["a", "a, , b"], 30)).items_of("genres") is None
     assert Vocabulary.from_mrs(_uses("genres", ["a", "a,b"], 30)).items_of("genres") is None
+    assert Vocabulary.from_mrs(_uses("genres", ["a", "b, a, b"], 30)).items_of("genres") is None
+    # A list attribute: one whose training values list several items, and which is closed.
+    lists = Vocabulary.from_mrs(_uses("genres", ["a", "a, b"], 30) + _uses("rating", ["good", "poor"], 30))
+    assert lists.list_attributes == ("genres",) and lists.items_of("rating") == ("good", "poor")
+    assert Vocabulary.from_mrs(_uses("name", ["A, B", "C"], 1)).list_attributes == ()  # open: not a list attribute
 
 
 def test_closed_values_round_trip_and_an_old_vocabulary_allows_every_value():
-    vocabulary = Vocabulary(("inform",), ("name", "rating"), {"rating": ["poor", "good", "good"]})
+    vocabulary = Vocabulary(("inform",), ("name", "rating"), {"rating": ["poor", "good", "good"]}, ("rating",))
     assert vocabulary.closed_values == (("rating", ("good", "poor")),)
     assert vocabulary.to_dict()["closed_values"] == {"rating": ["good", "poor"]}
+    assert vocabulary.to_dict()["list_attributes"] == ["rating"]
     assert Vocabulary.from_dict(json.loads(json.dumps(vocabulary.to_dict()))) == vocabulary
     assert vocabulary.without_values() == Vocabulary(("inform",), ("name", "rating"))
     old = Vocabulary.from_dict({"dialogue_acts": ["inform"], "attributes": ["name", "rating"]})
-    assert old.closed_values == () and old.items_of("rating") is None
+    assert old.closed_values == () and old.list_attributes == () and old.items_of("rating") is None
     hash(vocabulary)  # frozen and hashable, as before
 
 
@@ -260,6 +268,10 @@ def test_closed_values_reject_bad_input(closed_values, error, fragment):
         Vocabulary.from_dict(
             {"dialogue_acts": ["inform"], "attributes": ["name", "rating"], "closed_values": closed_values}
         )
+    with pytest.raises(ValueError, match="list_attributes names 'name', which is not a closed attribute"):
+        Vocabulary(("inform",), ("name", "rating"), {"rating": ["good"]}, ("name",))
+    with pytest.raises(TypeError, match="list_attributes must be a collection of names, not a single str"):
+        Vocabulary(("inform",), ("name", "rating"), {"rating": ["good"]}, "rating")
     with pytest.raises(TypeError, match="closed_values is a list, expected an object"):
         Vocabulary.from_dict({"dialogue_acts": ["inform"], "attributes": ["name"], "closed_values": []})
 

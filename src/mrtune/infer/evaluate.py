@@ -98,6 +98,7 @@ def evaluate(
         decode_seconds=round(seconds, 2),
         rows_per_s=round(len(examples) / seconds, 2),
         constrained=constrained,
+        constrained_values=constrained and config.eval.constrain_values,
         generated_tokens=stats["generated_tokens"],
         tokens_per_s=round(stats["generated_tokens"] / seconds, 1),
     )

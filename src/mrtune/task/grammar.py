@@ -12,7 +12,8 @@ The grammar, stated once here and implemented once, byte by byte, in `MRGrammar.
     char   := a UTF-8 character other than "[", "]", " " and control characters
     closed := item (", " item)*                                 e.g. genres[action, adventure], rating[good]
             | ""                                                where training had the empty value: esrb[]
-    item   := one of the attribute's items
+    item   := one of the attribute's items not used before in this value; one item only, unless the attribute
+              is a list attribute
 
 and one rule on length: with `left` tokens left of the generation budget, a token is allowed only if the MR can
 still be closed and EOS written in the `left - 1` tokens that remain after it (`MRConstraint.finish_cost`).
@@ -62,6 +63,7 @@ class State(NamedTuple):
     used: int = 0  # attributes written so far, one bit per attribute (MRGrammar.attributes order)
     empty: bool = True  # VALUE/ITEM: nothing written yet
     item: bytes = b""  # ITEM: the current item so far (UTF-8, possibly ending inside a character)
+    items_used: int = 0  # ITEM/ITEM_COMMA: items of this value written so far, one bit per item (MRGrammar.item_bits)
     space: bool = False  # VALUE: the last byte was a space; ACT: the optional leading space was written
     pending: int = 0  # VALUE: UTF-8 continuation bytes still owed
     lead: int = 0  # VALUE: the lead byte, when it narrows the range of the next continuation byte (E0 ED F0 F4)
@@ -117,23 +119,30 @@ class MRGrammar:
                 self.attribute_prefixes[attribute[:i]] = (
                     self.attribute_prefixes.get(attribute[:i], 0) | self.bit[attribute]
                 )
-        # Closed attributes: their items (UTF-8), every prefix of an item -> the bytes that may follow it, and
-        # the shortest values in bytes (closings use them: any value closes, the shortest is the cheapest).
-        self.items: dict[str, frozenset[bytes]] = {}
+        # Closed attributes: a bit per item (UTF-8), and every prefix of an item -> the bits of the items that
+        # start with it and the bytes that may follow it (the trie the automaton walks).
+        self.item_bits: dict[str, dict[bytes, int]] = {}
+        self.item_prefixes: dict[str, dict[bytes, int]] = {}
         self.item_next: dict[str, dict[bytes, bytes]] = {}
+        self.empty_allowed = {attribute for attribute, items in vocabulary.closed_values if "" in items}
+        self.lists = set(vocabulary.list_attributes)
+        # The shortest value of each attribute in bytes, which closings write: any value closes, a short one soonest.
         self.shortest_values: dict[str, list[str]] = {attribute: [""] for attribute in self.attributes}
         for attribute, items in vocabulary.closed_values:
             full = [item for item in items if item]
-            self.items[attribute] = frozenset(item.encode() for item in full)
+            bits = self.item_bits[attribute] = {item.encode(): 1 << i for i, item in enumerate(full)}
+            prefixes: dict[bytes, int] = {}
             following: dict[bytes, set[int]] = {}
-            for item in self.items[attribute]:
-                for i in range(len(item)):
-                    following.setdefault(item[:i], set()).add(item[i])
+            for item, bit in bits.items():
+                for i in range(len(item) + 1):
+                    prefixes[item[:i]] = prefixes.get(item[:i], 0) | bit
+                    if i < len(item):
+                        following.setdefault(item[:i], set()).add(item[i])
+            self.item_prefixes[attribute] = prefixes
             self.item_next[attribute] = {prefix: bytes(sorted(after)) for prefix, after in following.items()}
-            if "" not in items:
+            if attribute not in self.empty_allowed:
                 shortest = min(map(len, full))
                 self.shortest_values[attribute] = [item for item in full if len(item) == shortest]
-        self.empty_allowed = {attribute for attribute, items in vocabulary.closed_values if "" in items}
         self.start = State(ACT)
 
     # Bytes that `step` can accept in each phase (VALUE: nearly all): it is asked about these only.
@@ -187,7 +196,7 @@ class MRGrammar:
                 bit = self.bit.get(state.prefix, 0)
                 if not bit or bit & state.used:
                     return None
-                if state.prefix in self.items:
+                if state.prefix in self.item_bits:
                     return State(ITEM, prefix=state.prefix, used=state.used | bit)
                 return State(VALUE, used=state.used | bit)
             prefix = state.prefix + chr(byte)
@@ -200,20 +209,28 @@ class MRGrammar:
         if phase == COMMA:
             return State(ATTR, used=state.used) if byte == SPACE else None
         if phase == ITEM_COMMA:
-            return State(ITEM, prefix=state.prefix, used=state.used, empty=False) if byte == SPACE else None
+            return state._replace(phase=ITEM) if byte == SPACE else None
         return None  # DONE, FINISHED: only EOS
 
     def _step_item(self, state: State, byte: int) -> State | None:
-        """One byte inside a closed value. Items hold no "," or "]", so either byte ends the item deterministically."""
-        complete = state.item in self.items[state.prefix]
+        """One byte inside a closed value. Items hold no "," or "]", so either byte ends the item deterministically;
+        an item already in the value is refused, as no training value repeats one."""
+        attribute = state.prefix
+        bit = self.item_bits[attribute].get(state.item, 0)
+        complete = bool(bit & ~state.items_used)  # a whole item, new to this value
         if byte == RBRACKET:
-            closes = complete or (state.empty and state.prefix in self.empty_allowed)
+            closes = complete or (state.empty and attribute in self.empty_allowed)
             return State(AFTER_VALUE, used=state.used) if closes else None
         if byte == _COMMA:
-            return State(ITEM_COMMA, prefix=state.prefix, used=state.used, empty=False) if complete else None
-        if byte not in self.item_next[state.prefix].get(state.item, b""):
+            # A comma only while an item is left to write after it.
+            items_used = state.items_used | bit
+            if not complete or attribute not in self.lists or items_used == self.item_prefixes[attribute][b""]:
+                return None
+            return State(ITEM_COMMA, prefix=attribute, used=state.used, empty=False, items_used=items_used)
+        item = state.item + bytes([byte])
+        if not self.item_prefixes[attribute].get(item, 0) & ~state.items_used:
             return None
-        return state._replace(item=state.item + bytes([byte]), empty=False)
+        return state._replace(item=item, empty=False)
 
     def advance(self, state: State | None, data: bytes) -> State | None:
         for byte in data:
@@ -255,13 +272,12 @@ class MRGrammar:
                 if a.startswith(state.prefix)
                 for value in self.shortest_values[a]
             ]
-        if phase == ITEM:
-            endings = [
-                item[len(state.item) :] + b"])" for item in self.items[state.prefix] if item.startswith(state.item)
-            ]
+        if phase in (ITEM, ITEM_COMMA):
+            unused = [item for item, bit in self.item_bits[state.prefix].items() if not bit & state.items_used]
+            if phase == ITEM_COMMA:
+                return [b" " + item + b"])" for item in unused]
+            endings = [item[len(state.item) :] + b"])" for item in unused if item.startswith(state.item)]
             return endings + [b"])"] if state.empty and state.prefix in self.empty_allowed else endings
-        if phase == ITEM_COMMA:
-            return [b" " + item + b"])" for item in self.items[state.prefix]]
         if phase == VALUE:
             if state.pending:
                 first = _FIRST_CONTINUATION.get(state.lead, (0x80, 0xBF))[0]

@@ -427,6 +427,9 @@ class Vocabulary:
     closed_values: tuple[tuple[str, tuple[str, ...]], ...] = ()
     """The items each closed attribute's value is made of, e.g. ``(("rating", ("average", "good", ...)), ...)``
     (a mapping is accepted too); ``""`` among them allows the empty value. Other attributes take any value."""
+    list_attributes: tuple[str, ...] = ()
+    """The closed attributes whose value may list several items, as some training value did (genres, platforms);
+    another closed attribute's value is one item (rating[good], never rating[good, poor])."""
 
     def __post_init__(self) -> None:
         # Frozen dataclass: normalise through object.__setattr__ so that the
@@ -437,13 +440,17 @@ class Vocabulary:
         unknown = [attribute for attribute, _ in self.closed_values if attribute not in self.attributes]
         if unknown:
             raise ValueError(f"Vocabulary.closed_values names {unknown[0]!r}, which is not one of its attributes")
+        object.__setattr__(self, "list_attributes", _names("list_attributes", self.list_attributes))
+        unknown = [attribute for attribute in self.list_attributes if self.items_of(attribute) is None]
+        if unknown:
+            raise ValueError(f"Vocabulary.list_attributes names {unknown[0]!r}, which is not a closed attribute")
 
     def items_of(self, attribute: str) -> tuple[str, ...] | None:
         """The items a value of `attribute` is made of, or None when the attribute is open."""
         return dict(self.closed_values).get(attribute)
 
     def without_values(self) -> Vocabulary:
-        """The same acts and attributes with every value allowed (`eval.constrain_values=false`)."""
+        """The same acts and attributes, with every value allowed (`eval.constrain_values=false`)."""
         return Vocabulary(self.dialogue_acts, self.attributes)
 
     @classmethod
@@ -458,7 +465,10 @@ class Vocabulary:
         acts: set[str] = set()
         uses: Counter[str] = Counter()
         items: dict[str, set[str]] = {}
-        irregular: set[str] = set()  # attributes with a value that is not a plain list of items: never closed
+        lists: set[str] = set()  # attributes with a value of several items
+        # Attributes with a value that is not a plain list of distinct items (an empty or repeated item, a comma
+        # inside one): never closed, as the grammar of closed values could not write that value back.
+        irregular: set[str] = set()
         for index, text in enumerate(mrs):
             try:
                 mr = parse_mr(text)
@@ -469,7 +479,9 @@ class Vocabulary:
                 pieces = value_items(value)
                 uses[attribute] += 1
                 items.setdefault(attribute, set()).update(pieces)
-                if value and not all(_ITEM.fullmatch(piece) for piece in pieces):
+                if len(pieces) > 1:
+                    lists.add(attribute)
+                if value and (len(set(pieces)) < len(pieces) or not all(map(_ITEM.fullmatch, pieces))):
                     irregular.add(attribute)
         closed = {
             attribute: found
@@ -478,14 +490,16 @@ class Vocabulary:
             and len(found) <= MAX_CLOSED_ITEMS
             and uses[attribute] >= MIN_USES_PER_ITEM * len(found)
         }
-        return cls(tuple(acts), tuple(items), closed)
+        return cls(tuple(acts), tuple(items), closed, tuple(lists & set(closed)))
 
     def to_dict(self) -> dict:
-        """JSON-ready form: ``{"dialogue_acts": [...], "attributes": [...], "closed_values": {attribute: [...]}}``."""
+        """JSON-ready form: ``{"dialogue_acts": [...], "attributes": [...], "closed_values": {attribute: [...]},
+        "list_attributes": [...]}``."""
         return {
             "dialogue_acts": list(self.dialogue_acts),
             "attributes": list(self.attributes),
             "closed_values": {attribute: list(items) for attribute, items in self.closed_values},
+            "list_attributes": list(self.list_attributes),
         }
 
     @classmethod
@@ -500,4 +514,6 @@ class Vocabulary:
         closed_values = d.get("closed_values", {})
         if not isinstance(closed_values, Mapping):
             raise TypeError(f"vocabulary's closed_values is a {type(closed_values).__name__}, expected an object")
-        return cls(tuple(d["dialogue_acts"]), tuple(d["attributes"]), closed_values)
+        return cls(
+            tuple(d["dialogue_acts"]), tuple(d["attributes"]), closed_values, tuple(d.get("list_attributes", ()))
+        )
