@@ -115,7 +115,7 @@ OUTSIDE_CLOSED_VALUES = {
     "inform(name[Tetris], release_year[2020])": "a year not in training",
     "inform(name[Tetris], rating[good, poor])": "rating is one item in training, not a list",
     "inform(name[Tetris], platforms[PC, Xbox, PC])": "an item twice",
-    "inform(name[Tetris], platforms[Nintendo, Nintendo Switch, PC, PlayStation, Xbox, PC])": "an item twice",
+    "inform(name[Tetris], platforms[Nintendo, Nintendo Switch, PC, PlayStation, Xbox, PC])": "more items than it has",
 }
 WITHIN_CLOSED_VALUES = [
     "inform(name[Tetris], platforms[Nintendo])",
@@ -125,8 +125,8 @@ WITHIN_CLOSED_VALUES = [
     "inform(name[Tetris], genres[trivia/board game, MMORPG])",
     "request_attribute(esrb[])",
     # open attributes still take any value
-    "inform(name[Quillmoor Saga], developer[Glasswing Works, Inc.], specifier[exceptstia], "
-    "exp_release_date[May 5, 2031])",
+    "inform(name[Quillmoor Saga], exp_release_date[May 5, 2031], developer[Glasswing Works, Inc.], "
+    "specifier[exceptstia])",
 ]
 
 
