@@ -112,7 +112,8 @@ class LoraSettings:
 @dataclass
 class DataSettings:
     train: str = "viggo:train"
-    """A JSONL or CSV file, `viggo:<split>` (the bundled ViGGO corpus) or `hf:<dataset id>:<split>` (datasets hub)."""
+    """A JSONL or CSV file, `viggo:<split>` (the bundled ViGGO corpus) or `hf:<dataset id>:<split>` (datasets hub);
+    several joined by `+` are read in turn (`viggo:train+viggo:validation`)."""
     validation: str = "viggo:validation"
     test: str = "viggo:test"
     input_field: str = "target"
