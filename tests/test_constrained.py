@@ -148,14 +148,16 @@ def test_every_closing_of_a_closed_value_takes_it_to_the_end():
     inside a closed value, between its items, and before an attribute whose value cannot be empty."""
     grammar = MRGrammar(VOCABULARY)
     for text in WITHIN_CLOSED_VALUES[:5] + ["give_opinion(rating[excellent], genres[action])"]:
-        data = text.encode()
-        for cut in range(len(data)):
-            state = grammar.advance(grammar.start, data[:cut])
-            closings = grammar.closings(state)
-            assert closings, (text, cut)
-            for closing in closings:
-                end = grammar.advance(state, closing)
-                assert end is not None and end.phase == DONE, (data[:cut], closing)
+        prefixes = [text.encode()[:cut] for cut in range(len(text.encode()))]
+        states = {prefix: grammar.advance(grammar.start, prefix) for prefix in prefixes}
+        assert all(grammar.closings(state) for state in states.values()), text
+        unfinished = [
+            (prefix, closing)
+            for prefix, state in states.items()
+            for closing in grammar.closings(state)
+            if getattr(grammar.advance(state, closing), "phase", None) != DONE
+        ]
+        assert unfinished == [], text
     after_rating = grammar.advance(grammar.start, b"inform(rating")
     assert grammar.closings(after_rating) == [b"[good])", b"[poor])"]  # the shortest items: rating[] is refused
 

@@ -60,27 +60,10 @@ def test_a_file_with_a_plus_in_its_name_is_one_source(tmp_path):
 
 
 def test_a_run_trained_on_joined_sources_records_the_spec(tmp_path, tiny_model_dir):
-    from mrtune.config import load_config
-    from mrtune.train.recipe import train
+    from conftest import train_tiny_run
 
-    first = write_jsonl(tmp_path / "first.jsonl", viggo_rows("train", 8))
-    second = write_jsonl(tmp_path / "second.jsonl", viggo_rows("validation", 8))
-    spec = f"{first}+{second}"
-    settings = [
-        f"model.name={tiny_model_dir}",
-        "model.dtype=float32",
-        f"data.train={spec}",
-        f"data.validation={second}",
-        f"data.test={second}",
-        "lora.r=2",
-        "lora.alpha=4",
-        "train.batch_size=8",
-        "train.max_steps=1",
-        "train.eval_every=1",
-        "eval.batch_size=4",
-        "eval.max_new_tokens=24",
-    ]
-    run = train(load_config(None, settings), tmp_path / "run", progress=False)
+    spec = f"{tmp_path / 'train.jsonl'}+{tmp_path / 'validation.jsonl'}"  # the files train_tiny_run writes
+    run = train_tiny_run(tmp_path, tiny_model_dir, {"train": 8, "validation": 8, "test": 4}, [f"data.train={spec}"])
     assert run.config().data.train == spec
     assert any("8 of 8 validation sentence(s) also occur in train" in w for w in run.info()["data_warnings"])
     vocabulary = json.loads(run.vocabulary.read_text())
