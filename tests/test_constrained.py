@@ -384,7 +384,8 @@ def test_closed_values_bind_decoding_unless_constrain_values_is_false(tiny_run, 
     old = vocabulary.to_dict()
     del old["closed_values"]
     run.vocabulary.write_text(json.dumps(old))
-    assert evaluate(run.path, progress=False)["valid_mr_rate"] == 1.0
+    metrics = evaluate(run.path, progress=False)
+    assert metrics["valid_mr_rate"] == 1.0 and metrics["constrained"] and not metrics["constrained_values"]
     # Every attribute closed to one item: the random model can write nothing else, unless told not to.
     closed = Vocabulary(vocabulary.dialogue_acts, vocabulary.attributes, {a: ["x y"] for a in vocabulary.attributes})
     run.vocabulary.write_text(json.dumps(closed.to_dict()))
