@@ -5,6 +5,7 @@ the CLI, and (marked `embedded`) the real SmolLM2 tokenizer and model."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -16,7 +17,7 @@ from mrtune.infer.constrained import MRConstraint, token_bytes
 from mrtune.infer.generation import generate
 from mrtune.model.resolve import load_tokenizer
 from mrtune.task.grammar import DONE, FINISHED, VALUE, MRGrammar
-from mrtune.task.mr import Vocabulary, parse_mr, try_parse_mr
+from mrtune.task.mr import Vocabulary, parse_mr, try_parse_mr, value_items
 from mrtune.task.prompts import build_prompt
 
 TRAIN_MRS = [row["meaning_representation"] for row in viggo_rows("train", 10**6)]
@@ -31,6 +32,9 @@ def assert_valid_mrs(outputs: list[str], vocabulary: Vocabulary = VOCABULARY) ->
         assert str(mr) == text, f"not canonical (or not ending at ')'): {text!r}"
         assert mr.dialogue_act in vocabulary.dialogue_acts, text
         assert set(mr.attributes) <= set(vocabulary.attributes), text
+        for attribute, value in mr.slots:
+            items = vocabulary.items_of(attribute)
+            assert items is None or set(value_items(value)) <= set(items), text
 
 
 @pytest.fixture(scope="module")
@@ -83,11 +87,79 @@ def test_grammar_accepts_valid_and_rejects_invalid_strings():
 
 
 def test_grammar_accepts_every_training_mr_and_no_comma_after_the_last_attribute():
+    assert len(VOCABULARY.closed_values) == 10  # values constrained (tests/test_mr.py checks which)
     grammar = MRGrammar(VOCABULARY)
     assert all(grammar.accepts(text) for text in TRAIN_MRS)
-    every = "inform(" + ", ".join(f"{a}[x]" for a in VOCABULARY.attributes)
+    every = "inform(" + ", ".join(f"{a}[{(VOCABULARY.items_of(a) or ('x',))[-1]}]" for a in VOCABULARY.attributes)
     assert grammar.advance(grammar.start, (every + ")").encode()).phase == DONE
     assert grammar.advance(grammar.start, (every + ",").encode()) is None  # nothing left to write after it
+
+
+# Values of closed attributes outside their training items (the first five were predictions of a trained model).
+OUTSIDE_CLOSED_VALUES = {
+    "inform(name[Tetris], esrb[Tarsier Studios])": "a developer as an esrb",
+    "inform(name[Tetris], esrb[E 10 (for Everyone 10 and Older)])": "an esrb item cut short",
+    "inform(name[Tetris], platforms[Steam])": "not a platform of training",
+    "inform(name[Tetris], genres[vehicle/racing, combat])": "genre items not in training",
+    "inform(name[Tetris], player_perspective[top down])": "not a perspective of training",
+    "inform(name[Tetris], rating[great])": "not a rating of training",
+    "inform(name[Tetris], rating[])": "rating is never empty in training",
+    "inform(name[Tetris], rating[goo])": "a prefix of an item",
+    "inform(name[Tetris], rating[goodd])": "an item continued",
+    "inform(name[Tetris], genres[action, ])": "an empty item in a list",
+    "inform(name[Tetris], genres[, action])": "an empty item in a list",
+    "inform(name[Tetris], genres[action,adventure])": "items joined without the space",
+    "inform(name[Tetris], genres[action , adventure])": "items joined by ' , '",
+    "inform(name[Tetris], genres[action,, adventure])": "a doubled comma",
+    "inform(name[Tetris], platforms[Nintendo Switch 2])": "an item continued past the longest",
+    "inform(name[Tetris], release_year[2020])": "a year not in training",
+    "inform(name[Tetris], rating[good, poor])": "rating is one item in training, not a list",
+    "inform(name[Tetris], platforms[PC, Xbox, PC])": "an item twice",
+    "inform(name[Tetris], platforms[Nintendo, Nintendo Switch, PC, PlayStation, Xbox, PC])": "more items than it has",
+}
+WITHIN_CLOSED_VALUES = [
+    "inform(name[Tetris], platforms[Nintendo])",
+    "inform(name[Tetris], platforms[Nintendo Switch])",  # an item that extends another
+    "inform(name[Tetris], platforms[Nintendo, Nintendo Switch, PC, PlayStation, Xbox])",
+    "inform(name[Tetris], platforms[Xbox, PC])",  # items in any order
+    "inform(name[Tetris], genres[trivia/board game, MMORPG])",
+    "request_attribute(esrb[])",
+    # open attributes still take any value
+    "inform(name[Quillmoor Saga], exp_release_date[May 5, 2031], developer[Glasswing Works, Inc.], "
+    "specifier[exceptstia])",
+]
+
+
+def test_closed_attributes_take_only_their_training_items():
+    grammar = MRGrammar(VOCABULARY)
+    for text in WITHIN_CLOSED_VALUES:
+        assert grammar.accepts(text), text
+        assert str(parse_mr(text)) == text
+    for text, why in OUTSIDE_CLOSED_VALUES.items():
+        assert parse_mr(text) and not grammar.accepts(text), f"accepted {text!r} ({why})"
+    # eval.constrain_values=false: the same acts and attributes, any value
+    free = MRGrammar(VOCABULARY.without_values())
+    spaced_at_an_end = ("inform(name[Tetris], genres[action, ])", "inform(name[Tetris], genres[, action])")
+    assert all(free.accepts(text) for text in OUTSIDE_CLOSED_VALUES if text not in spaced_at_an_end)
+
+
+def test_every_closing_of_a_closed_value_takes_it_to_the_end():
+    """`closings(state)` is what finish_cost measures: each string must close the MR from that state, including
+    inside a closed value, between its items, and before an attribute whose value cannot be empty."""
+    grammar = MRGrammar(VOCABULARY)
+    for text in WITHIN_CLOSED_VALUES[:5] + ["give_opinion(rating[excellent], genres[action])"]:
+        prefixes = [text.encode()[:cut] for cut in range(len(text.encode()))]
+        states = {prefix: grammar.advance(grammar.start, prefix) for prefix in prefixes}
+        assert all(grammar.closings(state) for state in states.values()), text
+        unfinished = [
+            (prefix, closing)
+            for prefix, state in states.items()
+            for closing in grammar.closings(state)
+            if getattr(grammar.advance(state, closing), "phase", None) != DONE
+        ]
+        assert unfinished == [], text
+    after_rating = grammar.advance(grammar.start, b"inform(rating")
+    assert grammar.closings(after_rating) == [b"[good])", b"[poor])"]  # the shortest items: rating[] is refused
 
 
 # ---- tokens and masks ----------------------------------------------------------------------------------------
@@ -119,7 +191,7 @@ def test_masks_match_a_check_of_every_token(tiny):
     rule keeps a way to close within every budget the cost says is enough."""
     _, _, constraint = tiny
     grammar = constraint.grammar
-    states = _states_along(constraint, TRAIN_MRS[:40] + ["inform(name[Eidos Montréal])"])
+    states = _states_along(constraint, TRAIN_MRS[:40] + ["inform(name[Eidos Montréal])"] + WITHIN_CLOSED_VALUES)
     assert len(states) > 300
     for state in states:
         reached = [grammar.advance(state, data) if data else None for data in constraint.tokens]
@@ -299,6 +371,34 @@ def test_evaluate_and_predict_are_constrained_unless_told_not_to(tiny_run, capsy
     assert try_parse_mr(predict(tiny_run.path, sentences=[sentence], progress=False)[0]) is not None
     assert main(["predict", str(tiny_run.path), sentence, "--no-constrained"]) == 0
     assert try_parse_mr(capsys.readouterr().out.strip().splitlines()[-1]) is None
+
+
+def test_closed_values_bind_decoding_unless_constrain_values_is_false(tiny_run, tmp_path):
+    from mrtune.infer.evaluate import evaluate
+    from mrtune.run.rundir import RunDir
+
+    run = RunDir(shutil.copytree(tiny_run.path, tmp_path / "run"))
+    vocabulary = Vocabulary.from_dict(json.loads(run.vocabulary.read_text()))
+    # A vocabulary.json from before closed values (no closed_values key) loads and allows every value.
+    assert vocabulary.closed_values == ()  # 16 training rows: too few uses to close anything
+    old = vocabulary.to_dict()
+    del old["closed_values"]
+    run.vocabulary.write_text(json.dumps(old))
+    metrics = evaluate(run.path, progress=False)
+    assert metrics["valid_mr_rate"] == 1.0 and metrics["constrained"] and not metrics["constrained_values"]
+    # Every attribute closed to one item: the random model can write nothing else, unless told not to.
+    closed = Vocabulary(vocabulary.dialogue_acts, vocabulary.attributes, {a: ["x y"] for a in vocabulary.attributes})
+    run.vocabulary.write_text(json.dumps(closed.to_dict()))
+
+    def values(metrics) -> set[str]:
+        rows = (run.eval_dir("test") / "predictions.jsonl").read_text().splitlines()
+        return {v for row in rows for _, v in parse_mr(json.loads(row)["prediction"]).slots}
+
+    metrics = evaluate(run.path, progress=False)
+    assert metrics["constrained_values"] is True and values(metrics) == {"x y"}
+    metrics = evaluate(run.path, progress=False, overrides=["eval.constrain_values=false"])
+    assert metrics["constrained_values"] is False and metrics["valid_mr_rate"] == 1.0 and values(metrics) - {"x y"}
+    assert run.config().eval.constrain_values is True  # --set changes one command only
 
 
 # ---- the real embedded model ---------------------------------------------------------------------------------

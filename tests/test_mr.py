@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from functools import cache
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from mrtune.task.mr import (
     score,
     slot_errors,
     try_parse_mr,
+    value_items,
 )
 
 DATA = Path(__file__).parents[1] / "src/mrtune/data"
@@ -172,7 +174,106 @@ def test_vocabulary_json_round_trip_and_normalisation():
     assert vocabulary.to_dict() == {
         "dialogue_acts": ["inform", "request"],
         "attributes": ["name", "rating", "specifier"],
+        "closed_values": {},
+        "list_attributes": [],
     }
+
+
+def test_closed_values_of_viggo_train_are_its_categorical_attributes():
+    vocabulary = Vocabulary.from_mrs(_mrs("train"))
+    assert {attribute for attribute, _ in vocabulary.closed_values} == {
+        "available_on_steam",
+        "esrb",
+        "genres",
+        "has_linux_release",
+        "has_mac_release",
+        "has_multiplayer",
+        "platforms",
+        "player_perspective",
+        "rating",
+        "release_year",
+    }
+    assert vocabulary.items_of("rating") == ("average", "excellent", "good", "poor")  # never empty in training
+    assert vocabulary.items_of("has_multiplayer") == ("", "no", "yes")  # has_multiplayer[] occurs
+    assert vocabulary.items_of("platforms") == ("", "Nintendo", "Nintendo Switch", "PC", "PlayStation", "Xbox")
+    assert len(vocabulary.items_of("genres")) == 26 and "action-adventure" in vocabulary.items_of("genres")
+    assert vocabulary.list_attributes == ("genres", "platforms", "player_perspective")
+    for open_attribute in ("name", "developer", "specifier", "exp_release_date"):
+        assert vocabulary.items_of(open_attribute) is None, open_attribute
+    # Every item of validation and test is a training item: closing loses no reference value (specifier is open).
+    closed = dict(vocabulary.closed_values)
+    for split in ("validation", "test"):
+        for text in _mrs(split):
+            for attribute, value in parse_mr(text).slots:
+                if attribute in closed:
+                    assert set(value_items(value)) <= set(closed[attribute]), (split, text)
+
+
+def _uses(attribute: str, values: list[str], times: int) -> list[str]:
+    return [f"inform({attribute}[{value}])" for value in values for _ in range(times)]
+
+
+def test_closed_rule_few_items_each_used_often_enough():
+    # 3 items used 20 times each: closed; the list value gives its items, the empty value "".
+    vocabulary = Vocabulary.from_mrs(_uses("rating", ["good", "poor", "good, poor"], 20) + _uses("rating", [""], 20))
+    assert vocabulary.items_of("rating") == ("", "good", "poor")
+    # 19 uses per item on average: too little evidence, open.
+    assert Vocabulary.from_mrs(_uses("rating", ["good", "poor"], 19) + ["inform(rating[good])"]).closed_values == ()
+    assert Vocabulary.from_mrs(_uses("rating", ["good", "poor"], 19) + _uses("rating", ["good"], 2)).items_of(
+        "rating"
+    ) == ("good", "poor")
+    # 41 distinct items, however often: open.
+    many = [f"v{i}" for i in range(41)]
+    assert Vocabulary.from_mrs(_uses("name", many, 30)).items_of("name") is None
+    assert Vocabulary.from_mrs(_uses("name", many[:40], 30)).items_of("name") == tuple(sorted(many[:40]))
+    # A value that is not a plain list of distinct items (an empty item, a comma inside one, an item twice): open.
+    assert Vocabulary.from_mrs(_uses("genres", ["a", "a, , b"], 30)).items_of("genres") is None
+    assert Vocabulary.from_mrs(_uses("genres", ["a", "a,b"], 30)).items_of("genres") is None
+    assert Vocabulary.from_mrs(_uses("genres", ["a", "b, a, b"], 30)).items_of("genres") is None
+    # A list attribute: one whose training values list several items, and which is closed.
+    lists = Vocabulary.from_mrs(_uses("genres", ["a", "a, b"], 30) + _uses("rating", ["good", "poor"], 30))
+    assert lists.list_attributes == ("genres",) and lists.items_of("rating") == ("good", "poor")
+    assert Vocabulary.from_mrs(_uses("name", ["A, B", "C"], 1)).list_attributes == ()  # open: not a list attribute
+
+
+def test_closed_values_round_trip_and_an_old_vocabulary_allows_every_value():
+    vocabulary = Vocabulary(("inform",), ("name", "rating"), {"rating": ["poor", "good", "good"]}, ("rating",))
+    assert vocabulary.closed_values == (("rating", ("good", "poor")),)
+    assert vocabulary.to_dict()["closed_values"] == {"rating": ["good", "poor"]}
+    assert vocabulary.to_dict()["list_attributes"] == ["rating"]
+    assert Vocabulary.from_dict(json.loads(json.dumps(vocabulary.to_dict()))) == vocabulary
+    assert vocabulary.without_values() == Vocabulary(("inform",), ("name", "rating"))
+    old = Vocabulary.from_dict({"dialogue_acts": ["inform"], "attributes": ["name", "rating"]})
+    assert old.closed_values == () and old.list_attributes == () and old.items_of("rating") is None
+    hash(vocabulary)  # frozen and hashable, as before
+
+
+@pytest.mark.parametrize(
+    ("closed_values", "error", "fragment"),
+    [
+        ({"colour": ["red"]}, ValueError, "names 'colour', which is not one of its attributes"),
+        ({"rating": []}, ValueError, "has no items"),
+        ({"rating": "good"}, TypeError, "must be a collection of str items"),
+        ({"rating": [1]}, TypeError, "must be a collection of str items"),
+        ({"rating": ["a, b"]}, ValueError, "has 'a, b', which is not text without brackets, commas or outer spaces"),
+        ({"rating": [" good"]}, ValueError, "which is not text"),
+        ({"rating": ["go]od"]}, ValueError, "which is not text"),
+        ({"rating": ["go  od"]}, ValueError, "which is not text"),
+    ],
+)
+def test_closed_values_reject_bad_input(closed_values, error, fragment):
+    with pytest.raises(error, match=re.escape(fragment)):
+        Vocabulary(("inform",), ("name", "rating"), closed_values)
+    with pytest.raises(error, match=re.escape(fragment)):
+        Vocabulary.from_dict(
+            {"dialogue_acts": ["inform"], "attributes": ["name", "rating"], "closed_values": closed_values}
+        )
+    with pytest.raises(ValueError, match="list_attributes names 'name', which is not a closed attribute"):
+        Vocabulary(("inform",), ("name", "rating"), {"rating": ["good"]}, ("name",))
+    with pytest.raises(TypeError, match="list_attributes must be a collection of names, not a single str"):
+        Vocabulary(("inform",), ("name", "rating"), {"rating": ["good"]}, "rating")
+    with pytest.raises(TypeError, match="closed_values is a list, expected an object"):
+        Vocabulary.from_dict({"dialogue_acts": ["inform"], "attributes": ["name"], "closed_values": []})
 
 
 def test_vocabulary_rejects_bad_input():

@@ -118,7 +118,8 @@ class LoraSettings:
 @dataclass
 class DataSettings:
     train: str = "viggo:train"
-    """A JSONL or CSV file, `viggo:<split>` (the bundled ViGGO corpus) or `hf:<dataset id>:<split>` (datasets hub)."""
+    """A JSONL or CSV file, `viggo:<split>` (the bundled ViGGO corpus) or `hf:<dataset id>:<split>` (datasets hub);
+    several joined by `+` are read in turn (`viggo:train+viggo:validation`)."""
     validation: str = "viggo:validation"
     test: str = "viggo:test"
     input_field: str = "target"
@@ -211,6 +212,10 @@ class EvalSettings:
     constrained: bool = True
     """Decode only valid MRs: acts and attributes of the run's vocabulary.json, no attribute twice, closed within
     max_new_tokens (`mrtune.infer.constrained`). `--no-constrained` on evaluate/predict turns it off for one command."""
+    constrain_values: bool = True
+    """With `constrained`: a closed attribute (rating, esrb, platforms, genres, ...: vocabulary.json's
+    closed_values) takes only items its training values had. `--set eval.constrain_values=false` lets any value
+    through, as before closed values existed, to compare on the same model."""
 
 
 @dataclass

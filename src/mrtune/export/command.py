@@ -70,7 +70,9 @@ def export(
     config = run.config()
     run.check_intact(config)  # a damaged run is named in one line (`run damaged: FILE: what`), nothing written
     if fmt in ("gbnf", "lark"):
-        text = grammar(Vocabulary.from_dict(run.read_vocabulary()), fmt)
+        vocabulary = Vocabulary.from_dict(run.read_vocabulary())
+        # The run's own decoding: without value constraints when its config turned them off.
+        text = grammar(vocabulary if config.eval.constrain_values else vocabulary.without_values(), fmt)
         _write(output, lambda path: path.write_text(text, encoding="utf-8"))
     else:
         write = write_merged_gguf if fmt == "gguf" else write_lora_gguf

@@ -4,6 +4,9 @@ Both state the grammar of `mrtune.task.grammar` with one narrowing: attributes c
 Every MR of the corpus (train, validation and test) lists its attributes in that one order, so the narrowing costs
 nothing on this data, and it is what lets a plain context-free grammar exclude an attribute written twice: a chain
 of optional slots in a fixed order (one rule per attribute) instead of one nonterminal per subset of attributes.
+A closed attribute's value (vocabulary.json's closed_values) is made of its items, as in mrtune; one widening: a
+list may repeat an item (at most as many items as the attribute has), which mrtune refuses, since excluding it
+would take a rule per subset of items.
 
 What neither format can state is our decoder's token-budget rule (a token is allowed only if the MR can still be
 closed within the tokens left); an engine with a grammar may run out of tokens inside an MR. `mrtune evaluate`
@@ -59,6 +62,7 @@ class _Dialect(NamedTuple):
     rule: Callable[[str], str]  # a rule name made of words joined by "_"
     value: str  # what stands between "[" and "]"
     value_rule: str  # the definition of the value rule/terminal
+    closed: Callable[[str], str]  # the rule (GBNF) or terminal (Lark) name of a closed value's part
 
 
 _DIALECTS = {
@@ -70,12 +74,34 @@ _DIALECTS = {
         lambda name: name.replace("_", "-"),
         "value",
         f'value ::= ({_WORD} (" " {_WORD}){{0,{MAX_WORDS - 1}}})?',
+        lambda name: name.replace("_", "-"),
     ),
     # llguidance's Lark: the value is one regex terminal (upper case), optional, since a lexeme cannot be empty
+    # a closed value is one terminal too, built from its items' literals
     "lark": _Dialect(
-        "//", ": ", "start", lambda name: name, "VALUE?", f"VALUE: /{_WORD}( {_WORD}){{0,{MAX_WORDS - 1}}}/"
+        "//",
+        ": ",
+        "start",
+        lambda name: name,
+        "VALUE?",
+        f"VALUE: /{_WORD}( {_WORD}){{0,{MAX_WORDS - 1}}}/",
+        str.upper,
     ),
 }
+
+
+def _closed_value(style: _Dialect, vocabulary: Vocabulary, attribute: str) -> tuple[str, list[str]]:
+    """What stands between "[" and "]" for a closed attribute, and the definitions it needs."""
+    items = vocabulary.items_of(attribute) or ()
+    full = [item for item in items if item]
+    if not full:  # training only ever had the empty value
+        return '""', []
+    value = item = style.closed(f"item_{attribute}")
+    lines = [f"{item}{style.define}" + " | ".join(json.dumps(i, ensure_ascii=False) for i in full)]
+    if attribute in vocabulary.list_attributes and len(full) > 1:
+        value = style.closed(f"value_{attribute}")
+        lines.append(f'{value}{style.define}{item} (", " {item}){{0,{len(full) - 1}}}')
+    return value + ("?" if "" in items else ""), lines
 
 
 def grammar(vocabulary: Vocabulary, dialect: str) -> str:
@@ -87,7 +113,7 @@ def grammar(vocabulary: Vocabulary, dialect: str) -> str:
     lines = [
         f"{style.comment} ViGGO meaning representation, e.g. inform(name[Portal 2], rating[excellent]); written by "
         "mrtune export.",
-        f"{style.comment} Attributes in canonical order, each at most once.",
+        f"{style.comment} Attributes in canonical order, each at most once; closed attributes take training items.",
         f'{style.start}{define}" "? act "(" {rule("slots_0")} ")"',
         f"act{define}" + " | ".join(json.dumps(act) for act in vocabulary.dialogue_acts),
     ]
@@ -96,7 +122,13 @@ def grammar(vocabulary: Vocabulary, dialect: str) -> str:
         rest = rule(f"slots_{i + 1}")
         tail = f' (", " {rest})? | {rest}' if i + 1 < len(attributes) else ""
         lines.append(f"{rule(f'slots_{i}')}{define}{rule(f'slot_{attribute}')}{tail}")
+    closed_lines = []
     for attribute in attributes:
-        lines.append(f'{rule(f"slot_{attribute}")}{define}{json.dumps(attribute + "[")} {style.value} "]"')
+        value = style.value
+        if vocabulary.items_of(attribute) is not None:
+            value, definitions = _closed_value(style, vocabulary, attribute)
+            closed_lines += definitions
+        lines.append(f'{rule(f"slot_{attribute}")}{define}{json.dumps(attribute + "[")} {value} "]"')
     lines.append(style.value_rule)
+    lines += closed_lines
     return "\n".join(lines) + "\n"

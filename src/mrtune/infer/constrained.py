@@ -17,11 +17,12 @@ It also allows any attribute order (the exported grammars only the canonical one
 
 How it stays cheap: the grammar is a small deterministic automaton whose state is hashable (`State`), and the
 mask of allowed tokens is computed once per state and kept (`MRConstraint` outlives batches and calls). A mask is
-found by walking the sorted token strings as a trie, pruned by the automaton, except inside a value, where almost
-every token is allowed: there the mask is a precomputed "plain value token" mask plus the few tokens that contain
-"]" or continue a UTF-8 character. Each batch row keeps its own state (as a small int); one gather from a bank of
-masks on the model's device and one masked_fill apply them all. For the 1,083 test MRs with SmolLM2's 49,152
-tokens in one batch that is 0.44 s of mask work in all from a cold cache, 0.05 s warm (H200; BENCHMARKS.md).
+found by walking the sorted token strings as a trie, pruned by the automaton (inside a closed attribute's value
+too: its items are a small trie), except inside an open value, where almost every token is allowed: there the mask
+is a precomputed "plain value token" mask plus the few tokens that contain "]" or continue a UTF-8 character.
+Each batch row keeps its own state (as a small int); one gather from a bank of masks on the model's device and one
+masked_fill apply them all. For the 1,083 test MRs with SmolLM2's 49,152 tokens in one batch that is 0.44 s of
+mask work in all from a cold cache, 0.05 s warm (H200, before closed values; BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -286,7 +287,7 @@ class MRConstraint:
             out[ids[lo]] = state
             lo += 1
         prefix = strings[lo][:depth]
-        for byte in self.grammar.CANDIDATE_BYTES[state.phase]:
+        for byte in self.grammar.candidate_bytes(state):
             reached = self.grammar.step(state, byte)
             if reached is None:
                 continue

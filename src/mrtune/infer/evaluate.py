@@ -14,7 +14,7 @@ from mrtune.infer.predict import check_lengths, decode, load_model
 from mrtune.run.outputs import building_dir
 from mrtune.run.rundir import RunDir
 from mrtune.task.data import load_split, spread_sample
-from mrtune.task.mr import score
+from mrtune.task.mr import Vocabulary, score
 
 DATA_PREFIX = "data-"
 """eval/data-<name>/ holds the results of `--data FILE`: never a split's name, never a path out of eval/."""
@@ -90,6 +90,10 @@ def evaluate(
     started = time.perf_counter()
     predictions, stats = decode(run, config, tokenizer, model, [e.sentence for e in examples], progress, constrained)
     seconds = time.perf_counter() - started
+    # Whether closed values bound this decoding: a run from before them has none in its vocabulary.json.
+    constrained_values = (
+        constrained and config.eval.constrain_values and bool(Vocabulary.from_dict(run.read_vocabulary()).closed_values)
+    )
     references = [e.meaning_representation for e in examples]
     metrics = score(predictions, references)
     metrics.update(
@@ -98,6 +102,7 @@ def evaluate(
         decode_seconds=round(seconds, 2),
         rows_per_s=round(len(examples) / seconds, 2),
         constrained=constrained,
+        constrained_values=constrained_values,
         generated_tokens=stats["generated_tokens"],
         tokens_per_s=round(stats["generated_tokens"] / seconds, 1),
     )

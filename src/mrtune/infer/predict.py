@@ -37,15 +37,17 @@ def load_run_model(run: RunDir, settings, adapter: Path | None, merge: bool = Tr
         raise run.damaged(adapter, f"does not fit the base model {settings.name} ({reason})") from None
 
 
-def load_constraint(run: RunDir, tokenizer):
-    """The decoding constraint for this run's vocabulary (acts and attributes of its training split)."""
+def load_constraint(run: RunDir, tokenizer, values: bool = True):
+    """The decoding constraint for this run's vocabulary (acts, attributes and, with `values`, the items of closed
+    attributes, from its training split)."""
     from mrtune.infer.constrained import MRConstraint
 
     if not run.vocabulary.is_file():
         raise MrtuneError(
             f"{run.vocabulary} is missing, so constrained decoding has no vocabulary: pass --no-constrained"
         )
-    return MRConstraint(tokenizer, Vocabulary.from_dict(run.read_vocabulary()))
+    vocabulary = Vocabulary.from_dict(run.read_vocabulary())
+    return MRConstraint(tokenizer, vocabulary if values else vocabulary.without_values())
 
 
 def check_lengths(tokenizer, model, config, examples: list[Example]) -> None:
@@ -72,7 +74,7 @@ def decode(
 ) -> tuple[list[str], dict]:
     """Predictions for `sentences`, and the decoding's `generated_tokens` and `seconds`."""
     prompts = [build_prompt(config.data.prompt_style, s) for s in sentences]
-    constraint = load_constraint(run, tokenizer) if constrained else None
+    constraint = load_constraint(run, tokenizer, config.eval.constrain_values) if constrained else None
     return decode_prompts(run, config, tokenizer, model, prompts, constraint, progress)
 
 

@@ -62,7 +62,7 @@ class Engine:
         overrides = [f"eval.batch_size={max_batch}"] if max_batch is not None else []
         config = with_eval_overrides(run.config(), overrides)
         tokenizer, model = load_model(run, config, base=False)
-        constraint = load_constraint(run, tokenizer) if config.eval.constrained else None
+        constraint = load_constraint(run, tokenizer, config.eval.constrain_values) if config.eval.constrained else None
         return cls(run, config, tokenizer, model, constraint, load_tokenizer(str(run.tokenizer)))
 
     @property

@@ -10,7 +10,8 @@ The bundled corpus is ViGGO (Juraska et al., INLG 2019; CC BY-SA 4.0, see data/L
       Everyone 10 and Older). It's not available on Steam, Linux, or Mac."}
 
 A split is named by a spec: `viggo:train` (bundled), a `.jsonl`/`.json`/`.csv` path, or `hf:<dataset>:<split>`
-(through `datasets.load_dataset`, when the hub can be reached).
+(through `datasets.load_dataset`, when the hub can be reached); several joined by `+` are read one after the other,
+e.g. `viggo:train+viggo:validation` to train a final recipe on both.
 """
 
 from __future__ import annotations
@@ -41,8 +42,30 @@ class Example:
     """Where the row came from, e.g. `train.jsonl:12`, for error messages."""
 
 
+SOURCE_SEPARATOR = "+"
+
+
 def _read_rows(spec: str) -> tuple[list[tuple[str, dict]], list[str]]:
-    """Rows of a split as (location, record) pairs, plus the problems met while reading them."""
+    """Rows of a split as (location, record) pairs, plus the problems met while reading them. A spec of several
+    sources joined by "+" gives their rows in order; a file whose own name has a "+" in it is read as one source."""
+    if SOURCE_SEPARATOR not in spec or Path(spec).exists():
+        return _read_source(spec)
+    sources = spec.split(SOURCE_SEPARATOR)
+    if not all(sources):
+        raise MrtuneError(
+            f"data spec {spec!r} has an empty source: join sources with a single '+', e.g. viggo:train+viggo:validation"
+        )
+    rows: list[tuple[str, dict]] = []
+    problems: list[str] = []
+    for source in sources:
+        source_rows, source_problems = _read_source(source)
+        rows += source_rows
+        problems += source_problems
+    return rows, problems
+
+
+def _read_source(spec: str) -> tuple[list[tuple[str, dict]], list[str]]:
+    """Rows of one source (bundled split, file or hub split)."""
     if spec.startswith("viggo:"):
         split = spec.split(":", 1)[1]
         if split not in BUNDLED_SPLITS:

@@ -6,9 +6,14 @@ The grammar, stated once here and implemented once, byte by byte, in `MRGrammar.
     act    := a dialogue act of the vocabulary                  e.g. verify_attribute
     slot   := attribute "[" value "]"                           an attribute of the vocabulary not used
                                                                 before in this MR
-    value  := "" | word (" " word)*                             e.g. esrb[], name[Eidos Montréal]
+    value  := "" | word (" " word)*                             an open attribute: e.g. name[Eidos Montréal]
+            | closed                                            a closed attribute (Vocabulary.closed_values)
     word   := char+
     char   := a UTF-8 character other than "[", "]", " " and control characters
+    closed := item (", " item)*                                 e.g. genres[action, adventure], rating[good]
+            | ""                                                where training had the empty value: esrb[]
+    item   := one of the attribute's items not used before in this value; one item only, unless the attribute
+              is a list attribute
 
 and one rule on length: with `left` tokens left of the generation budget, a token is allowed only if the MR can
 still be closed and EOS written in the `left - 1` tokens that remain after it (`MRConstraint.finish_cost`).
@@ -39,10 +44,13 @@ __all__ = [
     "COMMA",
     "DONE",
     "FINISHED",
+    "ITEM",
+    "ITEM_COMMA",
 ]
 
-# Phases of the automaton. ACT with an empty prefix is the start.
-ACT, ATTR, VALUE, AFTER_VALUE, COMMA, DONE, FINISHED = range(7)
+# Phases of the automaton. ACT with an empty prefix is the start. ITEM is inside a closed value, ITEM_COMMA
+# between its "," and " ".
+ACT, ATTR, VALUE, AFTER_VALUE, COMMA, DONE, FINISHED, ITEM, ITEM_COMMA = range(9)
 
 SPACE, _OPEN, _CLOSE, _LBRACKET, RBRACKET, _COMMA = b" ()[],"
 
@@ -51,9 +59,11 @@ class State(NamedTuple):
     """Where the automaton is. Hashable: it keys the mask cache."""
 
     phase: int
-    prefix: str = ""  # ACT/ATTR: the name written so far
+    prefix: str = ""  # ACT/ATTR: the name written so far; ITEM/ITEM_COMMA: the closed attribute of the value
     used: int = 0  # attributes written so far, one bit per attribute (MRGrammar.attributes order)
-    empty: bool = True  # VALUE: nothing written yet
+    empty: bool = True  # VALUE/ITEM: nothing written yet
+    item: bytes = b""  # ITEM: the current item so far (UTF-8, possibly ending inside a character)
+    items_used: int = 0  # ITEM/ITEM_COMMA: items of this value written so far, one bit per item (MRGrammar.item_bits)
     space: bool = False  # VALUE: the last byte was a space; ACT: the optional leading space was written
     pending: int = 0  # VALUE: UTF-8 continuation bytes still owed
     lead: int = 0  # VALUE: the lead byte, when it narrows the range of the next continuation byte (E0 ED F0 F4)
@@ -109,6 +119,30 @@ class MRGrammar:
                 self.attribute_prefixes[attribute[:i]] = (
                     self.attribute_prefixes.get(attribute[:i], 0) | self.bit[attribute]
                 )
+        # Closed attributes: a bit per item (UTF-8), and every prefix of an item -> the bits of the items that
+        # start with it and the bytes that may follow it (the trie the automaton walks).
+        self.item_bits: dict[str, dict[bytes, int]] = {}
+        self.item_prefixes: dict[str, dict[bytes, int]] = {}
+        self.item_next: dict[str, dict[bytes, bytes]] = {}
+        self.empty_allowed = {attribute for attribute, items in vocabulary.closed_values if "" in items}
+        self.lists = set(vocabulary.list_attributes)
+        # The shortest value of each attribute in bytes, which closings write: any value closes, a short one soonest.
+        self.shortest_values: dict[str, list[str]] = {attribute: [""] for attribute in self.attributes}
+        for attribute, items in vocabulary.closed_values:
+            full = [item for item in items if item]
+            bits = self.item_bits[attribute] = {item.encode(): 1 << i for i, item in enumerate(full)}
+            prefixes: dict[bytes, int] = {}
+            following: dict[bytes, set[int]] = {}
+            for item, bit in bits.items():
+                for i in range(len(item) + 1):
+                    prefixes[item[:i]] = prefixes.get(item[:i], 0) | bit
+                    if i < len(item):
+                        following.setdefault(item[:i], set()).add(item[i])
+            self.item_prefixes[attribute] = prefixes
+            self.item_next[attribute] = {prefix: bytes(sorted(after)) for prefix, after in following.items()}
+            if attribute not in self.empty_allowed:
+                shortest = min(map(len, full))
+                self.shortest_values[attribute] = [item for item in full if len(item) == shortest]
         self.start = State(ACT)
 
     # Bytes that `step` can accept in each phase (VALUE: nearly all): it is asked about these only.
@@ -121,7 +155,14 @@ class MRGrammar:
         COMMA: b" ",
         DONE: b"",
         FINISHED: b"",
+        ITEM_COMMA: b" ",
     }
+
+    def candidate_bytes(self, state: State) -> bytes:
+        """Bytes that `step` may accept in `state` (a superset): it is asked about these only."""
+        if state.phase == ITEM:
+            return self.item_next[state.prefix].get(state.item, b"") + b",]"
+        return self.CANDIDATE_BYTES[state.phase]
 
     def step(self, state: State, byte: int) -> State | None:
         """The state after one more byte, or None when the grammar does not allow it."""
@@ -148,10 +189,16 @@ class MRGrammar:
                 return state._replace(space=True) if not state.prefix and not state.space else None
             prefix = state.prefix + chr(byte)
             return state._replace(prefix=prefix) if prefix in self.act_prefixes else None
+        if phase == ITEM:
+            return self._step_item(state, byte)
         if phase == ATTR:
             if byte == _LBRACKET:
                 bit = self.bit.get(state.prefix, 0)
-                return State(VALUE, used=state.used | bit) if bit and not bit & state.used else None
+                if not bit or bit & state.used:
+                    return None
+                if state.prefix in self.item_bits:
+                    return State(ITEM, prefix=state.prefix, used=state.used | bit)
+                return State(VALUE, used=state.used | bit)
             prefix = state.prefix + chr(byte)
             return state._replace(prefix=prefix) if self.attribute_prefixes.get(prefix, 0) & ~state.used else None
         if phase == AFTER_VALUE:
@@ -161,7 +208,29 @@ class MRGrammar:
             return State(COMMA, used=state.used) if byte == _COMMA and state.used != self.all_used else None
         if phase == COMMA:
             return State(ATTR, used=state.used) if byte == SPACE else None
+        if phase == ITEM_COMMA:
+            return state._replace(phase=ITEM) if byte == SPACE else None
         return None  # DONE, FINISHED: only EOS
+
+    def _step_item(self, state: State, byte: int) -> State | None:
+        """One byte inside a closed value. Items hold no "," or "]", so either byte ends the item deterministically;
+        an item already in the value is refused, as no training value repeats one."""
+        attribute = state.prefix
+        bit = self.item_bits[attribute].get(state.item, 0)
+        complete = bool(bit & ~state.items_used)  # a whole item, new to this value
+        if byte == RBRACKET:
+            closes = complete or (state.empty and attribute in self.empty_allowed)
+            return State(AFTER_VALUE, used=state.used) if closes else None
+        if byte == _COMMA:
+            # A comma only while an item is left to write after it.
+            items_used = state.items_used | bit
+            if not complete or attribute not in self.lists or items_used == self.item_prefixes[attribute][b""]:
+                return None
+            return State(ITEM_COMMA, prefix=attribute, used=state.used, empty=False, items_used=items_used)
+        item = state.item + bytes([byte])
+        if not self.item_prefixes[attribute].get(item, 0) & ~state.items_used:
+            return None
+        return state._replace(item=item, empty=False)
 
     def advance(self, state: State | None, data: bytes) -> State | None:
         for byte in data:
@@ -184,7 +253,9 @@ class MRGrammar:
         phase = state.phase
         unused = [a for a in self.attributes if not self.bit[a] & state.used]
         if phase == ACT:
-            endings = [f"({attribute}[])" for attribute in self.attributes]
+            endings = [
+                f"({attribute}[{value}])" for attribute in self.attributes for value in self.shortest_values[attribute]
+            ]
             strings = [
                 act[len(state.prefix) :] + ending
                 for act in self.dialogue_acts
@@ -195,7 +266,18 @@ class MRGrammar:
                 strings += [" " + s for s in strings]
             return [s.encode() for s in strings]
         if phase == ATTR:
-            return [(a[len(state.prefix) :] + "[])").encode() for a in unused if a.startswith(state.prefix)]
+            return [
+                f"{a[len(state.prefix) :]}[{value}])".encode()
+                for a in unused
+                if a.startswith(state.prefix)
+                for value in self.shortest_values[a]
+            ]
+        if phase in (ITEM, ITEM_COMMA):
+            unused = [item for item, bit in self.item_bits[state.prefix].items() if not bit & state.items_used]
+            if phase == ITEM_COMMA:
+                return [b" " + item + b"])" for item in unused]
+            endings = [item[len(state.item) :] + b"])" for item in unused if item.startswith(state.item)]
+            return endings + [b"])"] if state.empty and state.prefix in self.empty_allowed else endings
         if phase == VALUE:
             if state.pending:
                 first = _FIRST_CONTINUATION.get(state.lead, (0x80, 0xBF))[0]
@@ -206,5 +288,5 @@ class MRGrammar:
         if phase == AFTER_VALUE:
             return [b")"]
         if phase == COMMA:
-            return [f" {a}[])".encode() for a in unused]
+            return [f" {a}[{value}])".encode() for a in unused for value in self.shortest_values[a]]
         return [b""]

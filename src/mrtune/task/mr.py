@@ -20,6 +20,7 @@ __all__ = [
     "MRParseError",
     "MeaningRepresentation",
     "Vocabulary",
+    "value_items",
     "dialogue_act_confusion",
     "parse_mr",
     "score",
@@ -373,54 +374,146 @@ def _names(field: str, names: Iterable[str]) -> tuple[str, ...]:
     return result
 
 
+# List values join their items with ", " (genres[action, adventure]); a closed attribute's value is such a list of
+# its items, or empty (`esrb[]`) where training had the empty value.
+ITEM_SEPARATOR = ", "
+# One item of a closed value: canonical text (single spaces inside, none at the ends) with no bracket, comma or
+# control character, so that items joined by ", " are always read back as the same items.
+_ITEM = re.compile(r"[^\s\x00-\x1f\x7f\[\],]+(?: [^\s\x00-\x1f\x7f\[\],]+)*")
+
+# The rule for a closed attribute, from ViGGO's training split: at most 40 distinct items, used on average at least
+# 20 times each. ViGGO's categorical attributes (rating, esrb, the yes/no ones, platforms, genres,
+# player_perspective, release_year) have 3 to 26 items and 64 or more uses per item. Its free-text ones stay open, as
+# a new game, studio, adjective or date must stay writable: name, developer and specifier have 78 items or more,
+# exp_release_date 11 dates in 108 uses. The uses-per-item bound also keeps a small training sample (a few dozen
+# rows, each name seen a few times) from closing an attribute on too little evidence.
+MAX_CLOSED_ITEMS = 40
+MIN_USES_PER_ITEM = 20
+
+
+def value_items(value: str) -> list[str]:
+    """The items of a value: ``"PC, Xbox"`` gives ``["PC", "Xbox"]``, the empty value ``[""]``."""
+    return value.split(ITEM_SEPARATOR) if value else [""]
+
+
+def _closed_values(closed_values) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """`Vocabulary.closed_values` normalised: pairs sorted by attribute, items sorted and de-duplicated."""
+    pairs = closed_values.items() if isinstance(closed_values, Mapping) else closed_values
+    result = {}
+    for attribute, items in pairs:
+        where = f"Vocabulary.closed_values[{attribute!r}]"
+        if isinstance(items, str) or not all(isinstance(item, str) for item in items):
+            raise TypeError(f"{where} must be a collection of str items")
+        if not items:
+            raise ValueError(f"{where} has no items; leave the attribute out to allow any value")
+        for item in items:
+            if item and not _ITEM.fullmatch(item):
+                raise ValueError(f"{where} has {item!r}, which is not text without brackets, commas or outer spaces")
+        result[attribute] = tuple(sorted(set(items)))
+    return tuple(sorted(result.items()))
+
+
 @dataclass(frozen=True)
 class Vocabulary:
-    """The dialogue acts and attribute names that constrained decoding may emit.
+    """The dialogue acts, attribute names and closed attribute values that constrained decoding may emit.
 
-    Learned from training MRs such as ``request(specifier[short])`` (act
-    ``request``, attribute ``specifier``). Both tuples are kept sorted and
-    de-duplicated whatever order they are given in, so equal vocabularies
-    compare and serialise equally.
+    Learned from training MRs such as ``request(specifier[short])`` (act ``request``, attribute ``specifier``).
+    Every field is kept sorted and de-duplicated whatever order it is given in, so equal vocabularies compare and
+    serialise equally.
     """
 
     dialogue_acts: tuple[str, ...]
     attributes: tuple[str, ...]
+    closed_values: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    """The items each closed attribute's value is made of, e.g. ``(("rating", ("average", "good", ...)), ...)``
+    (a mapping is accepted too); ``""`` among them allows the empty value. Other attributes take any value."""
+    list_attributes: tuple[str, ...] = ()
+    """The closed attributes whose value may list several items, as some training value did (genres, platforms);
+    another closed attribute's value is one item (rating[good], never rating[good, poor])."""
 
     def __post_init__(self) -> None:
         # Frozen dataclass: normalise through object.__setattr__ so that the
         # "sorted" promise holds for direct construction too.
         object.__setattr__(self, "dialogue_acts", _names("dialogue_acts", self.dialogue_acts))
         object.__setattr__(self, "attributes", _names("attributes", self.attributes))
+        object.__setattr__(self, "closed_values", _closed_values(self.closed_values))
+        unknown = [attribute for attribute, _ in self.closed_values if attribute not in self.attributes]
+        if unknown:
+            raise ValueError(f"Vocabulary.closed_values names {unknown[0]!r}, which is not one of its attributes")
+        object.__setattr__(self, "list_attributes", _names("list_attributes", self.list_attributes))
+        unknown = [attribute for attribute in self.list_attributes if self.items_of(attribute) is None]
+        if unknown:
+            raise ValueError(f"Vocabulary.list_attributes names {unknown[0]!r}, which is not a closed attribute")
+
+    def items_of(self, attribute: str) -> tuple[str, ...] | None:
+        """The items a value of `attribute` is made of, or None when the attribute is open."""
+        return dict(self.closed_values).get(attribute)
+
+    def without_values(self) -> Vocabulary:
+        """The same acts and attributes, with every value allowed (`eval.constrain_values=false`)."""
+        return Vocabulary(self.dialogue_acts, self.attributes)
 
     @classmethod
     def from_mrs(cls, mrs: Iterable[str]) -> Vocabulary:
-        """Collect every act and attribute used in ``mrs`` (normally the training split).
+        """Collect every act and attribute used in ``mrs`` (normally the training split), and the items of each
+        attribute that is closed by the rule above (`MAX_CLOSED_ITEMS`, `MIN_USES_PER_ITEM`).
 
         Raises MRParseError naming the row when one does not parse: the
         training data should be clean, and a typo there would become
         something the model is allowed to emit.
         """
         acts: set[str] = set()
-        attributes: set[str] = set()
+        uses: Counter[str] = Counter()
+        items: dict[str, set[str]] = {}
+        lists: set[str] = set()  # attributes with a value of several items
+        # Attributes with a value that is not a plain list of distinct items (an empty or repeated item, a comma
+        # inside one): never closed, as the grammar of closed values could not write that value back.
+        irregular: set[str] = set()
         for index, text in enumerate(mrs):
             try:
                 mr = parse_mr(text)
             except MRParseError as exc:
                 raise MRParseError(f"MR {index} is not valid: {exc}", text=exc.text) from exc
             acts.add(mr.dialogue_act)
-            attributes.update(mr.attributes)
-        return cls(tuple(acts), tuple(attributes))
+            for attribute, value in mr.slots:
+                pieces = value_items(value)
+                uses[attribute] += 1
+                items.setdefault(attribute, set()).update(pieces)
+                if len(pieces) > 1:
+                    lists.add(attribute)
+                if value and (len(set(pieces)) < len(pieces) or not all(map(_ITEM.fullmatch, pieces))):
+                    irregular.add(attribute)
+        closed = {
+            attribute: found
+            for attribute, found in items.items()
+            if attribute not in irregular
+            and len(found) <= MAX_CLOSED_ITEMS
+            and uses[attribute] >= MIN_USES_PER_ITEM * len(found)
+        }
+        return cls(tuple(acts), tuple(items), closed, tuple(lists & set(closed)))
 
     def to_dict(self) -> dict:
-        """JSON-ready form: ``{"dialogue_acts": [...], "attributes": [...]}``."""
-        return {"dialogue_acts": list(self.dialogue_acts), "attributes": list(self.attributes)}
+        """JSON-ready form: ``{"dialogue_acts": [...], "attributes": [...], "closed_values": {attribute: [...]},
+        "list_attributes": [...]}``."""
+        return {
+            "dialogue_acts": list(self.dialogue_acts),
+            "attributes": list(self.attributes),
+            "closed_values": {attribute: list(items) for attribute, items in self.closed_values},
+            "list_attributes": list(self.list_attributes),
+        }
 
     @classmethod
     def from_dict(cls, d: Mapping) -> Vocabulary:
-        """Inverse of `to_dict`; raises ValueError when a key is missing."""
+        """Inverse of `to_dict`; raises ValueError when a key is missing. A vocabulary written before closed values
+        existed (no ``closed_values`` key) allows every value, as it did then."""
         missing = [key for key in ("dialogue_acts", "attributes") if key not in d]
         if missing:
             raise ValueError(
                 f"vocabulary is missing {', '.join(missing)}; expected keys 'dialogue_acts' and 'attributes'"
             )
-        return cls(tuple(d["dialogue_acts"]), tuple(d["attributes"]))
+        closed_values = d.get("closed_values", {})
+        if not isinstance(closed_values, Mapping):
+            raise TypeError(f"vocabulary's closed_values is a {type(closed_values).__name__}, expected an object")
+        return cls(
+            tuple(d["dialogue_acts"]), tuple(d["attributes"]), closed_values, tuple(d.get("list_attributes", ()))
+        )
