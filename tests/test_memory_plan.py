@@ -135,6 +135,7 @@ def cpu_planner(monkeypatch):
     monkeypatch.setattr(memory, "measure_peak", measure)
     monkeypatch.setattr(memory, "cap_bytes", lambda config, device: 3 * GB)
     monkeypatch.setattr(memory, "hold_to_cap", lambda cap, device: None)
+    monkeypatch.setattr(memory, "fewer_fragments", lambda: None)
     return seen
 
 

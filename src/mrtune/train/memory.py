@@ -241,6 +241,21 @@ def measure_peak(run_step: Callable[[int], None], tokens: int, device: torch.dev
         torch.cuda.empty_cache()
 
 
+def fewer_fragments() -> None:
+    """Let the caching allocator grow segments in place (`expandable_segments`) unless the user configured it.
+
+    The probes predict what tensors take (allocated bytes); a cap bounds what the allocator reserves. With its
+    default fixed-size segments, steps of ever-changing activation sizes fragment them: on the H200, a planned
+    16,384-token step held 22.9 GB reserved for 14.4 GB allocated and ran out of memory under a 16 GB cap.
+    Expandable segments keep reserved close to allocated. Set at run time, through torch's private setter (the
+    environment variable is read only when CUDA starts, which may be done already): it applies to the segments
+    allocated from now on."""
+    import os
+
+    if "expandable_segments" not in os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""):
+        torch.cuda.memory._set_allocator_settings("expandable_segments:True")
+
+
 def hold_to_cap(cap: float, device: torch.device) -> None:
     _, total = torch.cuda.mem_get_info(device)
     torch.cuda.set_per_process_memory_fraction(min(1.0, cap / total), device)
@@ -253,6 +268,7 @@ def plan_memory(
     the cap. `run_step` runs a forward and backward pass on a micro-batch of `tokens` and clears the gradients."""
     if device.type == "cuda" and device.index is None:  # torch.cuda's memory queries want an index
         device = torch.device("cuda", torch.cuda.current_device())
+    fewer_fragments()
     cap = cap_bytes(config, device)
     extra = optimizer_bytes(model, config)
     sizes = probe_sizes(config, longest_row)
