@@ -333,6 +333,37 @@ def bench_accuracy(rec: Recorder, parallel: int) -> None:
             rec.store(part["scored"], winner, score_everywhere(rec, f"accuracy-{winner}", run_dir))
 
 
+def bench_accuracy_final(rec: Recorder, parallel: int) -> None:
+    """plans.yaml accuracy_final: each run trained (`parallel` at a time: their times are not speed figures), then
+    scored on validation and test with closed values on and off, one after the other on the same run directory."""
+    from mrtune.model.resolve import EMBEDDED_MODEL, resolve_model_path
+
+    plan = PLANS["accuracy_final"]
+    resolve_model_path(EMBEDDED_MODEL)  # convert the GGUF once, before the children race to do it
+    unseen = str(unseen_names_file())
+    part = rec.results.setdefault("accuracy_final", {})
+
+    def one(item: tuple[str, dict]) -> None:
+        name, run = item
+        args = ["project", "--config", run["config"], "--warm", "3", "--set", "train.eval_rows=100", *run["set"]]
+        entry = {"config": run["config"], "overrides": run["set"], "train": rec.child(f"final-{name}", args, 560)}
+        rec.store(part, name, entry)
+        if not ok(entry["train"]):
+            return
+        run_dir = entry["train"]["run_dir"]
+        splits = ["test"] if run.get("test_only") else ["validation", "test"]
+        for split in splits:
+            for values, extra in (("on", []), ("off", ["--set", *plan["values_off"]])):
+                key = f"{split}_values_{values}"
+                job = ["evaluate", run_dir, "--split", split, *extra]
+                rec.store(entry, key, rec.child(f"final-{name}-{key}", job, 200))
+        names = rec.child(f"final-{name}-unseen", ["evaluate", run_dir, "--data", unseen], 200)
+        rec.store(entry, "unseen_names", names)
+
+    with ThreadPoolExecutor(parallel) as pool:
+        list(pool.map(one, plan["runs"].items()))
+
+
 def bench_mistral(rec: Recorder, tokenizer_dir: str, model_dir: Path, only: set[str] | None, seed_runs: int) -> None:
     """The seed recipe `seed_runs` times (its median is the ratios' denominator), then the 7B settings in `only`
     (all of plans.yaml seven_b.settings and `default` when None)."""
@@ -439,7 +470,7 @@ def bench_search(rec: Recorder, name: str, parallel: int) -> None:
 
 
 MISTRAL_SHAPE_LABEL = "random-init Mistral-7B shape (4-bit NF4)"
-PARTS = ("smollm2", "smollm2-fast", "accuracy", "mistral", "memory-plan", "levers")
+PARTS = ("smollm2", "smollm2-fast", "accuracy", "accuracy-final", "mistral", "memory-plan", "levers")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -466,7 +497,7 @@ def command_bench(args: argparse.Namespace) -> None:
     names = set(args.settings.split(",")) if args.settings else None
     tokenizer_dir = args.tokenizer_dir or (
         resolve_model_path("embedded:smollm2-135m-instruct")
-        if {"smollm2", "smollm2-fast", "accuracy"} & set(parts) or not args.model_dir.is_dir()
+        if {"smollm2", "smollm2-fast", "accuracy", "accuracy-final"} & set(parts) or not args.model_dir.is_dir()
         else str(args.model_dir)
     )
     for part in parts:
@@ -476,6 +507,8 @@ def command_bench(args: argparse.Namespace) -> None:
             bench_smollm2_fast(rec, names)
         elif part == "accuracy":
             bench_accuracy(rec, args.parallel)
+        elif part == "accuracy-final":
+            bench_accuracy_final(rec, args.parallel)
         elif part == "mistral":
             bench_mistral(rec, tokenizer_dir, args.model_dir, names, args.seed_runs)
         elif part == "memory-plan":

@@ -28,6 +28,8 @@ def test_every_plan_variant_is_a_valid_config():
         load_config(plans["smollm2"]["config"], overrides)
     for setting in plans["seven_b"]["settings"].values():
         load_config(None, [*plans["seven_b"]["common"], *setting["set"]])
+    for run in plans["accuracy_final"]["runs"].values():
+        load_config(run["config"], [*run["set"], *plans["accuracy_final"]["values_off"]])
     for cap in plans["memory_plan"]["caps_gb"]:
         load_config(plans["memory_plan"]["config"], [*plans["memory_plan"]["set"], f"train.max_memory_gb={cap}"])
     for search in plans["searches"].values():
