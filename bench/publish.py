@@ -41,6 +41,49 @@ def summarise(results: dict) -> dict:
         )
     summary.update(_summary_smollm2(results.get("smollm2", {})))
     summary.update(_summary_accuracy(results.get("accuracy", {})))
+    summary.update(_summary_memory_plan(results.get("mistral7b_shape", {})))
+    summary.update(_summary_accuracy_final(results.get("accuracy_final", {})))
+    return summary
+
+
+def _plan_name(plan: dict) -> str:
+    return f"{plan['batch_tokens']} tokens, checkpointing {'on' if plan['gradient_checkpointing'] else 'off'}"
+
+
+def _summary_memory_plan(seven: dict) -> dict:
+    """`memory_plan_7b`: for each cap, what the planner chose for the default 7B recipe and how fast it ran."""
+    seed = seven.get("seed", {})
+    plans = {}
+    for cap, r in seven.get("memory_caps", {}).items():
+        base = _seed_rate(r, seed)
+        if ok(r) and r.get("memory_plan") and base:
+            plans[cap] = dict(
+                setting=_plan_name(r["memory_plan"]),
+                useful_tokens_per_s=r["useful_tokens_per_s"],
+                peak_gb=r["peak_memory_gb"],
+                peak_reserved_gb=r.get("peak_reserved_gb"),
+                vs_seed=r["useful_tokens_per_s"] / base,
+            )
+    return {"memory_plan_7b": plans} if plans else {}
+
+
+FINAL_RUN = "best-train+validation-seed0"
+"""The accuracy_final run whose scores are the headline: the chosen recipe trained on train + validation."""
+
+
+def _summary_accuracy_final(part: dict) -> dict:
+    final = part.get(FINAL_RUN, {})
+    test, names = final.get("test_values_on"), final.get("unseen_names")
+    if not ok(test):
+        return {}
+    summary = dict(
+        smollm2_best_variant="configs/smollm2-final.yaml (smollm2-best on train + validation, closed values)",
+        smollm2_best_test_exact_match=test["exact_match"],
+        smollm2_best_test_slot_f1=test["slot_f1"],
+        smollm2_best_valid_mr_rate=test["valid_mr_rate"],
+    )
+    if ok(names):
+        summary["smollm2_best_unseen_names_exact_match"] = names["exact_match"]
     return summary
 
 
@@ -143,9 +186,9 @@ def _summary_accuracy(part: dict) -> dict:
 PREDICTED = {name: v.get("predicted", "") for name, v in PLANS["levers"]["variants"].items()}
 
 
-def markers(date: str) -> tuple[str, str]:
-    """The HTML comments around one run's section of BENCHMARKS.md."""
-    return f"<!-- gpu-bench {date}:start -->", f"<!-- gpu-bench {date}:end -->"
+def markers(label: str) -> tuple[str, str]:
+    """The HTML comments around one run's section of BENCHMARKS.md (`label`: the run's date, or a name)."""
+    return f"<!-- gpu-bench {label}:start -->", f"<!-- gpu-bench {label}:end -->"
 
 
 def _row(name: str, r: dict, seed: dict | None) -> str:
@@ -161,7 +204,7 @@ def _row(name: str, r: dict, seed: dict | None) -> str:
 
 def markdown(results: dict) -> str:
     """The GPU section of BENCHMARKS.md for one merged run (its own markers, so earlier runs' sections stay)."""
-    start, end = markers(results["date"])
+    start, end = markers(results.get("label") or results["date"])
     calls = results.get("calls") or ["one call"]
     lines = [
         start,
@@ -175,12 +218,25 @@ def markdown(results: dict) -> str:
     ]
     if results.get("notes"):
         lines += [f"- {note}" for note in results["notes"]] + [""]
-    for section in (_seven_b, _scaling, _smollm2, _accuracy, _levers, _searches):
+    for section in (_seven_b, _memory_plan, _scaling, _smollm2, _accuracy, _accuracy_final, _levers, _searches):
         lines += section(results)
     lines += ["### Headline figures (bench/results/latest.json)", "", "| key | value |", "| --- | --- |"]
     summary = summarise(results)
-    lines += [f"| {k} | {v:.3g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in summary.items()]
+    lines += [f"| {k} | {_shown(v)} |" for k, v in summary.items()]
     return "\n".join([*lines, "", end])
+
+
+def _shown(value) -> str:
+    """A headline value in a table cell: floats to 3 figures, a memory plan one cap after another."""
+    if isinstance(value, float):
+        return f"{value:.3g}"
+    if isinstance(value, dict):
+        return "; ".join(
+            f"{cap} GB: {p['setting']}, {p['useful_tokens_per_s']:,.0f} tok/s, {p['vs_seed']:.1f}x, peak "
+            f"{p['peak_gb']:.1f} GB"
+            for cap, p in value.items()
+        )
+    return str(value)
 
 
 HEADER = [
@@ -353,6 +409,69 @@ def _accuracy(results: dict) -> list[str]:
     return [*lines, ""]
 
 
+def _memory_plan(results: dict) -> list[str]:
+    seven = results.get("mistral7b_shape", {})
+    caps = seven.get("memory_caps")
+    if not caps:
+        return []
+    seed = seven.get("seed", {})
+    lines = [
+        f"### Memory planner: configs/mistral-7b-qlora.yaml on the {MISTRAL_SHAPE_LABEL}, under each cap",
+        "",
+        "`train.batch_tokens: auto`, `model.gradient_checkpointing: auto`, `train.max_memory_gb` = the cap (the "
+        "planner plans within it and holds the process to it with `set_per_process_memory_fraction`). Compact "
+        "prompt, LoRA r=8 on all linear layers and lm_head, dropout 0.05, flex attention, not compiled. Peak "
+        "allocated is what the probes predict; peak reserved is what the cap bounds.",
+        "",
+        "| cap GB | chosen | predicted peak GB | peak allocated GB | peak reserved GB | useful tokens/s | vs seed |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for cap, r in caps.items():
+        if not ok(r):
+            lines.append(f"| {cap} | failed: {r.get('reason', '')[:160]} | | | | | |")
+            continue
+        plan, base = r["memory_plan"], _seed_rate(r, seed)
+        lines.append(
+            f"| {cap} | {_plan_name(plan)} | {plan['predicted_peak_gb']:.1f} | {r['peak_memory_gb']:.1f} | "
+            f"{r['peak_reserved_gb']:.1f} | {r['useful_tokens_per_s']:,.0f} | "
+            f"{r['useful_tokens_per_s'] / base:.1f}x |"
+        )
+    return [*lines, ""]
+
+
+def _accuracy_final(results: dict) -> list[str]:
+    part = results.get("accuracy_final")
+    if not part:
+        return []
+    lines = [
+        "### Accuracy, second round: closed attribute values, and training on train + validation (SmolLM2-135M)",
+        "",
+        "The runs of plans.yaml `accuracy_final`, trained at once on the one GPU (times are not speed figures); "
+        "each model decoded with closed values on (`eval.constrain_values`, the default) and off.",
+        "",
+        "| run | split | exact match, values on | off | slot F1 on | act accuracy on | valid MR on |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for name, entry in part.items():
+        for split in ("validation", "test"):
+            on, off = entry.get(f"{split}_values_on"), entry.get(f"{split}_values_off")
+            if not ok(on):
+                continue
+            off_text = f"{100 * off['exact_match']:.2f}%" if ok(off) else ""
+            lines.append(
+                f"| {name} | {split} | {100 * on['exact_match']:.2f}% | {off_text} | {100 * on['slot_f1']:.2f}% | "
+                f"{100 * on['dialogue_act_accuracy']:.2f}% | {100 * on['valid_mr_rate']:.1f}% |"
+            )
+        names = entry.get("unseen_names")
+        if ok(names):
+            lines.append(
+                f"| {name} | unseen names ({names['n']} rows) | {100 * names['exact_match']:.2f}% |  | "
+                f"{100 * names['slot_f1']:.2f}% | {100 * names['dialogue_act_accuracy']:.2f}% | "
+                f"{100 * names['valid_mr_rate']:.1f}% |"
+            )
+    return [*lines, ""]
+
+
 def _levers(results: dict) -> list[str]:
     levers = results.get("mistral7b_shape", {}).get("levers")
     if not levers:
@@ -442,6 +561,7 @@ def merge(results_paths: list[Path]) -> dict:
                 *seven.get("settings", {}).values(),
                 seven.get("default_recipe"),
                 *seven.get("levers", {}).values(),
+                *seven.get("memory_caps", {}).values(),
             ]:
                 if entry:
                     entry.update(
@@ -457,7 +577,7 @@ def merge(results_paths: list[Path]) -> dict:
                     if (
                         isinstance(item, dict)
                         and isinstance(results[key].get(inner), dict)
-                        and inner in ("settings", "levers", "fast")
+                        and inner in ("settings", "levers", "fast", "memory_caps")
                     ):
                         results[key][inner].update(item)
                     else:
@@ -467,15 +587,17 @@ def merge(results_paths: list[Path]) -> dict:
     return results
 
 
-def publish(results_paths: list[Path]) -> None:
+def publish(results_paths: list[Path], label: str | None = None) -> None:
     """Merge calls (`merge`) and write them into the repository: bench/results/raw-DATE.json, the headline figures
     into bench/results/latest.json (keys not measured again keep their earlier values, and `measured_on` says the
     date of each), and this run's section of BENCHMARKS.md (replaced if the date's section is there, else added
     above the earlier ones)."""
     results = merge(results_paths)
+    if label:  # a second run on the same day gets its own section and raw file
+        results["label"] = label
     folder = ROOT / "bench" / "results"
     folder.mkdir(exist_ok=True)
-    (folder / f"raw-{results['date']}.json").write_text(json.dumps(results, indent=2) + "\n")
+    (folder / f"raw-{label or results['date']}.json").write_text(json.dumps(results, indent=2) + "\n")
     latest_path = folder / "latest.json"
     latest = json.loads(latest_path.read_text()) if latest_path.is_file() else {}
     dates = latest.pop("measured_on", {k: latest.get("date") for k in latest if k not in ("card", "date")})
@@ -486,7 +608,7 @@ def publish(results_paths: list[Path]) -> None:
     latest_path.write_text(json.dumps(latest, indent=2) + "\n")
     path = ROOT / "BENCHMARKS.md"
     text = path.read_text() if path.is_file() else "# Benchmarks\n"
-    start, end = markers(results["date"])
+    start, end = markers(label or results["date"])
     block = markdown(results)
     if start in text and end in text:
         text = text[: text.index(start)] + block + text[text.index(end) + len(end) :]

@@ -576,6 +576,7 @@ def parser() -> argparse.ArgumentParser:
             sub.add_argument("--steps", type=int, default=8)
     publish = commands.add_parser("publish", help="merge results.json files into BENCHMARKS.md and bench/results/")
     publish.add_argument("results", type=Path, nargs="+")
+    publish.add_argument("--label", help="name of this run's section and raw file (default: its date)")
     return top
 
 
@@ -588,7 +589,7 @@ def main(argv: list[str] | None = None) -> None:
     else:
         from bench.publish import publish
 
-        publish(args.results)
+        publish(args.results, args.label)
 
 
 if __name__ == "__main__":

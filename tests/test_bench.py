@@ -91,6 +91,37 @@ def test_section_reports_mfu_and_the_chosen_variant(monkeypatch, tmp_path):
     assert latest["measured_on"]["mfu_max_7b"] == "2026-11-30"
 
 
+def test_memory_caps_and_the_final_accuracy_runs_are_published_under_their_own_label(monkeypatch, tmp_path):
+    seed = {"step_s": 2.5, "useful_tokens_per_s": 800.0, "padded_tokens_per_s": 1500.0, "peak_memory_gb": 7.0}
+    plan = {"batch_tokens": 4096, "gradient_checkpointing": True, "predicted_peak_gb": 7.1}
+    cap = {"step_s": 0.5, "useful_tokens_per_s": 8000.0, "padded_tokens_per_s": 8100.0, "peak_memory_gb": 7.2}
+    cap.update(peak_reserved_gb=7.5, memory_plan=plan)
+    scores = {"n": 10, "exact_match": 0.94, "slot_f1": 0.99, "dialogue_act_accuracy": 1.0, "valid_mr_rate": 1.0}
+    final = {"test_values_on": scores, "test_values_off": {**scores, "exact_match": 0.93}, "unseen_names": scores}
+    results = {
+        "card": "NVIDIA H200",
+        "date": "2026-11-30",
+        "mistral7b_shape": {"seed": seed, "memory_caps": {"8": cap, "16": {"failed": True, "reason": "OOM"}}},
+        "accuracy_final": {pub.FINAL_RUN: final},
+    }
+    monkeypatch.setattr(pub, "ROOT", tmp_path)
+    earlier = "<!-- gpu-bench 2026-11-30:start -->\nold\n<!-- gpu-bench 2026-11-30:end -->"
+    (tmp_path / "BENCHMARKS.md").write_text(f"# B\n\n{earlier}\n")
+    (tmp_path / "bench" / "results").mkdir(parents=True)
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps(results))
+    pub.publish([path], label="2026-11-30-b")
+    written = (tmp_path / "BENCHMARKS.md").read_text()
+    assert "old" in written and written.index("gpu-bench 2026-11-30-b:start") < written.index("old")
+    assert "| 8 | 4096 tokens, checkpointing on | 7.1 | 7.2 | 7.5 | 8,000 | 10.0x |" in written
+    assert "| 16 | failed: OOM |" in written
+    assert f"| {pub.FINAL_RUN} | test | 94.00% | 93.00% | 99.00% |" in written
+    latest = json.loads((tmp_path / "bench" / "results" / "latest.json").read_text())
+    assert latest["memory_plan_7b"]["8"]["vs_seed"] == pytest.approx(10.0) and "16" not in latest["memory_plan_7b"]
+    assert latest["smollm2_best_test_exact_match"] == 0.94
+    assert (tmp_path / "bench" / "results" / "raw-2026-11-30-b.json").is_file()
+
+
 def test_novel_phrasings_are_valid_unseen_and_cover_every_act():
     rows = [json.loads(line) for line in bench_run.NOVEL_PHRASING.read_text().splitlines()]
     train = {json.loads(line)["target"] for line in (bench_run.ROOT / "src/mrtune/data/train.jsonl").open()}
