@@ -30,7 +30,13 @@ from mrtune.config import Config, from_dict
 from mrtune.errors import MrtuneError, TrainingInterrupted
 from mrtune.export.portable import make_portable
 from mrtune.infer.generation import generate
-from mrtune.model.build import attach_lora, compile_decoder_layers, load_base_model, quantization_config
+from mrtune.model.build import (
+    attach_lora,
+    compile_decoder_layers,
+    load_base_model,
+    quantization_config,
+    set_checkpointing,
+)
 from mrtune.model.resolve import load_tokenizer, resolve_model_path
 from mrtune.run.durable import is_disk_full, write_dir_atomic, write_json, write_text_atomic
 from mrtune.run.rundir import RunDir
@@ -551,6 +557,11 @@ class Recipe:
                 self.model.zero_grad(set_to_none=True)
 
         plan = plan_memory(self.model, self.config, self.device, run_step, len(rows[0]))
+        if self.world > 1:  # every rank must cut the same micro-batches: all take rank 0's plan
+            from accelerate.utils import broadcast_object_list
+
+            plan = broadcast_object_list([plan])[0]
+            set_checkpointing(self.model, plan.gradient_checkpointing)
         config = from_dict(self.config.to_dict())
         config.train.batch_tokens = plan.batch_tokens
         config.model.gradient_checkpointing = plan.gradient_checkpointing
