@@ -130,13 +130,21 @@ def cpu_planner(monkeypatch):
         recipe_model["model"] = model
         return original(model, *args)
 
+    original_compile = recipe.Recipe._compile_model
+
+    def compile_model(self):  # right after the plan: record the model's checkpointing switch as training gets it
+        seen.append(("after plan", any(getattr(m, "gradient_checkpointing", False) for m in self.model.modules())))
+        original_compile(self)
+
+    monkeypatch.setattr(recipe.Recipe, "_compile_model", compile_model)
     monkeypatch.setattr(recipe, "check_plannable", lambda *args: None)
     monkeypatch.setattr(recipe, "plan_memory", plan_memory)
     monkeypatch.setattr(memory, "measure_peak", measure)
-    monkeypatch.setattr(memory, "cap_bytes", lambda config, device: 3 * GB)
+    monkeypatch.setattr(memory, "cap_bytes", lambda config, device: caps[0] * GB)
+    caps = [3]
     monkeypatch.setattr(memory, "hold_to_cap", lambda cap, device: None)
     monkeypatch.setattr(memory, "fewer_fragments", lambda: None)
-    return seen
+    return seen, caps
 
 
 def test_a_planned_run_trains_exactly_as_one_given_the_chosen_values(cpu_planner, tiny_overrides, tmp_path):
@@ -156,7 +164,8 @@ def test_a_planned_run_trains_exactly_as_one_given_the_chosen_values(cpu_planner
         (False, 768),
         (True, MAX_TOKENS),
     }
-    assert [on for _, on in cpu_planner] == [False] * 3 + [True] * 3  # the switch really flipped
+    seen, _ = cpu_planner
+    assert [on for _, on in seen] == [False] * 3 + [True] * 3 + [True]  # the switch really flipped, and stays on
     saved = yaml.safe_load((planned.path / "config.yaml").read_text())
     assert saved["train"]["batch_tokens"] == MAX_TOKENS and saved["model"]["gradient_checkpointing"] is True
 
@@ -182,3 +191,16 @@ def test_resuming_a_config_that_says_auto_is_refused(cpu_planner, tiny_overrides
         train(run.config(), run.path, resume=True, progress=False)
     with pytest.raises(MrtuneError, match="says `auto` for memory settings"):
         train(config, run.path, resume=True, progress=False)
+
+
+def test_a_large_cap_leaves_checkpointing_off_for_training(cpu_planner, tiny_overrides, tmp_path):
+    from mrtune.train.recipe import train
+
+    seen, caps = cpu_planner
+    caps[0] = 100  # no checkpointing fits the most tokens: (90 - 1) GB / 2 MB
+    overrides = [*tiny_overrides, "train.packing=true", "train.max_steps=1", "train.eval_every=1"]
+    auto = ["train.batch_tokens=auto", "model.gradient_checkpointing=auto"]
+    run = train(load_config(None, [*overrides, *auto]), tmp_path / "run", progress=False)
+    plan = json.loads((run.path / "run.json").read_text())["memory_plan"]
+    assert plan["gradient_checkpointing"] is False and plan["batch_tokens"] == MAX_TOKENS
+    assert seen[-1] == ("after plan", False)  # the last probe had it on; training does not
