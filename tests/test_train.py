@@ -227,7 +227,7 @@ def test_a_time_budget_ends_training_and_its_schedule_in_time(tmp_path, tiny_ove
     overrides = [o for o in tiny_overrides if not o.startswith(("train.max_steps", "train.eval_every"))] + [
         "train.max_steps=100000",
         "train.eval_every=100000",
-        "train.time_budget_s=3",
+        "train.time_budget_s=6",  # 3 s fit only one step on a machine loaded ~10x
         "train.warmup_ratio=0.0",
         "train.log_every=1",
     ]
@@ -239,7 +239,7 @@ def test_a_time_budget_ends_training_and_its_schedule_in_time(tmp_path, tiny_ove
     steps = [r for r in run.read_history() if "train_loss" in r]
     assert f"trained {steps[-1]['step']} steps in " in capsys.readouterr().out  # the steps done, not planned
     assert info["status"] == "finished" and info["stopped_by_time_budget_at_step"] == steps[-1]["step"] < 100000
-    assert 3 <= info["train_seconds"] < 30
+    assert 6 <= info["train_seconds"] < 40
     assert any("validation_loss" in r for r in run.read_history())  # the last step is evaluated
     assert (run.adapter / "adapter_model.safetensors").is_file()
     assert f"| Stopped by the time budget at step | {steps[-1]['step']} |" in (run.path / "report.md").read_text()
@@ -247,6 +247,20 @@ def test_a_time_budget_ends_training_and_its_schedule_in_time(tmp_path, tiny_ove
     rates = [r["learning_rate"] for r in steps]
     peak = load_config(None, overrides).train.learning_rate
     assert rates[0] > 0.5 * peak and rates[-1] < 0.05 * peak and rates == sorted(rates, reverse=True)
+
+
+def test_gradient_clipping_can_be_turned_off(tmp_path, tiny_overrides):
+    def adapter(*extra):
+        run = train(load_config(None, [*tiny_overrides, "train.max_steps=2", *extra]), tmp_path / extra[0])
+        norms = [r["grad_norm"] for r in run.read_history() if "grad_norm" in r]
+        return load_file(run.adapter / "adapter_model.safetensors"), norms
+
+    off, off_norms = adapter("train.max_grad_norm=null")
+    huge, _ = adapter("train.max_grad_norm=1e9")  # a bound never reached: the same updates
+    tight, _ = adapter("train.max_grad_norm=1e-4")
+    assert off_norms and all(n > 1e-4 for n in off_norms)  # the norm is still measured and logged
+    assert all(torch.equal(off[k], huge[k]) for k in off)
+    assert any(not torch.equal(off[k], tight[k]) for k in off)
 
 
 def test_loraplus_gives_the_b_matrices_ratio_times_the_rate(tmp_path, tiny_overrides):

@@ -174,8 +174,9 @@ class TrainSettings:
     """`cosine`, `linear` or `constant`, after warmup."""
     warmup_ratio: Annotated[float, Range(0, 1)] = 0.03
     weight_decay: Annotated[float, Range(0, 1)] = 0.0
-    max_grad_norm: Annotated[float, POSITIVE] = 1.0
-    """Gradients are clipped to this total norm (a norm, so above zero)."""
+    max_grad_norm: Annotated[float, POSITIVE] | None = 1.0
+    """Gradients are clipped to this total norm (a norm, so above zero); none turns clipping off (the norm is still
+    computed, logged and checked for being finite)."""
     loraplus_ratio: Annotated[float, Range(0, 10_000, low_open=True)] | None = None
     """LoRA+ (peft's `create_loraplus_optimizer`): the B matrices learn this many times faster than the A matrices,
     which take `learning_rate`. The LoRA+ paper reports faster convergence at a ratio of ~16 with an A rate about

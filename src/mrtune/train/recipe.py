@@ -726,7 +726,9 @@ class Recipe:
                 accelerator.backward(loss * world)
             step_loss += loss.detach()
         step_loss = accelerator.reduce(step_loss, reduction="sum")
-        grad_norm = accelerator.clip_grad_norm_(self.model.parameters(), self.settings.max_grad_norm)
+        # An infinite bound only measures: the clipping factor min(1, bound / norm) is then exactly 1.
+        bound = self.settings.max_grad_norm or math.inf
+        grad_norm = accelerator.clip_grad_norm_(self.model.parameters(), bound)
         return step_loss, grad_norm
 
     def _update(self, step_loss: torch.Tensor, grad_norm: torch.Tensor) -> bool:
