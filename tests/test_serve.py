@@ -105,7 +105,7 @@ def test_a_body_over_the_size_limit_is_413(engine):
     with make_client(engine, max_body_bytes=4096) as client:
         big = json.dumps({"sentences": ["Is Portal 2 fun?"] * 400}).encode()
         response = client.post("/v1/parse", content=big, headers={"Content-Type": "application/json"})
-        assert response.status_code == 413
+        assert_error(response, 413, "body_too_large", "over 4096 bytes")
         # Without Content-Length (chunked), the limit holds as the bytes arrive.
         chunks = (big[i : i + 1000] for i in range(0, len(big), 1000))
         response = client.post("/v1/parse", content=chunks, headers={"Content-Type": "application/json"})

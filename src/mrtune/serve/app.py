@@ -304,6 +304,30 @@ class RequestMetrics:
             self.metrics.latency.labels(endpoint).observe(time.perf_counter() - started)
 
 
+class DeclaredBodyLimit:
+    """ASGI wrapper around the whole app: a request whose Content-Length is over the body limit gets our JSON
+    error. FastAPI's own limit (max_body_size) answers it first, in plain text, from a middleware that runs before
+    any of ours; it still guards bodies sent without a Content-Length (chunked), whose 413 our handlers do see."""
+
+    def __init__(self, app, service: Service):
+        self.app, self.service = app, service
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            declared = dict(scope["headers"]).get(b"content-length", b"")
+            if declared.isdigit() and int(declared) > self.service.settings.max_body_bytes:
+                limit = self.service.settings.max_body_bytes
+                response = self.service.error(413, "body_too_large", f"the body is over {limit} bytes: send fewer rows")
+                self.service.metrics.requests.labels(self.service.metrics.endpoint(scope["path"]), "413").inc()
+                return await response(scope, receive, send)
+        return await self.app(scope, receive, send)
+
+
+class _App(FastAPI):
+    def build_middleware_stack(self):
+        return DeclaredBodyLimit(super().build_middleware_stack(), self.state.service)
+
+
 def _validation_message(errors: list[dict]) -> tuple[str, str]:
     """One line for pydantic's list of problems: the first, named by its field path, and how many more."""
     first = errors[0]
@@ -357,7 +381,7 @@ def create_app(engine: Engine, settings: ServeSettings | None = None) -> FastAPI
         yield
         await service.batcher.stop()
 
-    app = FastAPI(
+    app = _App(
         title="mrtune",
         summary=f"meaning representations from {engine.name}",
         lifespan=lifespan,
