@@ -452,23 +452,20 @@ def _accuracy_final(results: dict) -> list[str]:
         "| run | split | exact match, values on | off | slot F1 on | act accuracy on | valid MR on |",
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
+
+    def row(name: str, what: str, on: dict, off: dict | None = None) -> str:
+        off_text = f"{100 * off['exact_match']:.2f}%" if ok(off) else ""
+        return (
+            f"| {name} | {what} | {100 * on['exact_match']:.2f}% | {off_text} | {100 * on['slot_f1']:.2f}% | "
+            f"{100 * on['dialogue_act_accuracy']:.2f}% | {100 * on['valid_mr_rate']:.1f}% |"
+        )
+
     for name, entry in part.items():
         for split in ("validation", "test"):
-            on, off = entry.get(f"{split}_values_on"), entry.get(f"{split}_values_off")
-            if not ok(on):
-                continue
-            off_text = f"{100 * off['exact_match']:.2f}%" if ok(off) else ""
-            lines.append(
-                f"| {name} | {split} | {100 * on['exact_match']:.2f}% | {off_text} | {100 * on['slot_f1']:.2f}% | "
-                f"{100 * on['dialogue_act_accuracy']:.2f}% | {100 * on['valid_mr_rate']:.1f}% |"
-            )
-        names = entry.get("unseen_names")
-        if ok(names):
-            lines.append(
-                f"| {name} | unseen names ({names['n']} rows) | {100 * names['exact_match']:.2f}% |  | "
-                f"{100 * names['slot_f1']:.2f}% | {100 * names['dialogue_act_accuracy']:.2f}% | "
-                f"{100 * names['valid_mr_rate']:.1f}% |"
-            )
+            if ok(entry.get(f"{split}_values_on")):
+                lines.append(row(name, split, entry[f"{split}_values_on"], entry.get(f"{split}_values_off")))
+        if ok(entry.get("unseen_names")):
+            lines.append(row(name, f"unseen names ({entry['unseen_names']['n']} rows)", entry["unseen_names"]))
     return [*lines, ""]
 
 
