@@ -49,6 +49,7 @@ def tiny(tiny_model_dir):
 ACCEPTED = [
     "inform(name[Tetris])",
     "request_attribute(esrb[])",
+    "inform(name[Tetris], release_year[2031])",  # numbers stay open: a year not in training
     "verify_attribute(name[Little Big Adventure], rating[average], has_multiplayer[no], platforms[PlayStation])",
     "inform(name[Tomb Raider: Legend], developer[Eidos Montréal], genres[action-adventure, shooter])",
     " inform(name[Tetris])",  # SentencePiece tokenizers write the first word as "▁inform"
@@ -87,7 +88,7 @@ def test_grammar_accepts_valid_and_rejects_invalid_strings():
 
 
 def test_grammar_accepts_every_training_mr_and_no_comma_after_the_last_attribute():
-    assert len(VOCABULARY.closed_values) == 10  # values constrained (tests/test_mr.py checks which)
+    assert len(VOCABULARY.closed_values) == 9  # values constrained (tests/test_mr.py checks which)
     grammar = MRGrammar(VOCABULARY)
     assert all(grammar.accepts(text) for text in TRAIN_MRS)
     every = "inform(" + ", ".join(f"{a}[{(VOCABULARY.items_of(a) or ('x',))[-1]}]" for a in VOCABULARY.attributes)
@@ -112,7 +113,6 @@ OUTSIDE_CLOSED_VALUES = {
     "inform(name[Tetris], genres[action , adventure])": "items joined by ' , '",
     "inform(name[Tetris], genres[action,, adventure])": "a doubled comma",
     "inform(name[Tetris], platforms[Nintendo Switch 2])": "an item continued past the longest",
-    "inform(name[Tetris], release_year[2020])": "a year not in training",
     "inform(name[Tetris], rating[good, poor])": "rating is one item in training, not a list",
     "inform(name[Tetris], platforms[PC, Xbox, PC])": "an item twice",
     "inform(name[Tetris], platforms[Nintendo, Nintendo Switch, PC, PlayStation, Xbox, PC])": "more items than it has",
@@ -124,6 +124,7 @@ WITHIN_CLOSED_VALUES = [
     "inform(name[Tetris], platforms[Xbox, PC])",  # items in any order
     "inform(name[Tetris], genres[trivia/board game, MMORPG])",
     "request_attribute(esrb[])",
+    "inform(name[Tetris], release_year[2031])",  # numbers stay open: a year not in training
     # open attributes still take any value
     "inform(name[Quillmoor Saga], exp_release_date[May 5, 2031], developer[Glasswing Works, Inc.], "
     "specifier[exceptstia])",

@@ -383,10 +383,12 @@ _ITEM = re.compile(r"[^\s\x00-\x1f\x7f\[\],]+(?: [^\s\x00-\x1f\x7f\[\],]+)*")
 
 # The rule for a closed attribute, from ViGGO's training split: at most 40 distinct items, used on average at least
 # 20 times each. ViGGO's categorical attributes (rating, esrb, the yes/no ones, platforms, genres,
-# player_perspective, release_year) have 3 to 26 items and 64 or more uses per item. Its free-text ones stay open, as
+# player_perspective) have 3 to 26 items and 64 or more uses per item. Its free-text ones stay open, as
 # a new game, studio, adjective or date must stay writable: name, developer and specifier have 78 items or more,
 # exp_release_date 11 dates in 108 uses. The uses-per-item bound also keeps a small training sample (a few dozen
-# rows, each name seen a few times) from closing an attribute on too little evidence.
+# rows, each name seen a few times) from closing an attribute on too little evidence. Numbers stay open whatever
+# their counts (release_year has 26 years in training): a user asks about next year's games, and a year missing
+# from the training split is not a wrong year.
 MAX_CLOSED_ITEMS = 40
 MIN_USES_PER_ITEM = 20
 
@@ -489,6 +491,7 @@ class Vocabulary:
             if attribute not in irregular
             and len(found) <= MAX_CLOSED_ITEMS
             and uses[attribute] >= MIN_USES_PER_ITEM * len(found)
+            and not all(item.isdigit() for item in found if item)
         }
         return cls(tuple(acts), tuple(items), closed, tuple(lists & set(closed)))
 
