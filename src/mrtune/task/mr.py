@@ -387,7 +387,7 @@ _ITEM = re.compile(r"[^\s\x00-\x1f\x7f\[\],]+(?: [^\s\x00-\x1f\x7f\[\],]+)*")
 # a new game, studio, adjective or date must stay writable: name, developer and specifier have 78 items or more,
 # exp_release_date 11 dates in 108 uses. The uses-per-item bound also keeps a small training sample (a few dozen
 # rows, each name seen a few times) from closing an attribute on too little evidence. Numbers stay open whatever
-# their counts (release_year has 26 years in training): a user asks about next year's games, and a year missing
+# their counts (release_year has 25 years in training): a user asks about next year's games, and a year missing
 # from the training split is not a wrong year.
 MAX_CLOSED_ITEMS = 40
 MIN_USES_PER_ITEM = 20
