@@ -166,6 +166,24 @@ def test_packed_rows_do_not_see_each_other(tiny_model_dir):
             start += len(row)
 
 
+def test_packed_rows_build_one_flex_attention_mask_per_forward(tiny_model_dir, monkeypatch):
+    """The rows' block mask (from the restarting position ids) is built once a micro-batch and shared by every
+    layer, not rebuilt per layer: issue 15's "packing metadata once per step" holds in transformers itself."""
+    import transformers.masking_utils as masking
+
+    config = load_config(None, [f"model.name={tiny_model_dir}", "model.dtype=float32"])
+    config.model.attn_implementation = "flex_attention"
+    model = load_base_model(config.model, torch.device("cpu")).eval()
+    assert model.config.num_hidden_layers > 1
+    built = []
+    original = masking.create_block_mask
+    monkeypatch.setattr(masking, "create_block_mask", lambda *a, **k: built.append(1) or original(*a, **k))
+    positions = torch.cat([torch.arange(40), torch.arange(24)]).unsqueeze(0)
+    with torch.no_grad():
+        model(input_ids=torch.randint(0, 100, (1, 64)), position_ids=positions, use_cache=False)
+    assert len(built) == 1
+
+
 def test_cli_reports_bad_input_in_one_line(tmp_path, capsys, tiny_overrides):
     assert main(["train", "--set", "train.nonsense=1", "--output-dir", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err.strip()
