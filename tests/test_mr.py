@@ -176,6 +176,7 @@ def test_vocabulary_json_round_trip_and_normalisation():
         "attributes": ["name", "rating", "specifier"],
         "closed_values": {},
         "list_attributes": [],
+        "item_order": {},
     }
 
 
@@ -235,6 +236,30 @@ def test_closed_rule_few_items_each_used_often_enough():
     assert Vocabulary.from_mrs(_uses("name", ["A, B", "C"], 1)).list_attributes == ()  # open: not a list attribute
 
 
+def test_list_items_keep_the_order_training_lists_them_in():
+    viggo = Vocabulary.from_mrs(_mrs("train"))
+    assert viggo.order_of("platforms") == ("PlayStation", "Xbox", "Nintendo", "Nintendo Switch", "PC")
+    genres = viggo.order_of("genres")
+    assert list(genres) == sorted(genres, key=str.casefold)  # ViGGO lists genres alphabetically
+    assert viggo.order_of("rating") is None  # not a list attribute
+    # Every list of validation and test keeps training's order: the exported grammars lose no reference.
+    for split in ("validation", "test"):
+        for text in _mrs(split):
+            for attribute, value in parse_mr(text).slots:
+                order = viggo.order_of(attribute)
+                if order and value:
+                    ranks = [order.index(item) for item in value_items(value)]
+                    assert ranks == sorted(ranks), (split, text)
+    # b before c in one value, c before b in another: no one order.
+    conflict = Vocabulary.from_mrs(_uses("genres", ["a, b", "b, c", "c, b"], 30))
+    assert conflict.list_attributes == ("genres",) and conflict.order_of("genres") is None
+    # Items no value orders between them: alphabetical, whatever order training met them in.
+    assert Vocabulary.from_mrs(_uses("genres", ["Zed, b", "a"], 30)).order_of("genres") == ("a", "Zed", "b")
+    assert Vocabulary.from_dict(json.loads(json.dumps(viggo.to_dict()))) == viggo
+    with pytest.raises(ValueError, match=re.escape("item_order['rating'] must list each item of a list attribute")):
+        Vocabulary(("inform",), ("rating",), {"rating": ["good", "poor"]}, ("rating",), {"rating": ["good"]})
+
+
 def test_closed_values_round_trip_and_an_old_vocabulary_allows_every_value():
     vocabulary = Vocabulary(("inform",), ("name", "rating"), {"rating": ["poor", "good", "good"]}, ("rating",))
     assert vocabulary.closed_values == (("rating", ("good", "poor")),)
@@ -244,6 +269,7 @@ def test_closed_values_round_trip_and_an_old_vocabulary_allows_every_value():
     assert vocabulary.without_values() == Vocabulary(("inform",), ("name", "rating"))
     old = Vocabulary.from_dict({"dialogue_acts": ["inform"], "attributes": ["name", "rating"]})
     assert old.closed_values == () and old.list_attributes == () and old.items_of("rating") is None
+    assert old.item_order == () and old.order_of("rating") is None
     hash(vocabulary)  # frozen and hashable, as before
 
 

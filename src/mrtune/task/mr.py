@@ -398,6 +398,23 @@ def value_items(value: str) -> list[str]:
     return value.split(ITEM_SEPARATOR) if value else [""]
 
 
+def _list_order(follows: dict[str, set[str]]) -> tuple[str, ...] | None:
+    """The one order of a list attribute's items that every training value keeps (`follows[b]`: the items seen
+    before b in some value), or None when two values disagree. Items no value orders between them go in
+    case-insensitive alphabetical order (as ViGGO lists genres), so the order is the same on every machine."""
+    waiting = {item: set(before) for item, before in follows.items()}
+    order: list[str] = []
+    while waiting:
+        ready = sorted((item for item, before in waiting.items() if not before), key=lambda i: (i.casefold(), i))
+        if not ready:
+            return None  # a cycle: some value lists a before b, another b before a
+        order.append(ready[0])
+        del waiting[ready[0]]
+        for before in waiting.values():
+            before.discard(ready[0])
+    return tuple(order)
+
+
 def _closed_values(closed_values) -> tuple[tuple[str, tuple[str, ...]], ...]:
     """`Vocabulary.closed_values` normalised: pairs sorted by attribute, items sorted and de-duplicated."""
     pairs = closed_values.items() if isinstance(closed_values, Mapping) else closed_values
@@ -432,6 +449,11 @@ class Vocabulary:
     list_attributes: tuple[str, ...] = ()
     """The closed attributes whose value may list several items, as some training value did (genres, platforms);
     another closed attribute's value is one item (rating[good], never rating[good, poor])."""
+    item_order: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    """For a list attribute whose training values all list their items in one order (ViGGO's: platforms[PlayStation,
+    Xbox, PC], genres alphabetical): every non-empty item, in that order. The exported grammars write lists in it
+    (a grammar cannot say "no item twice" in fewer rules than there are subsets; "in this order" says it in one
+    line per item). mrtune's own decoding takes the items in any order, each once."""
 
     def __post_init__(self) -> None:
         # Frozen dataclass: normalise through object.__setattr__ so that the
@@ -446,10 +468,21 @@ class Vocabulary:
         unknown = [attribute for attribute in self.list_attributes if self.items_of(attribute) is None]
         if unknown:
             raise ValueError(f"Vocabulary.list_attributes names {unknown[0]!r}, which is not a closed attribute")
+        pairs = self.item_order.items() if isinstance(self.item_order, Mapping) else self.item_order
+        order = tuple(sorted((attribute, tuple(items)) for attribute, items in pairs))
+        for attribute, items in order:
+            full = {item for item in self.items_of(attribute) or () if item}
+            if attribute not in self.list_attributes or set(items) != full or len(items) != len(full):
+                raise ValueError(f"Vocabulary.item_order[{attribute!r}] must list each item of a list attribute once")
+        object.__setattr__(self, "item_order", order)
 
     def items_of(self, attribute: str) -> tuple[str, ...] | None:
         """The items a value of `attribute` is made of, or None when the attribute is open."""
         return dict(self.closed_values).get(attribute)
+
+    def order_of(self, attribute: str) -> tuple[str, ...] | None:
+        """A list attribute's items in the order training lists them, or None (see `item_order`)."""
+        return dict(self.item_order).get(attribute)
 
     def without_values(self) -> Vocabulary:
         """The same acts and attributes, with every value allowed (`eval.constrain_values=false`)."""
@@ -468,6 +501,7 @@ class Vocabulary:
         uses: Counter[str] = Counter()
         items: dict[str, set[str]] = {}
         lists: set[str] = set()  # attributes with a value of several items
+        follows: dict[str, dict[str, set[str]]] = {}  # attribute -> item -> the items listed before it
         # Attributes with a value that is not a plain list of distinct items (an empty or repeated item, a comma
         # inside one): never closed, as the grammar of closed values could not write that value back.
         irregular: set[str] = set()
@@ -483,6 +517,9 @@ class Vocabulary:
                 items.setdefault(attribute, set()).update(pieces)
                 if len(pieces) > 1:
                     lists.add(attribute)
+                order = follows.setdefault(attribute, {})
+                for i, piece in enumerate(pieces):
+                    order.setdefault(piece, set()).update(pieces[:i])
                 if value and (len(set(pieces)) < len(pieces) or not all(map(_ITEM.fullmatch, pieces))):
                     irregular.add(attribute)
         closed = {
@@ -493,7 +530,9 @@ class Vocabulary:
             and uses[attribute] >= MIN_USES_PER_ITEM * len(found)
             and not all(item.isdigit() for item in found if item)
         }
-        return cls(tuple(acts), tuple(items), closed, tuple(lists & set(closed)))
+        listed = lists & set(closed)
+        orders = {a: _list_order({i: b - {""} for i, b in follows[a].items() if i}) for a in listed}
+        return cls(tuple(acts), tuple(items), closed, tuple(listed), {a: order for a, order in orders.items() if order})
 
     def to_dict(self) -> dict:
         """JSON-ready form: ``{"dialogue_acts": [...], "attributes": [...], "closed_values": {attribute: [...]},
@@ -503,6 +542,7 @@ class Vocabulary:
             "attributes": list(self.attributes),
             "closed_values": {attribute: list(items) for attribute, items in self.closed_values},
             "list_attributes": list(self.list_attributes),
+            "item_order": {attribute: list(items) for attribute, items in self.item_order},
         }
 
     @classmethod
@@ -517,6 +557,8 @@ class Vocabulary:
         closed_values = d.get("closed_values", {})
         if not isinstance(closed_values, Mapping):
             raise TypeError(f"vocabulary's closed_values is a {type(closed_values).__name__}, expected an object")
-        return cls(
-            tuple(d["dialogue_acts"]), tuple(d["attributes"]), closed_values, tuple(d.get("list_attributes", ()))
-        )
+        item_order = d.get("item_order", {})
+        if not isinstance(item_order, Mapping):
+            raise TypeError(f"vocabulary's item_order is a {type(item_order).__name__}, expected an object")
+        lists = tuple(d.get("list_attributes", ()))
+        return cls(tuple(d["dialogue_acts"]), tuple(d["attributes"]), closed_values, lists, item_order)
