@@ -101,13 +101,16 @@ def test_compiled_layers_match_eager_values_and_gradients(tiny_model_dir):
     assert sum(hasattr(m, "_compiled_call_impl") and m._compiled_call_impl is not None for m in compiled.modules()) == 2
 
 
-def test_compiling_layers_allows_a_graph_per_layer(tiny_model_dir, monkeypatch):
+def test_compiling_layers_allows_a_graph_per_layer(tiny_model_dir):
     """Past dynamo's recompile limit a frame silently runs eagerly: the limit must cover every layer."""
     from mrtune.model.build import compile_decoder_layers
 
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)
-    config = load_config(None, [f"model.name={tiny_model_dir}", "model.dtype=float32"])
-    model = load_base_model(config.model, torch.device("cpu"))
-    model.model.layers.extend(model.model.layers[0].__class__(model.config, i) for i in range(2, 12))
-    assert compile_decoder_layers(model) == 12
-    assert torch._dynamo.config.recompile_limit >= 24
+    # torch's own patcher: pytest's monkeypatch undoes by delattr here, which hides the key from dynamo for the rest
+    # of the session ("torch._dynamo.config.recompile_limit does not exist" in a later test's compile).
+    with torch._dynamo.config.patch(recompile_limit=8):
+        config = load_config(None, [f"model.name={tiny_model_dir}", "model.dtype=float32"])
+        model = load_base_model(config.model, torch.device("cpu"))
+        model.model.layers.extend(model.model.layers[0].__class__(model.config, i) for i in range(2, 12))
+        assert compile_decoder_layers(model) == 12
+        assert torch._dynamo.config.recompile_limit >= 24
+    assert torch._dynamo.config.recompile_limit >= 8  # still there for the tests after this one
