@@ -34,6 +34,20 @@ def write_viggo_splits(base: Path, sizes) -> dict[str, Path]:
     return {split: write_jsonl(base / f"{split}.jsonl", viggo_rows(split, n)) for split, n in dict(sizes).items()}
 
 
+def tiny_run_overrides(model_dir: Path, data: dict[str, Path], *settings: str) -> list[str]:
+    """--set overrides of a run of the tiny model on `data` ({split: path}): fp32, rank-4 adapters, 8 rows a
+    micro-batch, then `settings` (each test's steps, rates and decoding)."""
+    return [
+        f"model.name={model_dir}",
+        "model.dtype=float32",
+        *(f"data.{split}={path}" for split, path in data.items()),
+        "lora.r=4",
+        "lora.alpha=8",
+        "train.batch_size=8",
+        *settings,
+    ]
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A 2-layer Mistral with random weights and a 600-token BPE tokenizer, saved as a local model directory."""
@@ -86,16 +100,10 @@ def tiny_data(tmp_path) -> dict[str, Path]:
 @pytest.fixture
 def tiny_overrides(tiny_model_dir, tiny_data) -> list[str]:
     """--set overrides that point a run at the tiny model and data and keep it to seconds."""
-    return [
-        f"model.name={tiny_model_dir}",
-        "model.dtype=float32",
-        f"data.train={tiny_data['train']}",
-        f"data.validation={tiny_data['validation']}",
-        f"data.test={tiny_data['test']}",
-        "lora.r=4",
-        "lora.alpha=8",
+    return tiny_run_overrides(
+        tiny_model_dir,
+        tiny_data,
         "lora.dropout=0.0",
-        "train.batch_size=8",
         "train.max_steps=6",
         "train.eval_every=3",
         "train.log_every=1",
@@ -103,7 +111,7 @@ def tiny_overrides(tiny_model_dir, tiny_data) -> list[str]:
         "train.warmup_ratio=0.0",
         "eval.batch_size=4",
         "eval.max_new_tokens=24",
-    ]
+    )
 
 
 def snapshot(*paths: Path) -> dict[str, str]:
@@ -127,20 +135,16 @@ def fault_data(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def fault_overrides(tiny_model_dir, fault_data):
-    return [
-        f"model.name={tiny_model_dir}",
-        "model.dtype=float32",
-        *(f"data.{s}={p}" for s, p in fault_data.items()),
-        "lora.r=4",
-        "lora.alpha=8",
+    return tiny_run_overrides(
+        tiny_model_dir,
+        fault_data,
         "lora.dropout=0.0",
-        "train.batch_size=8",
         "train.log_every=1",
         "train.learning_rate=5e-3",
         "train.warmup_ratio=0.0",
         "eval.batch_size=4",
         *FAULT_SETTINGS,
-    ]
+    )
 
 
 @pytest.fixture(scope="session")

@@ -28,28 +28,24 @@ METRICS = ("exact_match", "exact_match_unordered", "dialogue_act_accuracy", "slo
 
 @pytest.fixture(scope="module")
 def tuned(tmp_path_factory, tiny_model_dir):
-    from conftest import write_viggo_splits
+    from conftest import tiny_run_overrides, write_viggo_splits
 
     from mrtune.train.recipe import train
 
     base = tmp_path_factory.mktemp("bugs-infer")
     data = write_viggo_splits(base, (("train", 48), ("validation", 8), ("test", 7)))
-    overrides = [
-        f"model.name={tiny_model_dir}",
-        "model.dtype=float32",
-        *(f"data.{split}={path}" for split, path in data.items()),
-        "lora.r=4",
-        "lora.alpha=8",
+    overrides = tiny_run_overrides(
+        tiny_model_dir,
+        data,
         "lora.dropout=0.0",
         "lora.target_modules=q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj,lm_head",
-        "train.batch_size=8",
         "train.max_steps=8",
         "train.eval_every=8",
         "train.learning_rate=3e-2",
         "train.warmup_ratio=0.0",
         "eval.batch_size=3",
         "eval.max_new_tokens=20",
-    ]
+    )
     config = load_config(None, overrides)
     return train(config, base / "run", progress=False), config
 

@@ -38,14 +38,12 @@ def data(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def overrides(tiny_model_dir, data) -> list[str]:
-    return [
-        f"model.name={tiny_model_dir}",
-        "model.dtype=float32",
-        *(f"data.{split}={path}" for split, path in data.items()),
-        "lora.r=4",
-        "lora.alpha=8",
+    from conftest import tiny_run_overrides
+
+    return tiny_run_overrides(
+        tiny_model_dir,
+        data,
         "lora.dropout=0.0",
-        "train.batch_size=8",
         f"train.max_steps={STEPS}",
         "train.eval_every=1",
         "train.checkpoint_every=1",
@@ -55,7 +53,7 @@ def overrides(tiny_model_dir, data) -> list[str]:
         "train.warmup_ratio=0.0",
         "eval.batch_size=4",
         "eval.max_new_tokens=4",
-    ]
+    )
 
 
 def _train(overrides, path, *extra):

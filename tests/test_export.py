@@ -30,24 +30,20 @@ DATA = Path(__file__).parents[1] / "src" / "mrtune" / "data"
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory, tiny_model_dir) -> RunDir:
-    from conftest import write_viggo_splits
+    from conftest import tiny_run_overrides, write_viggo_splits
 
     base = tmp_path_factory.mktemp("export-run")
     data = write_viggo_splits(base, (("train", 32), ("validation", 8), ("test", 4)))
-    overrides = [
-        f"model.name={tiny_model_dir}",
-        "model.dtype=float32",
-        *(f"data.{split}={path}" for split, path in data.items()),
-        "lora.r=4",
-        "lora.alpha=8",
-        "train.batch_size=8",
+    overrides = tiny_run_overrides(
+        tiny_model_dir,
+        data,
         "train.max_steps=4",
         "train.eval_every=2",
         "train.learning_rate=3e-2",
         "train.warmup_ratio=0.0",
         "eval.batch_size=4",
         "eval.max_new_tokens=16",
-    ]
+    )
     return train(load_config(None, overrides), base / "run", progress=False)
 
 

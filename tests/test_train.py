@@ -43,22 +43,16 @@ EXPECTED_RUN_FILES = {
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory, tiny_model_dir):
     """One tiny training run shared by the tests that only read it."""
-    from conftest import write_viggo_splits
+    from conftest import tiny_run_overrides, write_viggo_splits
 
     base = tmp_path_factory.mktemp("run")
     data = write_viggo_splits(base, (("train", 48), ("validation", 8), ("test", 6)))
-    overrides = [
-        f"model.name={tiny_model_dir}",
-        "model.dtype=float32",
-        f"data.train={data['train']}",
-        f"data.validation={data['validation']}",
-        f"data.test={data['test']}",
-        "lora.r=4",
-        "lora.alpha=8",
+    overrides = tiny_run_overrides(
+        tiny_model_dir,
+        data,
         "lora.dropout=0.0",
         # lm_head too (as in the seed recipe): a random-init head keeps logits near uniform otherwise.
         "lora.target_modules=q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj,lm_head",
-        "train.batch_size=8",
         "train.max_steps=8",
         "train.eval_every=4",
         "train.log_every=1",
@@ -66,7 +60,7 @@ def trained_run(tmp_path_factory, tiny_model_dir):
         "train.warmup_ratio=0.0",
         "eval.batch_size=4",
         "eval.max_new_tokens=24",
-    ]
+    )
     config = load_config(None, overrides)
     run = train(config, base / "run", progress=False)
     return run, config
