@@ -401,7 +401,9 @@ def value_items(value: str) -> list[str]:
 def _list_order(follows: dict[str, set[str]]) -> tuple[str, ...] | None:
     """The one order of a list attribute's items that every training value keeps (`follows[b]`: the items seen
     before b in some value), or None when two values disagree. Items no value orders between them go in
-    case-insensitive alphabetical order (as ViGGO lists genres), so the order is the same on every machine."""
+    case-insensitive alphabetical order (as ViGGO lists genres), so the order is the same on every machine.
+    Kahn's algorithm written out rather than graphlib's: that hands out ready items in batches, and the tie-break
+    must pick one item at a time."""
     waiting = {item: set(before) for item, before in follows.items()}
     order: list[str] = []
     while waiting:
