@@ -114,3 +114,21 @@ def test_compiling_layers_allows_a_graph_per_layer(tiny_model_dir):
         assert compile_decoder_layers(model) == 12
         assert torch._dynamo.config.recompile_limit >= 24
     assert torch._dynamo.config.recompile_limit >= 8  # still there for the tests after this one
+
+
+def test_compile_mode_reaches_every_compiled_layer(tiny_model_dir, monkeypatch):
+    """model.compile_mode (e.g. CUDA graphs through `reduce-overhead`) is the mode each decoder layer compiles with."""
+    modes = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kwargs: modes.append(kwargs.get("mode")))
+    overrides = [f"model.name={tiny_model_dir}", "model.compile_layers=true", "model.compile_mode=reduce-overhead"]
+    config = load_config(None, overrides)
+    attach_lora(load_base_model(config.model, torch.device("cpu")), config.lora, config.model)
+    assert modes == ["reduce-overhead"] * config_layers(tiny_model_dir)
+    with pytest.raises(MrtuneError, match="model.compile_mode"):
+        load_config(None, ["model.compile_mode=fast"])
+
+
+def config_layers(model_dir) -> int:
+    import json
+
+    return json.loads((model_dir / "config.json").read_text())["num_hidden_layers"]

@@ -85,6 +85,11 @@ class ModelSettings:
     """torch.compile each decoder layer on its own (regional compilation), after the adapters are attached: fewer,
     fused kernels where a step is bound by kernel launches, and one compiled graph reused by every layer. The first
     steps pay for the compilation. Best with lora.dropout 0 (dropout adds random-number kernels to every layer)."""
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune-no-cudagraphs"] = "default"
+    """torch.compile's mode for model.compile_layers and train.compile: `reduce-overhead` replays each compiled
+    graph as a CUDA graph (one launch instead of hundreds, for steps bound by the host; needs static shapes, which
+    packed steps have, and keeps its own memory pool); `max-autotune-no-cudagraphs` benchmarks GEMM kernels at
+    compile time (minutes)."""
 
 
 @dataclass

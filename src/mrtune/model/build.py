@@ -197,11 +197,11 @@ def attach_lora(model, lora: LoraSettings, settings: ModelSettings):
     # Gradient checkpointing acts only in train mode, and from_pretrained returns the model in eval mode.
     model.train()
     if settings.compile_layers:
-        compile_decoder_layers(model)
+        compile_decoder_layers(model, settings.compile_mode)
     return model
 
 
-def compile_decoder_layers(model) -> int:
+def compile_decoder_layers(model, mode: str = "default") -> int:
     """torch.compile each decoder layer in place (regional compilation): every layer has the same code and shapes,
     so one compiled graph serves them all and compilation costs seconds, not the whole model's minutes. In place
     (`Module.compile`), so state-dict keys, peft's and accelerate's APIs are unchanged. Returns the count."""
@@ -217,7 +217,7 @@ def compile_decoder_layers(model) -> int:
     # graph per layer, plus margin, so that every layer stays compiled.
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 2 * len(layers) + 8)
     for layer in layers:
-        layer.compile()
+        layer.compile(mode=mode)
     return len(layers)
 
 
