@@ -1,4 +1,4 @@
-"""The accuracy and speed levers: name substitution, DoRA adapters, regional compilation of the decoder layers."""
+"""The accuracy and speed levers: name and specifier substitution, DoRA adapters, regional compilation of the decoder layers."""
 
 import random
 import re
@@ -9,7 +9,7 @@ import torch
 from mrtune.config import load_config
 from mrtune.errors import MrtuneError
 from mrtune.model.build import attach_lora, load_base_model
-from mrtune.task.augment import invented_name, substitute_names
+from mrtune.task.augment import SPECIFIER_WORDS, invented_name, substitute_names, substitute_specifiers
 from mrtune.task.data import Example, load_split
 from mrtune.task.generalization import UNSEEN_NAMES
 from mrtune.task.mr import parse_mr
@@ -54,6 +54,57 @@ def test_invented_names_never_reuse_a_word_of_the_unseen_name_set():
     assert len(set(names)) > 1900
     for name in names[:50]:
         parse_mr(f"inform(name[{name}])")  # no bracket or comma that would break an MR
+
+
+SPECIFIER_ROWS = [
+    Example("What is the most addictive game you have played?", "request(specifier[addictive])"),
+    Example("Addictive games like Tetris, do you like them?", "give_opinion(name[Tetris], specifier[addictive])"),
+    Example("Is the newest game an addictive or addictive one?", "request(specifier[addictive])"),  # twice: kept
+    Example("Which game do you find most hooking?", "request(specifier[addictive])"),  # not written: kept
+    Example("Do you like Portal 2?", "request_explanation(name[Portal 2])"),
+]
+
+
+def test_specifier_substitution_swaps_one_whole_word_mention_and_the_slot():
+    out = substitute_specifiers(SPECIFIER_ROWS, 1.0, seed=0)
+    assert out[2:] == SPECIFIER_ROWS[2:]
+    for before, after in zip(SPECIFIER_ROWS[:2], out[:2]):
+        new = dict(parse_mr(after.meaning_representation).slots)["specifier"]
+        assert new in SPECIFIER_WORDS and new != "addictive"
+        assert after.meaning_representation == before.meaning_representation.replace("addictive", new)
+        assert after.sentence == re.sub("addictive", new, before.sentence, flags=re.I) or after.sentence == (
+            before.sentence.replace("Addictive", new.capitalize())
+        )
+    assert out[1].sentence[0].isupper()
+    assert out == substitute_specifiers(SPECIFIER_ROWS, 1.0, seed=0)
+    assert substitute_specifiers(SPECIFIER_ROWS, 0.0, seed=0) == SPECIFIER_ROWS
+
+
+def test_specifier_words_are_none_of_the_scored_splits_specifiers():
+    """Training on a word that validation or test asks for would flatter their scores."""
+    scored = {
+        dict(parse_mr(r.meaning_representation).slots).get("specifier", "").lower()
+        for split in ("viggo:validation", "viggo:test")
+        for r in load_split(split)
+    }
+    assert not scored & set(SPECIFIER_WORDS)
+    assert all(word.strip() == word and word for word in SPECIFIER_WORDS)
+    for word in SPECIFIER_WORDS:
+        parse_mr(f"request(specifier[{word}])")
+
+
+def test_specifier_substitution_reaches_the_training_rows(tmp_path, tiny_overrides):
+    from mrtune.train.recipe import Recipe
+
+    rows = {}
+    for fraction in (0.0, 1.0):
+        config = load_config(None, [*tiny_overrides, f"data.specifier_substitution={fraction}"])
+        recipe = Recipe(config, tmp_path / "run", failure=None, stop=None, progress=False)
+        recipe._setup_data()  # the data step alone: the rows the loop will tokenize
+        rows[fraction] = recipe.train_examples
+    specifiers = [dict(parse_mr(e.meaning_representation).slots).get("specifier") for e in rows[1.0]]
+    assert any(word in SPECIFIER_WORDS for word in specifiers)
+    assert len(rows[1.0]) == len(rows[0.0]) and rows[1.0] != rows[0.0]
 
 
 def test_name_substitution_out_of_range_is_a_config_error():

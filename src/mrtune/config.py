@@ -144,6 +144,10 @@ class DataSettings:
     """Fraction of training rows whose game name (the `name[...]` slot and its verbatim mention in the sentence) is
     replaced by an invented one (`mrtune.task.augment`), so the model learns to copy names rather than memorise
     them. 0 trains on the rows as they are."""
+    specifier_substitution: Annotated[float, Range(0, 1)] = 0.0
+    """Fraction of the training rows with a `specifier[...]` slot whose specifier word (slot and sentence together) is
+    replaced by another adjective (`mrtune.task.augment`), so the model learns to copy specifiers it has never seen
+    (most of the test split's are not in training) rather than paraphrase them."""
 
 
 @dataclass

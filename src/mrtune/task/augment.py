@@ -1,4 +1,5 @@
-"""Name substitution: training rows whose game name is replaced by an invented one. Pure module: no torch.
+"""Name and specifier substitution: training rows whose game name, or whose `specifier[...]` word, is replaced by
+another one. Pure module: no torch.
 
 A model trained on ViGGO's ~200 game names partly memorises them and drops a few points on names it never saw
 (`mrtune.task.generalization`). Swapping the `name[...]` slot, and every verbatim mention of it in the sentence, for
@@ -9,6 +10,12 @@ an invented title teaches it to copy the name from the sentence instead:
 
 Invented names are built from syllables and title words that share no word with the generalization set's names,
 so that set stays unseen.
+
+Specifiers (`give_opinion`/`request` rows: "the most *exceptional* game") are the same problem for adjectives: the
+training split has 78 of them, and 23 of the test split's 37 never occur in training (45 of its 75 specifier rows).
+A model that has only seen those 78 paraphrases a new one (`exceptional` -> `exceptstia`) instead of copying it.
+Swapping the word for another adjective, in the sentence and the MR together, teaches copying. The replacement
+words share none of the validation or test splits' specifiers (a test checks it), so their scores stay honest.
 """
 
 from __future__ import annotations
@@ -19,7 +26,7 @@ from dataclasses import replace
 
 from mrtune.task.data import Example
 from mrtune.task.generalization import UNSEEN_NAMES, with_name
-from mrtune.task.mr import try_parse_mr
+from mrtune.task.mr import MeaningRepresentation, try_parse_mr
 
 _ONSETS = ("Br", "K", "Z", "V", "Th", "Gr", "M", "D", "S", "Pl", "R", "Tr", "F", "N", "Sk", "L")
 _VOWELS = ("a", "o", "e", "i", "u", "ai", "ae")
@@ -90,4 +97,49 @@ def substitute_names(examples: list[Example], fraction: float, seed: int) -> lis
                 meaning_representation=str(with_name(mr, new)),
             )
         )
+    return out
+
+
+# Adjectives as ViGGO's specifiers use them: plain, superlative and two-word forms. None is a specifier of the
+# validation or test split (tests/test_levers.py checks it against the bundled data).
+SPECIFIER_WORDS = tuple(
+    word.strip()
+    for word in """
+    amazing, awful, bland, bleak, bold, bouncy, brutal, calm, charming, chaotic, clever, clunky, jolly,
+    cozy, creative, creepy, cute, dark, delightful, dreary, elegant, soulful, exhausting, fancy, fresh, friendly,
+    gentle, gloomy, gorgeous, grim, hilarious, intense, lively, lonely, lovely, memorable, messy, mysterious,
+    odd, original, peaceful, pleasant, polished, pricey, spooky, repetitive, rough, silly, sleek, slow,
+    sluggish, splendid, stylish, tedious, tense, tiresome, ugly, uplifting, violent, weird, wholesome,
+    wonderful, addicting, cheesy, clumsy, deep, grand, heartwarming, moody, refreshing, tricky, zany,
+    glitchy, most relaxing, least polished, cleverest, darkest, prettiest, pixelated, tensest, strangest,
+    calmest, wildest, oddest, cutest, grimmest, slowest, smoothest, loudest, badly written,
+    beautifully animated, richly detailed, well written, over the top, hand drawn
+""".replace("\n", " ").split(",")
+)
+
+
+def with_value(mr: MeaningRepresentation, attribute: str, value: str) -> MeaningRepresentation:
+    return MeaningRepresentation(mr.dialogue_act, tuple((a, value if a == attribute else v) for a, v in mr.slots))
+
+
+def substitute_specifiers(examples: list[Example], fraction: float, seed: int) -> list[Example]:
+    """The rows, with the `specifier[...]` word of about `fraction` of the rows that have one swapped for another
+    adjective (deterministic in `seed`). Only a specifier written once in the sentence, as whole words, is swapped
+    (a capital first letter kept); the other rows are returned unchanged, as is the list's order and length."""
+    if fraction <= 0:
+        return list(examples)
+    rng = random.Random(f"specifier-substitution-{seed}")
+    out = []
+    for example in examples:
+        mr = try_parse_mr(example.meaning_representation or "")
+        old = dict(mr.slots).get("specifier") if mr is not None else None
+        mentions = list(re.finditer(rf"\b{re.escape(old)}\b", example.sentence, re.IGNORECASE)) if old else []
+        if len(mentions) != 1 or rng.random() >= fraction:
+            out.append(example)
+            continue
+        new = rng.choice([word for word in SPECIFIER_WORDS if word != old.lower()])
+        start, end = mentions[0].span()
+        written = new.capitalize() if example.sentence[start].isupper() else new
+        sentence = example.sentence[:start] + written + example.sentence[end:]
+        out.append(replace(example, sentence=sentence, meaning_representation=str(with_value(mr, "specifier", new))))
     return out

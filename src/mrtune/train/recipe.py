@@ -40,7 +40,7 @@ from mrtune.model.build import (
 from mrtune.model.resolve import load_tokenizer, resolve_model_path
 from mrtune.run.durable import is_disk_full, write_dir_atomic, write_json, write_text_atomic
 from mrtune.run.rundir import RunDir
-from mrtune.task.augment import substitute_names
+from mrtune.task.augment import substitute_names, substitute_specifiers
 from mrtune.task.data import find_duplicates, load_splits, spread_sample
 from mrtune.task.mr import Vocabulary
 from mrtune.task.prompts import build_prompt, template
@@ -425,9 +425,9 @@ class Recipe:
             data.input_field,
             data.output_field,
         )
-        self.train_examples = substitute_names(
-            spread_sample(splits["train"], data.train_limit), data.name_substitution, self.settings.seed
-        )
+        sample = spread_sample(splits["train"], data.train_limit)
+        sample = substitute_names(sample, data.name_substitution, self.settings.seed)
+        self.train_examples = substitute_specifiers(sample, data.specifier_substitution, self.settings.seed)
         self.validation_examples = spread_sample(splits["validation"], self.settings.eval_rows)
         self.data_warnings = find_duplicates({**splits, "train": self.train_examples})
         for warning in self.data_warnings:
@@ -576,7 +576,9 @@ class Recipe:
         if self.config.model.compile_layers and self.memory_plan is not None:  # attach_lora compiled the rest
             compile_decoder_layers(self.model, self.config.model.compile_mode)
         if self.settings.compile:
-            self.model.compile(mode=self.config.model.compile_mode)  # in place: the module keeps its type, so peft's and accelerate's APIs still apply
+            self.model.compile(
+                mode=self.config.model.compile_mode
+            )  # in place: the module keeps its type, so peft's and accelerate's APIs still apply
 
     def _setup_optimizer(self, saved: LoopState | None) -> None:
         """The optimizer and schedule; a resume puts back their state, the adapter's and the random states."""
