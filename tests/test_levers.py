@@ -1,4 +1,4 @@
-"""The accuracy and speed levers: name and specifier substitution, DoRA adapters, regional compilation of the decoder layers."""
+"""The accuracy and speed levers: name and specifier substitution, DoRA, regional compilation of decoder layers."""
 
 import random
 import re
