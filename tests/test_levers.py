@@ -183,3 +183,22 @@ def config_layers(model_dir) -> int:
     import json
 
     return json.loads((model_dir / "config.json").read_text())["num_hidden_layers"]
+
+
+def test_label_smoothing_mixes_the_uniform_target_into_the_training_loss(tiny_model_dir):
+    from mrtune.train.recipe import target_loss, target_positions
+
+    config = load_config(None, [f"model.name={tiny_model_dir}", "model.dtype=float32"])
+    model = load_base_model(config.model, torch.device("cpu")).eval()
+    ids = torch.randint(0, 500, (1, 12))
+    labels = ids.clone()
+    labels[:, :5] = -100  # the prompt
+    batch = {"input_ids": ids, "labels": labels}
+    keep = target_positions(labels)
+    with torch.no_grad():
+        plain, smooth = (target_loss(model, batch, keep, eps) for eps in (0.0, 0.1))
+        logp = model(input_ids=ids).logits[0, keep].float().log_softmax(-1)
+    uniform = -logp.mean(-1).sum()
+    assert torch.allclose(smooth, 0.9 * plain + 0.1 * uniform, rtol=1e-4)
+    with pytest.raises(MrtuneError, match="train.label_smoothing"):
+        load_config(None, ["train.label_smoothing=1"])

@@ -186,6 +186,9 @@ class TrainSettings:
     max_grad_norm: Annotated[float, POSITIVE] | None = 1.0
     """Gradients are clipped to this total norm (a norm, so above zero); none turns clipping off (the norm is still
     computed, logged and checked for being finite)."""
+    label_smoothing: Annotated[float, Range(0, 1, high_open=True)] = 0.0
+    """Share of each target token's probability spread over the vocabulary in the training loss (0: plain
+    cross-entropy). Validation loss is always plain, so runs with and without stay comparable."""
     loraplus_ratio: Annotated[float, Range(0, 10_000, low_open=True)] | None = None
     """LoRA+ (peft's `create_loraplus_optimizer`): the B matrices learn this many times faster than the A matrices,
     which take `learning_rate`. The LoRA+ paper reports faster convergence at a ratio of ~16 with an A rate about

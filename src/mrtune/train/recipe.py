@@ -143,8 +143,11 @@ def target_positions(labels: torch.Tensor) -> torch.Tensor:
     return (labels[:, 1:] != IGNORE_INDEX).any(0).nonzero().squeeze(-1)
 
 
-def target_loss(model, batch: dict[str, torch.Tensor], keep: torch.Tensor) -> torch.Tensor:
-    """Summed cross-entropy over the batch's target tokens (`keep` from `target_positions`).
+def target_loss(
+    model, batch: dict[str, torch.Tensor], keep: torch.Tensor, label_smoothing: float = 0.0
+) -> torch.Tensor:
+    """Summed cross-entropy over the batch's target tokens (`keep` from `target_positions`), with
+    `label_smoothing` of the target's probability spread over the vocabulary (training only).
 
     Logits are computed only at the kept positions (`logits_to_keep`): with the loss on the completion only, that
     skips the prompt's positions, which saves the largest activation of the step (positions x vocabulary in fp32,
@@ -155,7 +158,11 @@ def target_loss(model, batch: dict[str, torch.Tensor], keep: torch.Tensor) -> to
         logits = model(**inputs, use_cache=False, logits_to_keep=keep).logits  # (B, K, vocab)
     targets = batch["labels"][:, 1:][:, keep]  # (B, K)
     return torch.nn.functional.cross_entropy(
-        logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+        logits.float().flatten(0, 1),
+        targets.flatten(),
+        ignore_index=IGNORE_INDEX,
+        reduction="sum",
+        label_smoothing=label_smoothing,
     )
 
 
@@ -724,7 +731,7 @@ class Recipe:
             with sync:
                 # Divide by the whole step's target count, so the step's gradient is the mean over all of its
                 # target tokens whatever their split into micro-batches (DDP averages over ranks: x world).
-                loss = target_loss(self.model, batch, keep) / step_targets
+                loss = target_loss(self.model, batch, keep, self.settings.label_smoothing) / step_targets
                 accelerator.backward(loss * world)
             step_loss += loss.detach()
         step_loss = accelerator.reduce(step_loss, reduction="sum")
