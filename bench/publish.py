@@ -43,7 +43,50 @@ def summarise(results: dict) -> dict:
     summary.update(_summary_accuracy(results.get("accuracy", {})))
     summary.update(_summary_memory_plan(results.get("mistral7b_shape", {})))
     summary.update(_summary_accuracy_final(results.get("accuracy_final", {})))
+    summary.update(_summary_accuracy_winner(results.get("accuracy_winner", {})))
     return summary
+
+
+def _summary_accuracy_winner(part: dict) -> dict:
+    """The headline accuracy when an accuracy-winner run is there: the mean over its seeds (each trained on train +
+    validation with the recipe chosen on validation), with the seeds' count."""
+    scored = [run["scored"] for run in part.get("runs", {}).values() if ok(run.get("scored", {}).get("test"))]
+    if not scored:
+        return {}
+
+    def mean(split: str, key: str) -> float:
+        values = [s[split][key] for s in scored if ok(s.get(split))]
+        return sum(values) / len(values)
+
+    return dict(
+        smollm2_best_variant=f"configs/smollm2-best.yaml + {' '.join(part['overrides'])} (mean of {len(scored)} seeds)",
+        smollm2_best_test_exact_match=mean("test", "exact_match"),
+        smollm2_best_test_slot_f1=mean("test", "slot_f1"),
+        smollm2_best_valid_mr_rate=mean("test", "valid_mr_rate"),
+        smollm2_best_unseen_names_exact_match=mean("unseen_names", "exact_match"),
+        smollm2_best_novel_slot_f1=mean("novel_phrasing", "slot_f1"),
+        smollm2_best_novel_act_accuracy=mean("novel_phrasing", "dialogue_act_accuracy"),
+    )
+
+
+def _accuracy_winner(results: dict) -> list[str]:
+    part = results.get("accuracy_winner")
+    if not part:
+        return []
+    lines = [
+        "### The validation winner, trained on train + validation (SmolLM2-135M)",
+        "",
+        f"Chosen by mean validation exact match over the accuracy sweep: **{part['winner']}**; trained with each seed "
+        f"on train + validation (`{' '.join(part['overrides'])}`), then scored once.",
+        "",
+    ]
+    for seed, run in part.get("runs", {}).items():
+        scored = run.get("scored") or {}
+        if not ok(run.get("train")):
+            lines.append(f"- {seed}: training failed: {run['train'].get('reason', '')[:200]}")
+        else:
+            lines.append(f"- {seed}: " + "; ".join(_scores(k.replace("_", " "), v) for k, v in scored.items()))
+    return [*lines, ""]
 
 
 def _plan_name(plan: dict) -> str:
@@ -51,10 +94,19 @@ def _plan_name(plan: dict) -> str:
 
 
 def _summary_memory_plan(seven: dict) -> dict:
-    """`memory_plan_7b`: for each cap, what the planner chose for the default 7B recipe and how fast it ran."""
-    seed = seven.get("seed", {})
+    """`memory_plan_7b` (and `memory_plan_7b_compiled`, the layers compiled): for each cap, what the planner chose
+    for the default 7B recipe and how fast it ran."""
+    summary = {}
+    for key, name in (("memory_caps", "memory_plan_7b"), ("memory_caps_compiled", "memory_plan_7b_compiled")):
+        plans = _caps_summary(seven.get(key, {}), seven.get("seed", {}))
+        if plans:
+            summary[name] = plans
+    return summary
+
+
+def _caps_summary(caps: dict, seed: dict) -> dict:
     plans = {}
-    for cap, r in seven.get("memory_caps", {}).items():
+    for cap, r in caps.items():
         base = _seed_rate(r, seed)
         if ok(r) and r.get("memory_plan") and base:
             plans[cap] = dict(
@@ -64,7 +116,7 @@ def _summary_memory_plan(seven: dict) -> dict:
                 peak_reserved_gb=r.get("peak_reserved_gb"),
                 vs_seed=r["useful_tokens_per_s"] / base,
             )
-    return {"memory_plan_7b": plans} if plans else {}
+    return plans
 
 
 FINAL_RUN = "best-train+validation-seed0"
@@ -218,7 +270,8 @@ def markdown(results: dict) -> str:
     ]
     if results.get("notes"):
         lines += [f"- {note}" for note in results["notes"]] + [""]
-    for section in (_seven_b, _memory_plan, _scaling, _smollm2, _accuracy, _accuracy_final, _levers, _searches):
+    sections = (_seven_b, _memory_plan, _scaling, _smollm2, _accuracy, _accuracy_winner, _accuracy_final, _levers)
+    for section in (*sections, _searches):
         lines += section(results)
     lines += ["### Headline figures (bench/results/latest.json)", "", "| key | value |", "| --- | --- |"]
     summary = summarise(results)
@@ -380,9 +433,16 @@ def _accuracy(results: dict) -> list[str]:
     part = results.get("accuracy")
     if not part:
         return []
-    means = part.get("validation_exact_match_mean", {})
+    means = {}
+    for name, seeds in part.get("variants", {}).items():  # over every call's seeds (a sweep split between GPUs)
+        scores = [e["validation"]["exact_match"] for e in seeds.values() if ok(e.get("validation"))]
+        if scores and len(scores) == len(PLANS["accuracy"]["seeds"]):
+            means[name] = sum(scores) / len(scores)
+    if means:
+        part["winner"] = max(means, key=means.get)
     lines = [
-        "### Accuracy levers, SmolLM2-135M (variants of configs/smollm2-gpu.yaml, chosen on validation)",
+        f"### Accuracy levers, SmolLM2-135M (variants of {part.get('config', 'configs/smollm2-gpu.yaml')}, "
+        "chosen on validation)",
         "",
         "Each variant trained once per seed, all at once on the one GPU (their times are not speed figures), "
         "and scored on all 714 validation rows with constrained decoding.",
@@ -402,8 +462,10 @@ def _accuracy(results: dict) -> list[str]:
         f1_text = f"{100 * sum(f1) / len(f1):.1f}%" if f1 else ""
         lines.append(f"| {name} | `{overrides or '(none)'}` | {per_seed} | {mean} | {f1_text} |")
     lines.append("")
-    if part.get("winner"):
+    if part.get("winner") and part.get("scored"):
         lines += [f"Chosen on validation: **{part['winner']}**. Scored once, beside the base recipe (seed 0 runs):", ""]
+    elif part.get("winner"):
+        lines += [f"Chosen on validation: **{part['winner']}** (mean {100 * means[part['winner']]:.1f}%).", ""]
     for name, scored in part.get("scored", {}).items():
         lines += [f"- {name}: " + "; ".join(_scores(k.replace("_", " "), v) for k, v in scored.items())]
     return [*lines, ""]
@@ -411,16 +473,22 @@ def _accuracy(results: dict) -> list[str]:
 
 def _memory_plan(results: dict) -> list[str]:
     seven = results.get("mistral7b_shape", {})
-    caps = seven.get("memory_caps")
-    if not caps:
-        return []
-    seed = seven.get("seed", {})
+    lines = []
+    for key, compiled in (("memory_caps", False), ("memory_caps_compiled", True)):
+        if seven.get(key):
+            lines += _memory_plan_table(seven[key], seven.get("seed", {}), compiled)
+    return lines
+
+
+def _memory_plan_table(caps: dict, seed: dict, compiled: bool) -> list[str]:
+    how = "layers compiled (`model.compile_layers=true`; the planner probes uncompiled)" if compiled else "not compiled"
     lines = [
-        f"### Memory planner: configs/mistral-7b-qlora.yaml on the {MISTRAL_SHAPE_LABEL}, under each cap",
+        f"### Memory planner: configs/mistral-7b-qlora.yaml on the {MISTRAL_SHAPE_LABEL}, under each cap"
+        + (", layers compiled" if compiled else ""),
         "",
         "`train.batch_tokens: auto`, `model.gradient_checkpointing: auto`, `train.max_memory_gb` = the cap (the "
         "planner plans within it and holds the process to it with `set_per_process_memory_fraction`). Compact "
-        "prompt, LoRA r=8 on all linear layers and lm_head, dropout 0.05, flex attention, not compiled. Peak "
+        f"prompt, LoRA r=8 on all linear layers and lm_head, dropout 0.05, flex attention, {how}. Peak "
         "allocated is what the probes predict; peak reserved is what the cap bounds.",
         "",
         "| cap GB | chosen | predicted peak GB | peak allocated GB | peak reserved GB | useful tokens/s | vs seed |",
@@ -559,6 +627,7 @@ def merge(results_paths: list[Path]) -> dict:
                 seven.get("default_recipe"),
                 *seven.get("levers", {}).values(),
                 *seven.get("memory_caps", {}).values(),
+                *seven.get("memory_caps_compiled", {}).values(),
             ]:
                 if entry:
                     entry.update(
@@ -571,17 +640,17 @@ def merge(results_paths: list[Path]) -> dict:
                 continue
             if isinstance(value, dict) and isinstance(results.get(key), dict):
                 for inner, item in value.items():  # one level deeper: settings and levers merge by name
-                    if (
-                        isinstance(item, dict)
-                        and isinstance(results[key].get(inner), dict)
-                        and inner in ("settings", "levers", "fast", "memory_caps")
-                    ):
+                    if isinstance(item, dict) and isinstance(results[key].get(inner), dict) and inner in MERGED_BY_NAME:
                         results[key][inner].update(item)
                     else:
                         results[key][inner] = item
             else:
                 results[key] = value
     return results
+
+
+MERGED_BY_NAME = ("settings", "levers", "fast", "memory_caps", "memory_caps_compiled", "variants", "scored")
+"""Parts' entries that several calls (or GPUs of one call) fill in by name: merged, not replaced."""
 
 
 def publish(results_paths: list[Path], label: str | None = None) -> None:

@@ -288,7 +288,7 @@ def bench_smollm2_fast(rec: Recorder, names: set[str] | None) -> None:
         rec.save()
 
 
-def bench_accuracy(rec: Recorder, parallel: int) -> None:
+def bench_accuracy(rec: Recorder, parallel: int, names: set[str] | None) -> None:
     """Issue 16's levers: every variant with every seed, scored on validation; the best by mean validation exact
     match is then scored once on the test split, unseen names and novel phrasings, as is the base recipe (as soon
     as its first seed is trained: the error analysis needs it even if the call is cut short)."""
@@ -298,7 +298,8 @@ def bench_accuracy(rec: Recorder, parallel: int) -> None:
     resolve_model_path(EMBEDDED_MODEL)  # convert the GGUF once, before the children race to do it
     unseen_names_file()
     part = rec.results.setdefault("accuracy", {"config": plan["config"]})
-    part["variants"] = {name: {} for name in plan["variants"]}  # filled from the worker threads
+    variants = [name for name in plan["variants"] if names is None or name in names]
+    part["variants"] = {name: {} for name in variants}  # filled from the worker threads
     part["scored"] = {}
     first = plan["seeds"][0]
 
@@ -317,20 +318,52 @@ def bench_accuracy(rec: Recorder, parallel: int) -> None:
         if name == "base" and seed == first and ok(entry["train"]):
             rec.store(part["scored"], name, score_everywhere(rec, f"accuracy-{name}", entry["train"]["run_dir"]))
 
-    jobs = [(name, seed) for name in plan["variants"] for seed in plan["seeds"]]
+    jobs = [(name, seed) for name in variants for seed in plan["seeds"]]
     with ThreadPoolExecutor(parallel) as pool:
         list(pool.map(one, jobs))
-    means = {}
-    for name, seeds in part["variants"].items():
-        scores = [e["validation"]["exact_match"] for e in seeds.values() if ok(e.get("validation"))]
-        if len(scores) == len(plan["seeds"]):
-            means[name] = statistics.mean(scores)
-    part["validation_exact_match_mean"] = means
+    means = part["validation_exact_match_mean"] = validation_means(part["variants"], len(plan["seeds"]))
     if means:
         winner = part["winner"] = max(means, key=means.get)
-        if winner not in part["scored"]:
+        if winner not in part["scored"] and plan.get("score_winner", True):
             run_dir = part["variants"][winner][f"seed{first}"]["train"]["run_dir"]
             rec.store(part["scored"], winner, score_everywhere(rec, f"accuracy-{winner}", run_dir))
+
+
+def validation_means(variants: dict, seeds: int) -> dict[str, float]:
+    """Mean validation exact match of each variant that was scored with every seed."""
+    means = {}
+    for name, runs in variants.items():
+        scores = [e["validation"]["exact_match"] for e in runs.values() if ok(e.get("validation"))]
+        if len(scores) == seeds:
+            means[name] = statistics.mean(scores)
+    return means
+
+
+def bench_accuracy_winner(rec: Recorder, sources: list[Path]) -> None:
+    """The accuracy part's winner over earlier results files (a sweep split between GPUs or calls), chosen by mean
+    validation exact match, trained on train + validation with each seed (at once) and scored on the test split,
+    unseen names and the novel phrasings."""
+    plan = PLANS["accuracy"]
+    variants = {}
+    for source in sources:
+        variants.update(json.loads(source.read_text()).get("accuracy", {}).get("variants", {}))
+    means = validation_means(variants, len(plan["seeds"]))
+    if not means:
+        raise SystemExit(f"accuracy-winner: no variant scored with every seed in {', '.join(map(str, sources))}")
+    winner = max(means, key=means.get)
+    part = rec.results["accuracy_winner"] = {"validation_exact_match_mean": means, "winner": winner, "runs": {}}
+    part["overrides"] = [*plan["variants"][winner], *plan["winner_set"]]
+
+    def one(seed: int) -> None:
+        overrides = [*part["overrides"], f"train.seed={seed}"]
+        args = ["project", "--config", plan["config"], "--warm", "3", "--set", "train.eval_rows=100", *overrides]
+        entry = {"train": rec.child(f"winner-{winner}-seed{seed}", args, 560)}
+        rec.store(part["runs"], f"seed{seed}", entry)
+        if ok(entry["train"]):
+            rec.store(entry, "scored", score_everywhere(rec, f"winner-seed{seed}", entry["train"]["run_dir"]))
+
+    with ThreadPoolExecutor(len(plan["seeds"])) as pool:
+        list(pool.map(one, plan["seeds"]))
 
 
 def bench_accuracy_final(rec: Recorder, parallel: int) -> None:
@@ -394,18 +427,21 @@ def bench_mistral(rec: Recorder, tokenizer_dir: str, model_dir: Path, only: set[
         )
 
 
-def bench_memory_plan(rec: Recorder, tokenizer_dir: str, model_dir: Path, seed_runs: int) -> None:
+def bench_memory_plan(rec: Recorder, tokenizer_dir: str, model_dir: Path, seed_runs: int, compiled: bool) -> None:
     """The default 7B recipe (batch_tokens and gradient_checkpointing `auto`) under each memory cap of plans.yaml
-    `memory_plan`, beside the seed recipe of this run (measured here unless the mistral part already did)."""
+    `memory_plan` (with its layers compiled when `compiled`), beside the seed recipe of this run (measured here
+    unless the mistral part already did)."""
     plan = PLANS["memory_plan"]
     part = rec.results.setdefault("mistral7b_shape", {"label": MISTRAL_SHAPE_LABEL})
     if not (model_dir / "config.json").is_file():
         make_mistral_shape(model_dir, tokenizer_dir)
     ensure_seed(rec, part, model_dir, seed_runs)
-    caps = part.setdefault("memory_caps", {})
+    caps = part.setdefault("memory_caps_compiled" if compiled else "memory_caps", {})
+    extra = plan["compiled"] if compiled else []
     for cap in plan["caps_gb"]:
-        args = ["project", "--config", plan["config"], "--warm", "2", "--set", f"model.name={model_dir}"]
-        caps[str(cap)] = rec.child(f"mistral-cap-{cap}", [*args, *plan["set"], f"train.max_memory_gb={cap}"], 400)
+        args = ["project", "--config", plan["config"], "--warm", "2", "--set", f"model.name={model_dir}", *extra]
+        name = f"mistral-cap-{cap}{'-compiled' if compiled else ''}"
+        caps[str(cap)] = rec.child(name, [*args, *plan["set"], f"train.max_memory_gb={cap}"], 400)
 
 
 def ensure_seed(rec: Recorder, part: dict, model_dir: Path, seed_runs: int) -> None:
@@ -470,7 +506,16 @@ def bench_search(rec: Recorder, name: str, parallel: int) -> None:
 
 
 MISTRAL_SHAPE_LABEL = "random-init Mistral-7B shape (4-bit NF4)"
-PARTS = ("smollm2", "smollm2-fast", "accuracy", "accuracy-final", "mistral", "memory-plan", "levers")
+PARTS = (
+    "smollm2",
+    "smollm2-fast",
+    "accuracy",
+    "accuracy-winner",
+    "accuracy-final",
+    "mistral",
+    "memory-plan",
+    "levers",
+)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -497,7 +542,8 @@ def command_bench(args: argparse.Namespace) -> None:
     names = set(args.settings.split(",")) if args.settings else None
     tokenizer_dir = args.tokenizer_dir or (
         resolve_model_path("embedded:smollm2-135m-instruct")
-        if {"smollm2", "smollm2-fast", "accuracy", "accuracy-final"} & set(parts) or not args.model_dir.is_dir()
+        if {"smollm2", "smollm2-fast", "accuracy", "accuracy-winner", "accuracy-final"} & set(parts)
+        or not args.model_dir.is_dir()
         else str(args.model_dir)
     )
     for part in parts:
@@ -506,13 +552,15 @@ def command_bench(args: argparse.Namespace) -> None:
         elif part == "smollm2-fast":
             bench_smollm2_fast(rec, names)
         elif part == "accuracy":
-            bench_accuracy(rec, args.parallel)
+            bench_accuracy(rec, args.parallel, names)
+        elif part == "accuracy-winner":
+            bench_accuracy_winner(rec, args.sources)
         elif part == "accuracy-final":
             bench_accuracy_final(rec, args.parallel)
         elif part == "mistral":
             bench_mistral(rec, tokenizer_dir, args.model_dir, names, args.seed_runs)
         elif part == "memory-plan":
-            bench_memory_plan(rec, tokenizer_dir, args.model_dir, args.seed_runs)
+            bench_memory_plan(rec, tokenizer_dir, args.model_dir, args.seed_runs, args.compiled_caps)
         elif part == "levers":
             bench_levers(rec, args.model_dir, tokenizer_dir)
         else:
@@ -547,9 +595,13 @@ def parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--settings",
         help="comma-separated names: 7B settings (plans.yaml seven_b.settings, and `default` for "
-        "configs/mistral-7b-qlora.yaml) or SmolLM2 fast variants; all by default",
+        "configs/mistral-7b-qlora.yaml), SmolLM2 fast variants or accuracy variants; all by default",
     )
     bench.add_argument("--seed-runs", type=int, default=3, help="runs of the 7B seed recipe (the median is used)")
+    bench.add_argument("--compiled-caps", action="store_true", help="memory-plan: the recipe with compiled layers")
+    bench.add_argument(
+        "--from", dest="sources", type=Path, nargs="*", default=[], help="accuracy-winner: the sweep's results.json"
+    )
     bench.add_argument("--model-dir", type=Path, default=Path("/tmp/mistral-7b-shape"))
     bench.add_argument(
         "--tokenizer-dir",
