@@ -343,7 +343,11 @@ def bench_accuracy_winner(rec: Recorder, sources: list[Path]) -> None:
     """The accuracy part's winner over earlier results files (a sweep split between GPUs or calls), chosen by mean
     validation exact match, trained on train + validation with each seed (at once) and scored on the test split,
     unseen names and the novel phrasings."""
+    from mrtune.model.resolve import EMBEDDED_MODEL, resolve_model_path
+
     plan = PLANS["accuracy"]
+    resolve_model_path(EMBEDDED_MODEL)  # convert the GGUF once, before the children race to do it
+    unseen_names_file()
     variants = {}
     for source in sources:
         variants.update(json.loads(source.read_text()).get("accuracy", {}).get("variants", {}))
