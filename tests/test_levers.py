@@ -202,3 +202,23 @@ def test_label_smoothing_mixes_the_uniform_target_into_the_training_loss(tiny_mo
     assert torch.allclose(smooth, 0.9 * plain + 0.1 * uniform, rtol=1e-4)
     with pytest.raises(MrtuneError, match="train.label_smoothing"):
         load_config(None, ["train.label_smoothing=1"])
+
+
+@pytest.mark.slow
+def test_validation_runs_compiled_layers_eagerly(tiny_model_dir):
+    """Validation and samples have other shapes than the training step: they must not compile every layer again."""
+    from torch._dynamo.utils import counters
+
+    from mrtune.model.build import eager_for_evaluation
+
+    overrides = [f"model.name={tiny_model_dir}", "model.dtype=float32", "lora.dropout=0.0", "model.compile_layers=true"]
+    config = load_config(None, overrides)
+    model = attach_lora(load_base_model(config.model, torch.device("cpu")), config.lora, config.model)
+    model(input_ids=torch.randint(0, 500, (1, 16)))  # the training shape: compiles
+    compiled = counters["frames"]["ok"]
+    assert compiled > 0
+    model.eval()
+    with torch.no_grad(), eager_for_evaluation():
+        for length in (5, 9, 23):
+            model(input_ids=torch.randint(0, 500, (2, length)))
+    assert counters["frames"]["ok"] == compiled

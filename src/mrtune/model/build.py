@@ -221,6 +221,14 @@ def compile_decoder_layers(model, mode: str = "default") -> int:
     return len(layers)
 
 
+def eager_for_evaluation():
+    """A context in which compiled layers (and a compiled model) run their plain eager code: for validation and
+    sample generation between training steps. Their graphs were compiled for the training step's shapes; padded
+    validation batches and a growing KV cache have other shapes each time, and every layer would compile again for
+    each: minutes on the 7B shape (BENCHMARKS.md), for passes that are a small share of a run's time."""
+    return torch.compiler.set_stance("force_eager")
+
+
 def load_trained_model(settings: ModelSettings, adapter_dir: Path | None, device: torch.device, *, merge: bool = True):
     """Base model plus a run's adapter, ready for generation (merged into the weights when not quantized,
     so decoding pays nothing for the adapter)."""

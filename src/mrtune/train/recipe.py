@@ -33,6 +33,7 @@ from mrtune.infer.generation import generate
 from mrtune.model.build import (
     attach_lora,
     compile_decoder_layers,
+    eager_for_evaluation,
     load_base_model,
     quantization_config,
     set_checkpointing,
@@ -791,7 +792,8 @@ class Recipe:
         state, accelerator = self.state, self.accelerator
         eval_started = time.perf_counter()
         rows, pad_token_id, batch_size = self.validation_rows, self.tokenizer.pad_token_id, self.settings.batch_size
-        loss = validation_loss(self.model, rows, pad_token_id, batch_size, self.device, accelerator)
+        with eager_for_evaluation():
+            loss = validation_loss(self.model, rows, pad_token_id, batch_size, self.device, accelerator)
         improved = loss < state.best_validation_loss  # the same on every rank: the loss is summed over ranks
         state.best_validation_loss = min(state.best_validation_loss, loss)
         # FSDP: every rank takes part in gathering the adapter.
@@ -816,7 +818,7 @@ class Recipe:
         else:
             model = self.accelerator.unwrap_model(self.model)
             self.model.eval()
-            with compute_autocast(model):
+            with compute_autocast(model), eager_for_evaluation():
                 output = generate(
                     model,
                     self.tokenizer,
