@@ -274,8 +274,13 @@ def markdown(results: dict) -> str:
     for section in (*sections, _searches):
         lines += section(results)
     lines += ["### Headline figures (bench/results/latest.json)", "", "| key | value |", "| --- | --- |"]
-    summary = summarise(results)
+    summary = {k: v for k, v in summarise(results).items() if k not in results.get("kept", [])}
     lines += [f"| {k} | {_shown(v)} |" for k, v in summary.items()]
+    if results.get("kept"):
+        lines += [
+            "",
+            "Not taken into latest.json from this run (they keep their earlier values): " + ", ".join(results["kept"]),
+        ]
     return "\n".join([*lines, "", end])
 
 
@@ -394,7 +399,8 @@ def _smollm2(results: dict) -> list[str]:
         two = " ".join(PLANS["smollm2"]["two_epochs"])
         lines.append(_row(f"mrtune two-epoch variant (`{two}`)", small["two_epochs"], seed))
     for name, entry in small.get("fast", {}).items():
-        lines.append(_row(f"mrtune fast variant {name} (`{' '.join(entry['overrides'])}`)", entry["train"], seed))
+        if "train" in entry:  # a variant that a call's time limit stopped before it started has none
+            lines.append(_row(f"mrtune fast variant {name} (`{' '.join(entry['overrides'])}`)", entry["train"], seed))
     lines.append("")
     for name, entry in small.get("fast", {}).items():
         if ok(entry.get("train")):
@@ -653,7 +659,7 @@ MERGED_BY_NAME = ("settings", "levers", "fast", "memory_caps", "memory_caps_comp
 """Parts' entries that several calls (or GPUs of one call) fill in by name: merged, not replaced."""
 
 
-def publish(results_paths: list[Path], label: str | None = None) -> None:
+def publish(results_paths: list[Path], label: str | None = None, keep: list[str] | None = None) -> None:
     """Merge calls (`merge`) and write them into the repository: bench/results/raw-DATE.json, the headline figures
     into bench/results/latest.json (keys not measured again keep their earlier values, and `measured_on` says the
     date of each), and this run's section of BENCHMARKS.md (replaced if the date's section is there, else added
@@ -661,13 +667,15 @@ def publish(results_paths: list[Path], label: str | None = None) -> None:
     results = merge(results_paths)
     if label:  # a second run on the same day gets its own section and raw file
         results["label"] = label
+    if keep:  # headline keys that a partial run measured less completely than an earlier one
+        results["kept"] = keep
     folder = ROOT / "bench" / "results"
     folder.mkdir(exist_ok=True)
     (folder / f"raw-{label or results['date']}.json").write_text(json.dumps(results, indent=2) + "\n")
     latest_path = folder / "latest.json"
     latest = json.loads(latest_path.read_text()) if latest_path.is_file() else {}
     dates = latest.pop("measured_on", {k: latest.get("date") for k in latest if k not in ("card", "date")})
-    summary = summarise(results)
+    summary = {k: v for k, v in summarise(results).items() if k not in (keep or [])}
     dates.update({k: results["date"] for k in summary if k not in ("card", "date")})
     latest.update(summary)
     latest["measured_on"] = dates

@@ -633,6 +633,12 @@ def parser() -> argparse.ArgumentParser:
     publish = commands.add_parser("publish", help="merge results.json files into BENCHMARKS.md and bench/results/")
     publish.add_argument("results", type=Path, nargs="+")
     publish.add_argument("--label", help="name of this run's section and raw file (default: its date)")
+    publish.add_argument(
+        "--keep",
+        type=lambda text: text.split(","),
+        default=[],
+        help="comma-separated headline keys of latest.json that keep their earlier values (a partial run's)",
+    )
     return top
 
 
@@ -645,7 +651,7 @@ def main(argv: list[str] | None = None) -> None:
     else:
         from bench.publish import publish
 
-        publish(args.results, args.label)
+        publish(args.results, args.label, args.keep)
 
 
 if __name__ == "__main__":
