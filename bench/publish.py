@@ -54,19 +54,20 @@ def _summary_accuracy_winner(part: dict) -> dict:
     if not scored:
         return {}
 
-    def mean(split: str, key: str) -> float:
-        values = [s[split][key] for s in scored if ok(s.get(split))]
-        return sum(values) / len(values)
-
-    return dict(
-        smollm2_best_variant=f"configs/smollm2-best.yaml + {' '.join(part['overrides'])} (mean of {len(scored)} seeds)",
-        smollm2_best_test_exact_match=mean("test", "exact_match"),
-        smollm2_best_test_slot_f1=mean("test", "slot_f1"),
-        smollm2_best_valid_mr_rate=mean("test", "valid_mr_rate"),
-        smollm2_best_unseen_names_exact_match=mean("unseen_names", "exact_match"),
-        smollm2_best_novel_slot_f1=mean("novel_phrasing", "slot_f1"),
-        smollm2_best_novel_act_accuracy=mean("novel_phrasing", "dialogue_act_accuracy"),
-    )
+    keys = {
+        "smollm2_best_test_exact_match": ("test", "exact_match"),
+        "smollm2_best_test_slot_f1": ("test", "slot_f1"),
+        "smollm2_best_valid_mr_rate": ("test", "valid_mr_rate"),
+        "smollm2_best_unseen_names_exact_match": ("unseen_names", "exact_match"),
+        "smollm2_best_novel_slot_f1": ("novel_phrasing", "slot_f1"),
+        "smollm2_best_novel_act_accuracy": ("novel_phrasing", "dialogue_act_accuracy"),
+    }
+    summary = {"smollm2_best_variant": f"configs/smollm2-best.yaml + {' '.join(part['overrides'])} (mean of seeds)"}
+    for key, (split, metric) in keys.items():
+        values = [s[split][metric] for s in scored if ok(s.get(split))]
+        if values:
+            summary[key] = sum(values) / len(values)
+    return summary
 
 
 def _accuracy_winner(results: dict) -> list[str]:

@@ -137,3 +137,38 @@ def test_novel_phrasings_are_valid_unseen_and_cover_every_act():
         assert set(mr.attributes) <= set(vocabulary.attributes)
         acts.add(mr.dialogue_act)
     assert acts == set(vocabulary.dialogue_acts)
+
+
+def test_a_sweep_split_over_two_gpus_merges_and_its_winner_headlines_unless_kept(monkeypatch, tmp_path):
+    scores = {"n": 10, "exact_match": 0.9, "slot_f1": 0.95, "dialogue_act_accuracy": 1.0, "valid_mr_rate": 1.0}
+
+    def variant(em0, em1):
+        return {f"seed{s}": {"validation": {**scores, "exact_match": em}} for s, em in ((0, em0), (1, em1))}
+
+    gpu0 = {"card": "H200", "date": "2026-11-30", "accuracy": {"variants": {"a": variant(0.90, 0.92)}}}
+    gpu1 = {"card": "H200", "date": "2026-11-30", "accuracy": {"variants": {"b": variant(0.93, 0.95)}}}
+    runs = {
+        f"seed{seed}": {"train": {"run_dir": "r"}, "scored": {"test": {**scores, "exact_match": em}}}
+        for seed, em in ((0, 0.94), (1, 0.96))
+    }
+    winner = {
+        "card": "H200",
+        "date": "2026-11-30",
+        "accuracy_winner": {"winner": "b", "overrides": ["x=1"], "runs": runs},
+    }
+    paths = []
+    for i, data in enumerate((gpu0, gpu1, winner)):
+        paths.append(tmp_path / f"{i}.json")
+        paths[-1].write_text(json.dumps(data))
+    merged = pub.merge(paths)
+    assert set(merged["accuracy"]["variants"]) == {"a", "b"}  # merged by name, not replaced
+    assert "Chosen on validation: **b** (mean 94.0%)" in pub.markdown(merged)
+    assert pub.summarise(merged)["smollm2_best_test_exact_match"] == pytest.approx(0.95)  # the seeds' mean
+
+    monkeypatch.setattr(pub, "ROOT", tmp_path)
+    (tmp_path / "bench" / "results").mkdir(parents=True)
+    (tmp_path / "bench" / "results" / "latest.json").write_text('{"smollm2_best_test_exact_match": 0.944}')
+    pub.publish(paths, label="round", keep=["smollm2_best_test_exact_match"])
+    latest = json.loads((tmp_path / "bench" / "results" / "latest.json").read_text())
+    assert latest["smollm2_best_test_exact_match"] == 0.944
+    assert "keep their earlier values): smollm2_best_test_exact_match" in (tmp_path / "BENCHMARKS.md").read_text()
