@@ -220,3 +220,33 @@ def test_a_failed_write_leaves_the_previous_file_whole(tmp_path, write):
         write(path, {"text": bad} if write is write_json else bad)
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"]
+
+
+def test_a_zero_decay_average_is_the_live_weights(reference, overrides, tmp_path):
+    """train.ema_decay=0 averages nothing away: swapping the average in and out around each validation must leave
+    the run exactly as without it (a swap that loses the live weights, or saves the wrong ones, shows here)."""
+    run = _train(overrides, tmp_path / "ema0", "train.ema_decay=0.0")
+    assert _validation(run) == _validation(reference)
+    assert _same_adapter(run, reference)
+
+
+def test_a_run_with_an_average_validates_it_and_resumes_to_the_same_result(reference, overrides, tmp_path, monkeypatch):
+    averaged = _train(overrides, tmp_path / "ema", "train.ema_decay=0.5")
+    losses = _validation(averaged)
+    assert losses[0] == _validation(reference)[0]  # one update: the average is the weights
+    assert losses[1:] != _validation(reference)[1:]  # then validation sees the average, not the last step
+    run = RunDir(tmp_path / "stopped-ema")
+    _fail_backward_at(monkeypatch, call=3)  # dies in step 3, after step 2's checkpoint
+    with pytest.raises(MrtuneError, match="out of GPU memory"):
+        _train(overrides, run.path, "train.ema_decay=0.5")
+    monkeypatch.undo()
+    assert main(["train", "--resume", str(run.path)]) == 0
+    assert _validation(run) == losses  # the averages came back from the checkpoint
+    assert _same_adapter(run, averaged)
+
+
+def test_an_average_is_refused_where_it_cannot_live(overrides, tmp_path):
+    path = tmp_path / "refused"
+    with pytest.raises(MrtuneError, match="train.ema_decay needs train.optimizer=adamw"):
+        _train(overrides, path, "train.ema_decay=0.9", "train.optimizer=paged_adamw_8bit")
+    assert not path.exists()

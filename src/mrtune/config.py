@@ -186,6 +186,9 @@ class TrainSettings:
     max_grad_norm: Annotated[float, POSITIVE] | None = 1.0
     """Gradients are clipped to this total norm (a norm, so above zero); none turns clipping off (the norm is still
     computed, logged and checked for being finite)."""
+    ema_decay: Annotated[float, Range(0, 1, high_open=True)] | None = None
+    """Validate, keep and sample from an exponential moving average of the trained weights with this decay (e.g.
+    0.999: about the last thousand steps), instead of the last step's weights (`mrtune.train.ema`)."""
     label_smoothing: Annotated[float, Range(0, 1, high_open=True)] = 0.0
     """Share of each target token's probability spread over the vocabulary in the training loss (0: plain
     cross-entropy). Validation loss is always plain, so runs with and without stay comparable."""

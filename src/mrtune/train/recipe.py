@@ -64,6 +64,7 @@ from mrtune.train.distributed import (
     uses_fsdp2,
     wrap_adapters_separately,
 )
+from mrtune.train.ema import averaged_weights, update_ema
 from mrtune.train.memory import MemoryPlan, check_plannable, needs_plan, plan_memory
 from mrtune.train.sinks import MetricSinks, ProgressBar
 from mrtune.train.state import LoopState
@@ -411,6 +412,11 @@ class Recipe:
                 "train.loraplus_ratio is not available under FSDP1 (its flat parameters hide which adapter "
                 "tensor is A and which B): unset it, or train with FSDP2 (fsdp_version: 2) or DDP"
             )
+        if self.settings.ema_decay is not None and (self.fsdp or self.settings.optimizer != "adamw"):
+            raise MrtuneError(
+                "train.ema_decay needs train.optimizer=adamw without FSDP (the averages live in AdamW's per-tensor "
+                "state, which FSDP shards and the 8-bit optimizer stores its own way): unset it, or use DDP and adamw"
+            )
         check_plannable(self.config, self.device, self.fsdp)
         if resume and needs_plan(self.config):  # a run's config.yaml holds the planner's choices, not `auto`
             raise MrtuneError(
@@ -757,6 +763,8 @@ class Recipe:
             return False
         state.bad_in_a_row = 0
         self.optimizer.step()
+        if self.settings.ema_decay is not None:
+            update_ema(self.optimizer, self.settings.ema_decay)
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return True
@@ -788,7 +796,12 @@ class Recipe:
 
     # -- between steps -------------------------------------------------------------------------------------------------
     def validate(self) -> None:
-        """The validation loss; the adapter saved as RUN/adapter/ when it is the best so far; a sample shown."""
+        """The validation loss; the adapter saved as RUN/adapter/ when it is the best so far; a sample shown. With
+        train.ema_decay, all three use the weights' moving average."""
+        with averaged_weights(self.optimizer, self.settings.ema_decay is not None):
+            self._validate()
+
+    def _validate(self) -> None:
         state, accelerator = self.state, self.accelerator
         eval_started = time.perf_counter()
         rows, pad_token_id, batch_size = self.validation_rows, self.tokenizer.pad_token_id, self.settings.batch_size
