@@ -79,24 +79,30 @@ def substitute_names(examples: list[Example], fraction: float, seed: int) -> lis
     """The rows, with the game name of about `fraction` of them swapped for an invented one (deterministic in
     `seed`). Only rows with a `name` slot whose value appears verbatim in the sentence can be swapped; the others
     are returned unchanged, as is the list's order and length."""
+
+    def swap(example: Example, mr: MeaningRepresentation, old: str, rng: random.Random) -> Example:
+        new = invented_name(rng)
+        return replace(
+            example, sentence=example.sentence.replace(old, new), meaning_representation=str(with_name(mr, new))
+        )
+
+    return _substitute(examples, fraction, f"name-substitution-{seed}", "name", lambda text, old: old in text, swap)
+
+
+def _substitute(examples, fraction, stream, attribute, swappable, swap) -> list[Example]:
+    """Each row whose `attribute` slot is `swappable(sentence, value)` is swapped, with probability `fraction`, by
+    `swap(example, mr, value, rng)`; one random stream (`stream`) for the whole list makes it deterministic."""
     if fraction <= 0:
         return list(examples)
-    rng = random.Random(f"name-substitution-{seed}")
+    rng = random.Random(stream)
     out = []
     for example in examples:
         mr = try_parse_mr(example.meaning_representation or "")
-        old = dict(mr.slots).get("name") if mr is not None else None
-        if not old or old not in example.sentence or rng.random() >= fraction:
+        old = dict(mr.slots).get(attribute) if mr is not None else None
+        if not old or not swappable(example.sentence, old) or rng.random() >= fraction:
             out.append(example)
-            continue
-        new = invented_name(rng)
-        out.append(
-            replace(
-                example,
-                sentence=example.sentence.replace(old, new),
-                meaning_representation=str(with_name(mr, new)),
-            )
-        )
+        else:
+            out.append(swap(example, mr, old, rng))
     return out
 
 
@@ -126,20 +132,16 @@ def substitute_specifiers(examples: list[Example], fraction: float, seed: int) -
     """The rows, with the `specifier[...]` word of about `fraction` of the rows that have one swapped for another
     adjective (deterministic in `seed`). Only a specifier written once in the sentence, as whole words, is swapped
     (a capital first letter kept); the other rows are returned unchanged, as is the list's order and length."""
-    if fraction <= 0:
-        return list(examples)
-    rng = random.Random(f"specifier-substitution-{seed}")
-    out = []
-    for example in examples:
-        mr = try_parse_mr(example.meaning_representation or "")
-        old = dict(mr.slots).get("specifier") if mr is not None else None
-        mentions = list(re.finditer(rf"\b{re.escape(old)}\b", example.sentence, re.IGNORECASE)) if old else []
-        if len(mentions) != 1 or rng.random() >= fraction:
-            out.append(example)
-            continue
+
+    def mentions(text: str, word: str) -> list[re.Match]:
+        return list(re.finditer(rf"\b{re.escape(word)}\b", text, re.IGNORECASE))
+
+    def swap(example: Example, mr: MeaningRepresentation, old: str, rng: random.Random) -> Example:
         new = rng.choice([word for word in SPECIFIER_WORDS if word != old.lower()])
-        start, end = mentions[0].span()
+        start, end = mentions(example.sentence, old)[0].span()
         written = new.capitalize() if example.sentence[start].isupper() else new
         sentence = example.sentence[:start] + written + example.sentence[end:]
-        out.append(replace(example, sentence=sentence, meaning_representation=str(with_value(mr, "specifier", new))))
-    return out
+        return replace(example, sentence=sentence, meaning_representation=str(with_value(mr, "specifier", new)))
+
+    stream = f"specifier-substitution-{seed}"
+    return _substitute(examples, fraction, stream, "specifier", lambda text, old: len(mentions(text, old)) == 1, swap)
