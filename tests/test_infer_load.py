@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+import copy
+import os
+from pathlib import Path
+
 import pytest
 import torch
+from conftest import viggo_rows
 
 from mrtune.config import ModelSettings
+from mrtune.infer import constrained
+from mrtune.infer.constrained import MRConstraint, load_cached_constraint, save_cached_constraint
+from mrtune.infer.predict import CONSTRAINT_CACHE
 from mrtune.model.build import load_trained_model
+from mrtune.model.resolve import load_tokenizer
+from mrtune.task.mr import Vocabulary
 
 LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -61,3 +71,123 @@ def test_merged_model_equals_peft_merge_on_weights_in_memory(tied_model_with_ada
     query = "model.layers.0.self_attn.q_proj.weight"
     assert not torch.equal(ours[query], plain[query])
     assert torch.equal(ours["lm_head.weight"], plain["lm_head.weight"]) != head_adapted
+
+
+# ---- the constrained decoder's disk cache --------------------------------------------------------------------
+
+VOCABULARY = Vocabulary.from_mrs(row["meaning_representation"] for row in viggo_rows("train", 10**6))
+REFERENCES = [row["meaning_representation"] for row in viggo_rows("test", 40)]
+
+
+def _walk(constraint: MRConstraint, tokenizer, texts: list[str], budget: int = 64) -> list[list[int]]:
+    """Feed tokenized MRs (+ EOS) through the constraint as a decode would, all rows at once; the bank rows of every
+    step. Budgets run out for the longer ones, so budget masks are computed too."""
+    rows = [ids + [constraint.eos] for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+    steps = max(map(len, rows))
+    rows = [row + [constraint.eos] * (steps - len(row)) for row in rows]
+    state_ids = [constraint._state_id(constraint.grammar.start)] * len(rows)
+    seen = []
+    for step in range(steps):
+        if step:
+            state_ids = constraint.step_ids(state_ids, [row[step - 1] for row in rows])
+        seen.append(constraint.rows_for(state_ids, budget - step))
+    return seen
+
+
+@pytest.fixture
+def tiny_tokenizer(tiny_model_dir):
+    return load_tokenizer(str(tiny_model_dir))
+
+
+def test_a_cached_constraint_allows_what_a_new_one_does(tiny_tokenizer, tmp_path):
+    """What one process computed is read back by the next, and every mask and transition in it equals a fresh
+    constraint's, for the states it met and with the budgets it saw."""
+    first = load_cached_constraint(tiny_tokenizer, VOCABULARY, tmp_path)
+    assert first.learned == (0, 0)
+    _walk(first, tiny_tokenizer, REFERENCES, budget=40)
+    save_cached_constraint(first)
+    assert [p.name for p in tmp_path.iterdir()] == [f"{first.cache_key}.pkl"]
+    assert (tmp_path / f"{first.cache_key}.pkl").stat().st_mode & 0o777 == 0o600
+
+    cached = load_cached_constraint(tiny_tokenizer, VOCABULARY, tmp_path)
+    assert cached.learned == first.learned and cached.learned[0] > 50 and cached.learned[1] > 0
+    assert _walk(cached, tiny_tokenizer, REFERENCES, budget=40) == _walk(first, tiny_tokenizer, REFERENCES, budget=40)
+    assert cached.learned == cached.saved  # the same decode again has nothing new to compute, nor to save
+    fresh = MRConstraint(tiny_tokenizer, VOCABULARY)
+    for state in first._entries:
+        for left in (2, 5, 12, 10**6):
+            assert torch.equal(cached.allowed_tokens(state, left), fresh.allowed_tokens(state, left)), (state, left)
+        for token in torch.nonzero(fresh.allowed_tokens(state, 10**6)).flatten().tolist():
+            assert cached.next_state(state, token) == fresh.next_state(state, token)
+    # And the masks on the model's device, which the cache does not keep, are rebuilt from it.
+    scores = torch.zeros((2, len(tiny_tokenizer) + 3))
+    assert torch.equal(cached.refused([0, 1], scores.device, scores.shape[1]), first.refused([0, 1], "cpu", 603))
+
+
+def test_a_cache_of_another_tokenizer_vocabulary_or_code_is_not_used(tiny_tokenizer, tmp_path, monkeypatch):
+    first = load_cached_constraint(tiny_tokenizer, VOCABULARY, tmp_path)
+    _walk(first, tiny_tokenizer, REFERENCES[:5])
+    save_cached_constraint(first)
+    assert load_cached_constraint(tiny_tokenizer, VOCABULARY, tmp_path).learned == first.learned
+
+    others = {"vocabulary without values": (tiny_tokenizer, VOCABULARY.without_values())}
+    other_eos = copy.deepcopy(tiny_tokenizer)
+    other_eos.eos_token = "<pad>"
+    others["another EOS"] = (other_eos, VOCABULARY)
+    more_tokens = copy.deepcopy(tiny_tokenizer)
+    more_tokens.add_tokens(["inform(name["])
+    others["one more token"] = (more_tokens, VOCABULARY)
+    for what, (tokenizer, vocabulary) in others.items():
+        constraint = load_cached_constraint(tokenizer, vocabulary, tmp_path)
+        assert constraint.learned == (0, 0) and constraint.cache_key != first.cache_key, what
+
+    monkeypatch.setattr(constrained, "CACHE_FORMAT", constrained.CACHE_FORMAT + 1)  # as for a change of the code
+    assert load_cached_constraint(tiny_tokenizer, VOCABULARY, tmp_path).learned == (0, 0)
+
+
+def test_a_damaged_or_foreign_cache_file_is_rebuilt_and_replaced(tiny_tokenizer, tmp_path):
+    first = load_cached_constraint(tiny_tokenizer, VOCABULARY, tmp_path)
+    _walk(first, tiny_tokenizer, REFERENCES[:5])
+    save_cached_constraint(first)
+    path = tmp_path / f"{first.cache_key}.pkl"
+    whole = path.read_bytes()
+
+    path.write_bytes(whole[: len(whole) // 2])  # torn
+    constraint = load_cached_constraint(tiny_tokenizer, VOCABULARY, tmp_path)
+    assert constraint.learned == (0, 0)
+    _walk(constraint, tiny_tokenizer, REFERENCES[:5])
+    save_cached_constraint(constraint)
+    assert load_cached_constraint(tiny_tokenizer, VOCABULARY, tmp_path).learned == first.learned
+
+    path.chmod(0o622)  # others could have written it: pickle would run their code
+    assert load_cached_constraint(tiny_tokenizer, VOCABULARY, tmp_path).learned == (0, 0)
+
+
+def test_the_cache_keeps_the_most_recently_used_files(tiny_tokenizer, tmp_path, monkeypatch):
+    monkeypatch.setattr(constrained, "CACHE_KEEP", 2)
+    names = []
+    for number, vocabulary in enumerate((VOCABULARY, VOCABULARY.without_values(), Vocabulary(("inform",), ("name",)))):
+        constraint = load_cached_constraint(tiny_tokenizer, vocabulary, tmp_path)
+        _walk(constraint, tiny_tokenizer, ["inform(name[Tetris])"])
+        save_cached_constraint(constraint)
+        os.utime(tmp_path / f"{constraint.cache_key}.pkl", (1000 + number, 1000 + number))
+        names.append(f"{constraint.cache_key}.pkl")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names[1:])
+
+
+def test_evaluate_writes_the_cache_and_decodes_the_same_with_it(tmp_path_factory, tiny_model_dir, monkeypatch):
+    from conftest import train_tiny_run
+
+    from mrtune.infer.evaluate import evaluate
+
+    monkeypatch.setenv("MRTUNE_CACHE", str(tmp_path_factory.mktemp("cache")))
+    run = train_tiny_run(
+        tmp_path_factory.mktemp("cached-run"), tiny_model_dir, {"train": 16, "validation": 4, "test": 6}
+    )
+    evaluate(run.path, progress=False)
+    predictions = (run.eval_dir("test") / "predictions.jsonl").read_text()
+    (cache_file,) = (Path(os.environ["MRTUNE_CACHE"]) / CONSTRAINT_CACHE).iterdir()
+    written = cache_file.read_bytes()
+    evaluate(run.path, progress=False)
+    assert (run.eval_dir("test") / "predictions.jsonl").read_text() == predictions
+    assert cache_file.read_bytes() == written  # the second decode found every mask it needed in the cache

@@ -11,12 +11,15 @@ from mrtune.config import with_eval_overrides
 from mrtune.errors import MrtuneError
 from mrtune.infer.generation import generate
 from mrtune.model.build import default_device, load_trained_model
-from mrtune.model.resolve import load_tokenizer
+from mrtune.model.resolve import default_cache_dir, load_tokenizer
 from mrtune.run.outputs import check_output, write_output_text
 from mrtune.run.rundir import RunDir
 from mrtune.task.data import Example, load_rows
 from mrtune.task.mr import Vocabulary
 from mrtune.task.prompts import build_prompt
+
+CONSTRAINT_CACHE = "constraints"
+"""The folder of `$MRTUNE_CACHE` that holds the constrained decoder's masks (infer.constrained's disk cache)."""
 
 
 def load_model(run: RunDir, config, base: bool):
@@ -39,15 +42,18 @@ def load_run_model(run: RunDir, settings, adapter: Path | None, merge: bool = Tr
 
 def load_constraint(run: RunDir, tokenizer, values: bool = True):
     """The decoding constraint for this run's vocabulary (acts, attributes and, with `values`, the items of closed
-    attributes, from its training split)."""
-    from mrtune.infer.constrained import MRConstraint
+    attributes, from its training split), with the masks earlier decodes over the same tokenizer and vocabulary
+    computed (`decode` writes them back to `$MRTUNE_CACHE/constraints`)."""
+    from mrtune.infer.constrained import load_cached_constraint
 
     if not run.vocabulary.is_file():
         raise MrtuneError(
             f"{run.vocabulary} is missing, so constrained decoding has no vocabulary: pass --no-constrained"
         )
     vocabulary = Vocabulary.from_dict(run.read_vocabulary())
-    return MRConstraint(tokenizer, vocabulary if values else vocabulary.without_values())
+    return load_cached_constraint(
+        tokenizer, vocabulary if values else vocabulary.without_values(), default_cache_dir() / CONSTRAINT_CACHE
+    )
 
 
 def check_lengths(tokenizer, model, config, examples: list[Example]) -> None:
@@ -75,7 +81,12 @@ def decode(
     """Predictions for `sentences`, and the decoding's `generated_tokens` and `seconds`."""
     prompts = [build_prompt(config.data.prompt_style, s) for s in sentences]
     constraint = load_constraint(run, tokenizer, config.eval.constrain_values) if constrained else None
-    return decode_prompts(run, config, tokenizer, model, prompts, constraint, progress)
+    result = decode_prompts(run, config, tokenizer, model, prompts, constraint, progress)
+    if constraint is not None:
+        from mrtune.infer.constrained import save_cached_constraint
+
+        save_cached_constraint(constraint)
+    return result
 
 
 def decode_prompts(
