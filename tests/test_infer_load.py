@@ -1,9 +1,13 @@
-"""Loading a run's model for evaluate/predict/serve: the fast paths compute exactly what the plain ones do."""
+"""The start-up of evaluate, predict and serve: the fast paths compute exactly what the plain ones do, the cache
+of constrained-decoding masks is used only where it applies, and mistakes are refused before torch is imported."""
 
 from __future__ import annotations
 
 import copy
+import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -17,6 +21,8 @@ from mrtune.infer.predict import CONSTRAINT_CACHE
 from mrtune.model.build import load_trained_model
 from mrtune.model.resolve import load_tokenizer
 from mrtune.task.mr import Vocabulary
+
+SOURCE = Path(__file__).resolve().parents[1] / "src"
 
 LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -175,15 +181,19 @@ def test_the_cache_keeps_the_most_recently_used_files(tiny_tokenizer, tmp_path, 
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names[1:])
 
 
-def test_evaluate_writes_the_cache_and_decodes_the_same_with_it(tmp_path_factory, tiny_model_dir, monkeypatch):
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, tiny_model_dir):
     from conftest import train_tiny_run
 
+    rows = {"train": 16, "validation": 4, "test": 6}
+    return train_tiny_run(tmp_path_factory.mktemp("load-run"), tiny_model_dir, rows)
+
+
+def test_evaluate_writes_the_cache_and_decodes_the_same_with_it(tiny_run, tmp_path, monkeypatch):
     from mrtune.infer.evaluate import evaluate
 
-    monkeypatch.setenv("MRTUNE_CACHE", str(tmp_path_factory.mktemp("cache")))
-    run = train_tiny_run(
-        tmp_path_factory.mktemp("cached-run"), tiny_model_dir, {"train": 16, "validation": 4, "test": 6}
-    )
+    monkeypatch.setenv("MRTUNE_CACHE", str(tmp_path))
+    run = tiny_run
     evaluate(run.path, progress=False)
     predictions = (run.eval_dir("test") / "predictions.jsonl").read_text()
     (cache_file,) = (Path(os.environ["MRTUNE_CACHE"]) / CONSTRAINT_CACHE).iterdir()
@@ -191,3 +201,27 @@ def test_evaluate_writes_the_cache_and_decodes_the_same_with_it(tmp_path_factory
     evaluate(run.path, progress=False)
     assert (run.eval_dir("test") / "predictions.jsonl").read_text() == predictions
     assert cache_file.read_bytes() == written  # the second decode found every mask it needed in the cache
+
+
+def test_mistakes_are_refused_before_torch_is_imported(tiny_run, tmp_path):
+    """evaluate and predict check their arguments and the run first: the error comes without torch's imports."""
+    commands = [
+        ["evaluate", str(tmp_path / "no-run")],
+        ["evaluate", str(tiny_run.path), "--data", str(tmp_path / "missing.jsonl")],
+        ["predict", str(tiny_run.path)],
+        ["predict", str(tiny_run.path), "--input", str(tiny_run.path / "run.json")],
+    ]
+    script = (
+        "import json, sys\n"
+        "from mrtune.cli import main\n"
+        f"codes = [main(argv) for argv in {commands!r}]\n"
+        "print(json.dumps([codes, sorted(m for m in ('torch', 'transformers', 'peft') if m in sys.modules)]))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(SOURCE), os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, check=True)
+    codes, imported = json.loads(done.stdout.splitlines()[-1])
+    assert codes == [2, 2, 2, 2], done.stderr
+    assert imported == []
+    errors = done.stderr.splitlines()
+    assert "does not exist" in errors[0] and "missing.jsonl" in errors[1] and "give a sentence" in errors[2]
+    assert "--input needs --output" in errors[3]

@@ -1,16 +1,16 @@
-"""`mrtune predict`: meaning representations for new sentences, and the loading and decoding evaluate shares."""
+"""`mrtune predict`: meaning representations for new sentences, and the loading and decoding evaluate shares.
+
+torch, transformers and peft are imported where the model is loaded or run, not with this module: a command that
+stops at a bad argument or a damaged run says so in a fraction of a second instead of after their imports.
+"""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-import torch
-
 from mrtune.config import with_eval_overrides
 from mrtune.errors import MrtuneError
-from mrtune.infer.generation import generate
-from mrtune.model.build import default_device, load_trained_model
 from mrtune.model.resolve import default_cache_dir, load_tokenizer
 from mrtune.run.outputs import check_output, write_output_text
 from mrtune.run.rundir import RunDir
@@ -31,6 +31,8 @@ def load_model(run: RunDir, config, base: bool):
 
 def load_run_model(run: RunDir, settings, adapter: Path | None, merge: bool = True):
     """`load_trained_model`, with an adapter that does not fit the base model reported as the run's damage."""
+    from mrtune.model.build import default_device, load_trained_model
+
     try:
         return load_trained_model(settings, adapter, default_device(), merge=merge)
     except (RuntimeError, ValueError, KeyError) as error:
@@ -95,6 +97,10 @@ def decode_prompts(
     """Completions of ready-made prompts with the run's eval settings, and the decoding's `generated_tokens` and
     `seconds`. `constraint` (from `load_constraint`, or None to decode freely) may be kept across calls: it computes
     each mask once (`mrtune serve` holds one for its lifetime)."""
+    import torch
+
+    from mrtune.infer.generation import generate
+
     stats: dict = {}
     try:
         predictions = generate(
