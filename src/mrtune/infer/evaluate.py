@@ -9,7 +9,7 @@ from pathlib import Path
 
 from mrtune.config import with_eval_overrides
 from mrtune.errors import MrtuneError
-from mrtune.export.portable import make_portable
+from mrtune.export.portable import refresh_model_card
 from mrtune.infer.predict import check_lengths, decode, load_model
 from mrtune.run.outputs import building_dir
 from mrtune.run.rundir import RunDir
@@ -122,7 +122,7 @@ def evaluate(
             "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8"
         )
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    make_portable(run)  # the model card shows the new test metrics
+    refresh_model_card(run)  # the model card shows the new test metrics
     from mrtune.run.report import write_report
 
     write_report(run)
