@@ -225,3 +225,21 @@ def test_mistakes_are_refused_before_torch_is_imported(tiny_run, tmp_path):
     errors = done.stderr.splitlines()
     assert "does not exist" in errors[0] and "missing.jsonl" in errors[1] and "give a sentence" in errors[2]
     assert "--input needs --output" in errors[3]
+
+
+def test_evaluate_parses_the_run_tokenizer_once(tiny_run, tmp_path, monkeypatch):
+    """check_intact and load_model both require the tokenizer; its JSON (3.5 MB for SmolLM2) is parsed once."""
+    from mrtune.infer.evaluate import evaluate
+    from mrtune.run.rundir import RunDir
+
+    monkeypatch.setenv("MRTUNE_CACHE", str(tmp_path))
+    parsed = []
+    read_json = RunDir.read_json
+
+    def counting(self, path, kind=dict):
+        parsed.append(Path(path).name)
+        return read_json(self, path, kind)
+
+    monkeypatch.setattr(RunDir, "read_json", counting)
+    evaluate(tiny_run.path, limit=2, progress=False)
+    assert parsed.count("tokenizer.json") == 1 and parsed.count("tokenizer_config.json") == 1
