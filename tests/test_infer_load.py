@@ -243,3 +243,25 @@ def test_evaluate_parses_the_run_tokenizer_once(tiny_run, tmp_path, monkeypatch)
     monkeypatch.setattr(RunDir, "read_json", counting)
     evaluate(tiny_run.path, limit=2, progress=False)
     assert parsed.count("tokenizer.json") == 1 and parsed.count("tokenizer_config.json") == 1
+
+
+def test_the_libraries_are_frozen_and_the_model_stays_collectable(tiny_run):
+    """In a fresh process load_model freezes what the imports made (the collector skips it from then on), but not
+    the model, whose reference cycles a process that loads several must still collect."""
+    script = (
+        "import gc, json, sys, weakref\n"
+        "from mrtune.infer.predict import load_model\n"
+        "from mrtune.run.rundir import RunDir\n"
+        f"run = RunDir.open({str(tiny_run.path)!r})\n"
+        "tokenizer, model = load_model(run, run.config(), False)\n"
+        "frozen = gc.get_freeze_count()\n"
+        "refs = [weakref.ref(model), weakref.ref(tokenizer)]\n"
+        "del model, tokenizer\n"
+        "gc.collect()\n"
+        "print(json.dumps([frozen, [ref() is None for ref in refs], gc.isenabled()]))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(SOURCE), os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, check=True)
+    frozen, collected, enabled = json.loads(done.stdout.splitlines()[-1])
+    assert frozen > 100_000  # torch, transformers and peft: a few hundred thousand objects at least
+    assert collected == [True, True] and enabled
