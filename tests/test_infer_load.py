@@ -194,7 +194,8 @@ def test_evaluate_writes_the_cache_and_decodes_the_same_with_it(tiny_run, tmp_pa
 
     monkeypatch.setenv("MRTUNE_CACHE", str(tmp_path))
     run = tiny_run
-    evaluate(run.path, progress=False)
+    metrics = evaluate(run.path, progress=False)
+    assert 0 < metrics["load_seconds"] and 0 < metrics["decode_seconds"]  # load_model's share, apart from decoding's
     predictions = (run.eval_dir("test") / "predictions.jsonl").read_text()
     (cache_file,) = (Path(os.environ["MRTUNE_CACHE"]) / CONSTRAINT_CACHE).iterdir()
     written = cache_file.read_bytes()

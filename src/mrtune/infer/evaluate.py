@@ -84,7 +84,9 @@ def evaluate(
         limit if limit is not None else config.eval.limit,
         "--limit" if limit is not None else "eval.limit",
     )
+    loading = time.perf_counter()
     tokenizer, model = load_model(run, config, base)
+    load_seconds = time.perf_counter() - loading  # with the imports of torch, transformers and peft in a new process
     check_lengths(tokenizer, model, config, examples)
     constrained = config.eval.constrained if constrained is None else constrained
     started = time.perf_counter()
@@ -99,6 +101,7 @@ def evaluate(
     metrics.update(
         split=split if data is None else f"data file {Path(data).name}",
         model="base" if base else "fine-tuned",
+        load_seconds=round(load_seconds, 2),
         decode_seconds=round(seconds, 2),
         rows_per_s=round(len(examples) / seconds, 2),
         constrained=constrained,
