@@ -519,8 +519,8 @@ def constraint_key(tokens: list[bytes | None], eos: int, vocabulary: Vocabulary)
 
 
 def _unpickle(data: bytes):
-    """pickle.loads with the garbage collector paused: its passes over the many new tuples otherwise cost 2-5x the
-    load itself."""
+    """pickle.loads with the garbage collector paused: its passes over the many tuples being made would otherwise
+    take longer than the load itself (none of them is garbage yet)."""
     was_enabled = gc.isenabled()
     gc.disable()
     try:

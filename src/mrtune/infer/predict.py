@@ -29,12 +29,11 @@ def import_model_libraries() -> None:
     is left.
 
     The imports make hundreds of thousands of objects that live as long as the process, which the collector would
-    otherwise scan again and again while they import and while the model loads and decodes: ~1 s of a 7.5 s
-    `mrtune evaluate` on the 2-core CPU, ~0.4 s this way (BENCHMARKS.md). The one collection before the freeze
-    matters: the imports leave garbage cycles (exceptions of optional imports) whose tracebacks hold the frames
-    of the callers; frozen, they would keep those frames' locals (a tokenizer, a model) alive for good. Models
-    and tokenizers are made after the freeze and stay collectable, for a process that loads several (tests,
-    `bench`, a server).
+    otherwise scan again and again while they import and while the model loads and decodes (a large share of a
+    short command's time: BENCHMARKS.md, evaluate start-up). The one collection before the freeze matters: the
+    imports leave garbage cycles that reference the frames on the stack; frozen, they would keep those frames'
+    locals (a tokenizer, a model) alive for good. Models and tokenizers are made after the freeze and stay
+    collectable, for a process that loads several (tests, `bench`, a server).
     """
     if "peft" in sys.modules:
         return
