@@ -99,6 +99,30 @@ def test_model_card_gains_the_test_metrics_after_evaluate(tiny_run, tmp_path):
     assert stat.S_IMODE((copy.adapter / "README.md").stat().st_mode) == 0o644
 
 
+def test_evaluate_rewrites_only_the_card_of_a_portable_adapter_and_makes_others_portable(tiny_run, tmp_path):
+    """The card is the one file an evaluation changes: the others keep their inodes (not rewritten), and the card is
+    the one a full make_portable writes. An adapter directory that is not portable (no tokenizer) is made so."""
+    from mrtune.export.portable import make_portable
+    from mrtune.infer.evaluate import evaluate
+
+    copy = RunDir(shutil.copytree(tiny_run.path, tmp_path / "run"))
+
+    def others() -> dict:
+        return {p.name: (p.stat().st_ino, p.read_bytes()) for p in copy.adapter.iterdir() if p.name != "README.md"}
+
+    before = others()
+    evaluate(copy.path, limit=4, constrained=True, progress=False)
+    assert others() == before
+    card = (copy.adapter / "README.md").read_text()
+    assert "| exact_match |" in card
+    make_portable(copy)
+    assert (copy.adapter / "README.md").read_text() == card
+
+    (copy.adapter / "tokenizer.json").unlink()
+    evaluate(copy.path, limit=4, constrained=True, progress=False)
+    assert (copy.adapter / "tokenizer.json").read_bytes() == before["tokenizer.json"][1]
+
+
 def test_a_copied_run_predicts_the_same(tiny_run, tmp_path):
     sentences = ["Is Portal 2 on Mac?", "I loved Tetris."]
     here = predict(tiny_run.path, sentences=sentences, constrained=True)

@@ -320,7 +320,7 @@ def test_out_of_gpu_memory_while_decoding_names_the_setting(finished_run, monkey
     def generate(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB")
 
-    monkeypatch.setattr("mrtune.infer.predict.generate", generate)
+    monkeypatch.setattr("mrtune.infer.generation.generate", generate)
     before = snapshot(finished_run.path)
     with pytest.raises(MrtuneError) as error:
         evaluate(finished_run.path, progress=False)

@@ -104,7 +104,8 @@ def _evaluate(args) -> None:
     metrics = evaluate(args.run, split=args.split, data=args.data, limit=args.limit, **_decoding(args))
     label = "base" if args.base else "fine-tuned"
     print(format_metrics_table({label: metrics}))
-    print(f"decoded {metrics['n']} rows in {metrics['decode_seconds']:.1f} s")
+    load, decode = metrics["load_seconds"], metrics["decode_seconds"]
+    print(f"loaded the model in {load:.1f} s, decoded {metrics['n']} rows in {decode:.1f} s")
 
 
 def _predict(args) -> None:

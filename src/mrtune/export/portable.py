@@ -11,9 +11,9 @@ After `make_portable(run)` the adapter directory holds:
   README.md                    the model card (huggingface_hub.ModelCard): base, data and licence, recipe,
                                test metrics when evaluated, how to load, predict and serve
 
-`make_portable` runs once at the end of `mrtune train` and again after `mrtune evaluate` (the card's metrics).
-The directory is rebuilt beside the old one and swapped in, so a kill leaves the previous version whole; every
-file is 0644 (a serving container running as another user must read it).
+`make_portable` runs once at the end of `mrtune train`; after `mrtune evaluate`, `refresh_model_card` rewrites the
+card alone (its test metrics). The directory is rebuilt beside the old one and swapped in, so a kill leaves the
+previous version whole; every file is 0644 (a serving container running as another user must read it).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import shutil
 from pathlib import Path
 
 from mrtune.config import EMBEDDED_MODEL, Config
-from mrtune.run.durable import write_dir_atomic
+from mrtune.run.durable import write_dir_atomic, write_text_atomic
 from mrtune.run.rundir import RunDir
 from mrtune.task.prompts import template
 
@@ -206,3 +206,33 @@ def make_portable(run: RunDir) -> None:
     os.chmod(run.adapter, 0o755)
     if os.path.isabs(str(run.info().get("model_path", ""))):
         run.update_info(model_path=base_model_reference(config.model.name))
+
+
+def _is_portable(run: RunDir, config: Config) -> bool:
+    """Whether `make_portable` wrote the adapter directory as it stands: the tokenizer with the run's chat template,
+    and the portable base name."""
+    adapter = run.adapter
+    try:
+        settings = json.loads((adapter / "adapter_config.json").read_text(encoding="utf-8"))
+        chat_template = (adapter / "chat_template.jinja").read_text(encoding="utf-8")
+    except (OSError, ValueError):
+        return False
+    return (
+        (adapter / "tokenizer.json").is_file()
+        and settings.get("base_model_name_or_path") == base_model_reference(config.model.name)
+        and chat_template == prompt_chat_template(config.data.prompt_style)
+    )
+
+
+def refresh_model_card(run: RunDir) -> None:
+    """After an evaluation: rewrite the model card (its test metrics), the one file of a portable adapter directory
+    an evaluation changes, instead of the whole directory; one that is not portable yet is made so in full."""
+    if run.status() != "finished" or not (run.adapter / "adapter_config.json").is_file():
+        return
+    config = run.config()
+    if not _is_portable(run, config):
+        make_portable(run)
+        return
+    card = run.adapter / "README.md"
+    write_text_atomic(card, model_card_text(run, config))
+    os.chmod(card, 0o644)

@@ -23,14 +23,25 @@ is a precomputed "plain value token" mask plus the few tokens that contain "]" o
 Each batch row keeps its own state (as a small int); one gather from a bank of masks on the model's device and one
 masked_fill apply them all. For the 1,083 test MRs with SmolLM2's 49,152 tokens in one batch that is 0.44 s of
 mask work in all from a cold cache, 0.05 s warm (H200, before closed values; BENCHMARKS.md).
+
+What a decode computed is kept on disk for the next process (`load_cached_constraint`, `save_cached_constraint`),
+keyed by everything the masks depend on: the token strings, EOS, the vocabulary and this code.
 """
 
 from __future__ import annotations
 
 import bisect
+import contextlib
 import functools
+import gc
+import hashlib
 import json
+import logging
+import os
+import pickle
 import re
+import sys
+from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
@@ -38,6 +49,7 @@ import torch
 from transformers import LogitsProcessor
 
 from mrtune.errors import MrtuneError
+from mrtune.run.durable import write_bytes_atomic
 from mrtune.task.grammar import (
     DONE,
     FINISHED,
@@ -50,7 +62,9 @@ from mrtune.task.grammar import (
 )
 from mrtune.task.mr import Vocabulary
 
-__all__ = ["MRConstraint", "MRLogitsProcessor", "token_bytes"]
+__all__ = ["MRConstraint", "MRLogitsProcessor", "load_cached_constraint", "save_cached_constraint", "token_bytes"]
+
+logger = logging.getLogger(__name__)
 
 
 # GPT-2's byte <-> printable-character table, used by every byte-level BPE tokenizer (SmolLM2, Llama 3, Qwen),
@@ -143,12 +157,17 @@ class MRConstraint:
     # being split further by its next byte.
     _SCAN_BELOW = 24
 
-    def __init__(self, tokenizer, vocabulary: Vocabulary):
+    def __init__(self, tokenizer, vocabulary: Vocabulary, tokens: list[bytes | None] | None = None):
+        """`tokens`: `token_bytes(tokenizer)`, when the caller has it already."""
         self.grammar = MRGrammar(vocabulary)
         self.eos = tokenizer.eos_token_id
         if self.eos is None:
             raise MrtuneError("constrained decoding needs a tokenizer with an EOS token")
-        self.tokens = token_bytes(tokenizer)
+        self.tokens = token_bytes(tokenizer) if tokens is None else tokens
+        # Set by load_cached_constraint: the cache file's key and folder, and `learned` as read from (or written to) it.
+        self.cache_key: str | None = None
+        self.cache_dir: Path | None = None
+        self.saved = (0, 0)
         self.vocab_size = len(self.tokens)
         ordered = sorted((data, token_id) for token_id, data in enumerate(self.tokens) if data)
         self._sorted = [data for data, _ in ordered]  # token strings in byte order: a trie, walked with bisect
@@ -179,6 +198,26 @@ class MRConstraint:
         self._id_rows: list[int] = []
         self._id_worst: list[float] = []
         self._id_next: list[dict[int, int]] = []
+
+    # ---- pickling (the disk cache) -------------------------------------------------------------------------------
+
+    def __getstate__(self) -> dict:
+        """What pickle keeps: all tables but the device bank, with the mask bank packed 8 tokens a byte."""
+        state = self.__dict__.copy()
+        state.update(_device_bank=None, _device_rows=0, _mask_rows=None, _spellable=None, cache_dir=None)
+        state["_masks"] = np.packbits(np.stack(self._masks), axis=1)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._masks = list(np.unpackbits(state["_masks"], axis=1, count=self.vocab_size).astype(bool))
+        self._mask_rows = {mask.tobytes(): row for row, mask in enumerate(self._masks)}
+        self._spellable = set(self._sorted)
+
+    @property
+    def learned(self) -> tuple[int, int]:
+        """How much this constraint has computed (states, budget masks): it grows as decoding meets new states."""
+        return len(self._entries), len(self._budget_masks)
 
     # ---- precomputed token tables -----------------------------------------------------------------------------
 
@@ -453,3 +492,106 @@ class MRLogitsProcessor(LogitsProcessor):
         left = self.max_new_tokens - generated  # tokens still to come, this one included
         rows = constraint.rows_for(self.state_ids, left)
         return scores.masked_fill(constraint.refused(rows, scores.device, scores.shape[-1]), float("-inf"))
+
+
+# ---- the disk cache ----------------------------------------------------------------------------------------------
+
+CACHE_FORMAT = 1
+"""Bump when what a cached constraint holds changes without a change to the modules below."""
+_CODE_MODULES = ("mrtune.task.mr", "mrtune.task.grammar", "mrtune.infer.constrained")
+"""The code the masks follow from: any change to these files gives new keys, so no stale mask is ever read."""
+CACHE_KEEP = 16
+"""Cached constraints kept in the directory (the most recently used): one per tokenizer, vocabulary and code."""
+
+
+def constraint_key(tokens: list[bytes | None], eos: int, vocabulary: Vocabulary) -> str | None:
+    """A hash of everything an MRConstraint's masks depend on, or None when this code's files cannot be read."""
+    digest = hashlib.sha256(f"mrtune constraint cache {CACHE_FORMAT}".encode())
+    for name in _CODE_MODULES:
+        try:
+            digest.update(Path(sys.modules[name].__file__).read_bytes())
+        except (KeyError, TypeError, OSError):
+            return None
+    digest.update(json.dumps([vocabulary.to_dict(), eos], sort_keys=True, ensure_ascii=False).encode())
+    for data in tokens:  # length-prefixed, so that no two token lists hash alike
+        digest.update(b"\xff\xff\xff\xff" if data is None else len(data).to_bytes(4, "little") + data)
+    return digest.hexdigest()[:40]
+
+
+def _unpickle(data: bytes):
+    """pickle.loads with the garbage collector paused: its passes over the many tuples being made would otherwise
+    take longer than the load itself (none of them is garbage yet)."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        return pickle.loads(data)
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+def _read_cached(path: Path, key: str) -> MRConstraint | None:
+    """The constraint pickled at `path` by this user, or None (missing, unreadable, foreign, damaged, another key)."""
+    try:
+        info = path.stat()
+        # pickle runs code on load: only a file this user wrote, which no one else can change.
+        if info.st_uid != os.getuid() or info.st_mode & 0o022:
+            logger.warning("ignoring %s: not owned by this user, or writable by others", path)
+            return None
+        constraint = _unpickle(path.read_bytes())
+    except FileNotFoundError:
+        return None
+    except Exception as error:  # a torn or older file (any unpickling error): rebuilt from scratch, then replaced
+        logger.warning("ignoring the unreadable constraint cache %s (%s)", path, type(error).__name__)
+        return None
+    if not isinstance(constraint, MRConstraint) or constraint.cache_key != key:
+        return None
+    with contextlib.suppress(OSError):
+        os.utime(path)  # recently used: kept by _prune
+    return constraint
+
+
+def _prune(cache_dir: Path) -> None:
+    """Remove all but the CACHE_KEEP most recently used cache files (each code change leaves one behind)."""
+    dated = []
+    for path in cache_dir.glob("*.pkl"):
+        try:
+            dated.append((path.stat().st_mtime, path))
+        except OSError:  # removed meanwhile by another process's prune
+            continue
+    for _, path in sorted(dated, reverse=True)[CACHE_KEEP:]:
+        path.unlink(missing_ok=True)
+
+
+def load_cached_constraint(tokenizer, vocabulary: Vocabulary, cache_dir: Path) -> MRConstraint:
+    """An MRConstraint for `tokenizer` and `vocabulary` with the masks an earlier process computed for them (read from
+    `cache_dir`), or a new one. Hand it to `save_cached_constraint` after decoding to keep what decoding added."""
+    tokens = token_bytes(tokenizer)
+    if tokenizer.eos_token_id is None:
+        return MRConstraint(tokenizer, vocabulary, tokens)  # refused there, with its message
+    key = constraint_key(tokens, tokenizer.eos_token_id, vocabulary)
+    constraint = _read_cached(Path(cache_dir) / f"{key}.pkl", key) if key else None
+    if constraint is None:
+        constraint = MRConstraint(tokenizer, vocabulary, tokens)
+        constraint.cache_key = key
+    constraint.cache_dir = Path(cache_dir)
+    constraint.saved = constraint.learned
+    return constraint
+
+
+def save_cached_constraint(constraint: MRConstraint) -> None:
+    """Write `constraint` back to its cache when it computed masks it did not have there; a failure to write (a
+    read-only or full disk) is logged, not raised: the cache only saves time."""
+    cache_dir = constraint.cache_dir
+    if constraint.cache_key is None or cache_dir is None or constraint.learned == constraint.saved:
+        return
+    path = cache_dir / f"{constraint.cache_key}.pkl"
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        write_bytes_atomic(path, pickle.dumps(constraint, protocol=pickle.HIGHEST_PROTOCOL))
+        os.chmod(path, 0o600)  # private whatever the umask: _read_cached refuses a file others could change
+        _prune(cache_dir)
+    except OSError as error:
+        logger.warning("could not write the constraint cache %s: %s", path, error)
+        return
+    constraint.saved = constraint.learned

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from mrtune.config import with_eval_overrides
 from mrtune.errors import MrtuneError
-from mrtune.export.portable import make_portable
+from mrtune.export.portable import refresh_model_card
 from mrtune.infer.predict import check_lengths, decode, load_model
 from mrtune.run.outputs import building_dir
 from mrtune.run.rundir import RunDir
@@ -84,7 +84,9 @@ def evaluate(
         limit if limit is not None else config.eval.limit,
         "--limit" if limit is not None else "eval.limit",
     )
+    loading = time.perf_counter()
     tokenizer, model = load_model(run, config, base)
+    load_seconds = time.perf_counter() - loading  # with the imports of torch, transformers and peft in a new process
     check_lengths(tokenizer, model, config, examples)
     constrained = config.eval.constrained if constrained is None else constrained
     started = time.perf_counter()
@@ -99,6 +101,7 @@ def evaluate(
     metrics.update(
         split=split if data is None else f"data file {Path(data).name}",
         model="base" if base else "fine-tuned",
+        load_seconds=round(load_seconds, 2),
         decode_seconds=round(seconds, 2),
         rows_per_s=round(len(examples) / seconds, 2),
         constrained=constrained,
@@ -122,7 +125,7 @@ def evaluate(
             "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8"
         )
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    make_portable(run)  # the model card shows the new test metrics
+    refresh_model_card(run)  # the model card shows the new test metrics
     from mrtune.run.report import write_report
 
     write_report(run)

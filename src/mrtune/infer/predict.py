@@ -1,33 +1,68 @@
-"""`mrtune predict`: meaning representations for new sentences, and the loading and decoding evaluate shares."""
+"""`mrtune predict`: meaning representations for new sentences, and the loading and decoding evaluate shares.
+
+torch, transformers and peft are imported where the model is loaded or run, not with this module: a command that
+stops at a bad argument or a damaged run says so in a fraction of a second instead of after their imports.
+"""
 
 from __future__ import annotations
 
+import gc
 import json
+import sys
 from pathlib import Path
-
-import torch
 
 from mrtune.config import with_eval_overrides
 from mrtune.errors import MrtuneError
-from mrtune.infer.generation import generate
-from mrtune.model.build import default_device, load_trained_model
-from mrtune.model.resolve import load_tokenizer
+from mrtune.model.resolve import default_cache_dir, load_tokenizer
 from mrtune.run.outputs import check_output, write_output_text
 from mrtune.run.rundir import RunDir
 from mrtune.task.data import Example, load_rows
 from mrtune.task.mr import Vocabulary
 from mrtune.task.prompts import build_prompt
 
+CONSTRAINT_CACHE = "constraints"
+"""The folder of `$MRTUNE_CACHE` that holds the constrained decoder's masks (infer.constrained's disk cache)."""
+
+
+def import_model_libraries() -> None:
+    """Import torch, transformers and peft (once) with the garbage collector paused, collect once, and freeze what
+    is left.
+
+    The imports make hundreds of thousands of objects that live as long as the process, which the collector would
+    otherwise scan again and again while they import and while the model loads and decodes (a large share of a
+    short command's time: BENCHMARKS.md, evaluate start-up). The one collection before the freeze matters: the
+    imports leave garbage cycles that reference the frames on the stack; frozen, they would keep those frames'
+    locals (a tokenizer, a model) alive for good. Models and tokenizers are made after the freeze and stay
+    collectable, for a process that loads several (tests, `bench`, a server).
+    """
+    if "peft" in sys.modules:
+        return
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        import peft  # noqa: F401  (torch, and transformers' model loading with it)
+        import transformers.generation.utils  # noqa: F401
+        import transformers.tokenization_utils_tokenizers  # noqa: F401
+    finally:
+        gc.collect()
+        gc.freeze()
+        if enabled:
+            gc.enable()
+
 
 def load_model(run: RunDir, config, base: bool):
     """The run's tokenizer and model: base + adapter, or the untuned base with `base` (the run's files checked)."""
     adapter = None if base else run.require_adapter(config)
+    import_model_libraries()
     tokenizer = load_tokenizer(run.require_tokenizer())
     return tokenizer, load_run_model(run, config.model, adapter)
 
 
 def load_run_model(run: RunDir, settings, adapter: Path | None, merge: bool = True):
     """`load_trained_model`, with an adapter that does not fit the base model reported as the run's damage."""
+    import_model_libraries()
+    from mrtune.model.build import default_device, load_trained_model
+
     try:
         return load_trained_model(settings, adapter, default_device(), merge=merge)
     except (RuntimeError, ValueError, KeyError) as error:
@@ -39,15 +74,18 @@ def load_run_model(run: RunDir, settings, adapter: Path | None, merge: bool = Tr
 
 def load_constraint(run: RunDir, tokenizer, values: bool = True):
     """The decoding constraint for this run's vocabulary (acts, attributes and, with `values`, the items of closed
-    attributes, from its training split)."""
-    from mrtune.infer.constrained import MRConstraint
+    attributes, from its training split), with the masks earlier decodes over the same tokenizer and vocabulary
+    computed (`decode` writes them back to `$MRTUNE_CACHE/constraints`)."""
+    from mrtune.infer.constrained import load_cached_constraint
 
     if not run.vocabulary.is_file():
         raise MrtuneError(
             f"{run.vocabulary} is missing, so constrained decoding has no vocabulary: pass --no-constrained"
         )
     vocabulary = Vocabulary.from_dict(run.read_vocabulary())
-    return MRConstraint(tokenizer, vocabulary if values else vocabulary.without_values())
+    return load_cached_constraint(
+        tokenizer, vocabulary if values else vocabulary.without_values(), default_cache_dir() / CONSTRAINT_CACHE
+    )
 
 
 def check_lengths(tokenizer, model, config, examples: list[Example]) -> None:
@@ -75,7 +113,12 @@ def decode(
     """Predictions for `sentences`, and the decoding's `generated_tokens` and `seconds`."""
     prompts = [build_prompt(config.data.prompt_style, s) for s in sentences]
     constraint = load_constraint(run, tokenizer, config.eval.constrain_values) if constrained else None
-    return decode_prompts(run, config, tokenizer, model, prompts, constraint, progress)
+    result = decode_prompts(run, config, tokenizer, model, prompts, constraint, progress)
+    if constraint is not None:
+        from mrtune.infer.constrained import save_cached_constraint
+
+        save_cached_constraint(constraint)
+    return result
 
 
 def decode_prompts(
@@ -84,6 +127,10 @@ def decode_prompts(
     """Completions of ready-made prompts with the run's eval settings, and the decoding's `generated_tokens` and
     `seconds`. `constraint` (from `load_constraint`, or None to decode freely) may be kept across calls: it computes
     each mask once (`mrtune serve` holds one for its lifetime)."""
+    import torch
+
+    from mrtune.infer.generation import generate
+
     stats: dict = {}
     try:
         predictions = generate(

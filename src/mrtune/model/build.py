@@ -229,6 +229,24 @@ def eager_for_evaluation():
     return torch.compiler.set_stance("force_eager")
 
 
+def _own_adapted_weights(model) -> None:
+    """Give the adapted layers' CPU weights memory of their own, so that merging into them in place is cheap.
+
+    from_pretrained leaves CPU weights stored in the checkpoint's dtype as copy-on-write maps of the safetensors
+    file: the in-place merge then copies them a page at a time as it writes, several times slower than one copy
+    first (BENCHMARKS.md, evaluate start-up). `.data` is swapped on the parameter itself, so tied weights stay tied,
+    and the values are unchanged: the merge computes exactly what it did before.
+    """
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, BaseTunerLayer):
+                weight = module.get_base_layer().weight
+                if weight.device.type == "cpu":
+                    weight.data = weight.data.clone()
+
+
 def load_trained_model(settings: ModelSettings, adapter_dir: Path | None, device: torch.device, *, merge: bool = True):
     """Base model plus a run's adapter, ready for generation (merged into the weights when not quantized,
     so decoding pays nothing for the adapter)."""
@@ -238,6 +256,7 @@ def load_trained_model(settings: ModelSettings, adapter_dir: Path | None, device
 
         model = PeftModel.from_pretrained(model, str(adapter_dir))
         if merge and settings.quantization == "none":
+            _own_adapted_weights(model)
             model = model.merge_and_unload()
     model.config.use_cache = True
     model.eval()

@@ -40,6 +40,7 @@ from mrtune.run.durable import (
 class RunDir:
     def __init__(self, path: Path):
         self.path = Path(path)
+        self._tokenizer_checked = False  # require_tokenizer parsed tokenizer/ (3.5 MB of JSON for SmolLM2) already
 
     # -- paths ---------------------------------------------------------------------------------------
     @property
@@ -202,14 +203,16 @@ class RunDir:
         return text
 
     def require_tokenizer(self) -> str:
-        """The run's own tokenizer/ directory (never looked up on the hub)."""
+        """The run's own tokenizer/ directory (never looked up on the hub), its files parsed once per RunDir."""
         if not self.tokenizer.is_dir():
             raise self.damaged(self.tokenizer, "missing (the tokenizer saved by `mrtune train`)")
-        if not (self.tokenizer / "tokenizer_config.json").is_file():
-            raise self.damaged(self.tokenizer / "tokenizer_config.json", "missing")
-        self.read_json(self.tokenizer / "tokenizer_config.json")
-        if (self.tokenizer / "tokenizer.json").exists():
-            self.read_json(self.tokenizer / "tokenizer.json")
+        if not self._tokenizer_checked:
+            if not (self.tokenizer / "tokenizer_config.json").is_file():
+                raise self.damaged(self.tokenizer / "tokenizer_config.json", "missing")
+            self.read_json(self.tokenizer / "tokenizer_config.json")
+            if (self.tokenizer / "tokenizer.json").exists():
+                self.read_json(self.tokenizer / "tokenizer.json")
+            self._tokenizer_checked = True
         return str(self.tokenizer)
 
     def read_vocabulary(self) -> dict[str, Any]:
@@ -246,6 +249,7 @@ class RunDir:
 
     def save_tokenizer(self, tokenizer) -> None:
         write_dir_atomic(self.tokenizer, tokenizer.save_pretrained)
+        self._tokenizer_checked = False
 
     def check_intact(self, config: Config, *, adapter: bool = True) -> None:
         """Read and check every file evaluate, predict and merge use, so that each command refuses a damaged run
