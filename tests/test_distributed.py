@@ -502,14 +502,14 @@ def _record_micro_batches_and_train(records: Path, argv: list[str]) -> int:
     target_loss = mrtune.train.recipe.target_loss
     sigterm_at = int(os.environ.get("MRTUNE_TEST_SIGTERM_AT_MICRO_BATCH", 0))  # counted from 1; 0: never
 
-    def recording_target_loss(model, batch, keep):
+    def recording_target_loss(model, batch, keep, *args):
         if model.training:  # validation batches run in eval mode
             if not held:
                 held.update(_how_the_model_is_held(model))
             trained_on.append(batch["input_ids"].tolist())
             if len(trained_on) == sigterm_at:
                 os.kill(os.getpid(), signal.SIGTERM)  # train.StopSignals: stop after this step
-        return target_loss(model, batch, keep)
+        return target_loss(model, batch, keep, *args)
 
     mrtune.train.recipe.target_loss = recording_target_loss
     code = main(argv)
