@@ -590,9 +590,8 @@ class Recipe:
         if self.config.model.compile_layers and self.memory_plan is not None:  # attach_lora compiled the rest
             compile_decoder_layers(self.model, self.config.model.compile_mode)
         if self.settings.compile:
-            self.model.compile(
-                mode=self.config.model.compile_mode
-            )  # in place: the module keeps its type, so peft's and accelerate's APIs still apply
+            # In place: the module keeps its type, so peft's and accelerate's APIs still apply.
+            self.model.compile(mode=self.config.model.compile_mode)
 
     def _setup_optimizer(self, saved: LoopState | None) -> None:
         """The optimizer and schedule; a resume puts back their state, the adapter's and the random states."""
