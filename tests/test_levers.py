@@ -222,3 +222,13 @@ def test_validation_runs_compiled_layers_eagerly(tiny_model_dir):
         for length in (5, 9, 23):
             model(input_ids=torch.randint(0, 500, (2, length)))
     assert counters["frames"]["ok"] == compiled
+
+
+def test_attaching_adapters_warns_users_of_nothing_they_cannot_fix(tiny_model_dir):
+    import warnings
+
+    config = load_config(None, [f"model.name={tiny_model_dir}", "model.dtype=float32"])
+    model = load_base_model(config.model, torch.device("cpu"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)  # peft's read of transformers' deprecated attribute
+        attach_lora(model, config.lora, config.model)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -176,7 +178,8 @@ def attach_lora(model, lora: LoraSettings, settings: ModelSettings):
         task_type="CAUSAL_LM",
     )
     try:
-        model = get_peft_model(model, peft_config)  # autocast_adapter_dtype=True: adapters in fp32
+        with _quiet_peft():
+            model = get_peft_model(model, peft_config)  # autocast_adapter_dtype=True: adapters in fp32
     except ValueError as error:
         raise MrtuneError(f"cannot attach LoRA adapters ({str(error)[:200]}): check lora.target_modules") from None
     from peft.tuners.tuners_utils import BaseTunerLayer
@@ -247,6 +250,15 @@ def _own_adapted_weights(model) -> None:
                     weight.data = weight.data.clone()
 
 
+@contextlib.contextmanager
+def _quiet_peft() -> Iterator[None]:
+    """peft 0.21 wraps a model by reading `is_gradient_checkpointing`, which transformers 5 deprecates (renamed
+    `is_activation_checkpointing`): a FutureWarning on every train and evaluate that users can do nothing about."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.* is deprecated", category=FutureWarning)
+        yield
+
+
 def load_trained_model(settings: ModelSettings, adapter_dir: Path | None, device: torch.device, *, merge: bool = True):
     """Base model plus a run's adapter, ready for generation (merged into the weights when not quantized,
     so decoding pays nothing for the adapter)."""
@@ -254,7 +266,8 @@ def load_trained_model(settings: ModelSettings, adapter_dir: Path | None, device
     if adapter_dir is not None:
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, str(adapter_dir))
+        with _quiet_peft():
+            model = PeftModel.from_pretrained(model, str(adapter_dir))
         if merge and settings.quantization == "none":
             _own_adapted_weights(model)
             model = model.merge_and_unload()
