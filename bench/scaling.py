@@ -24,6 +24,7 @@ which tests/test_scaling.py runs in 2 CPU processes (gloo).
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import os
@@ -300,6 +301,12 @@ def train_big(args) -> dict:
     per_rank = [None] * world
     peak = torch.cuda.max_memory_allocated(device) / 1e9 if cuda else None
     dist.all_gather_object(per_rank, {"peak_memory_gb": peak, **held, "losses": losses})
+    trainable_count = sum(p.numel() for p in trainable)
+    # The sharded tensors go before the process group: freed at interpreter exit instead, with gloo's worker threads
+    # still holding work on them, rank 0 sometimes aborted ("terminate called without an active exception") after
+    # writing its result (seen once in a CPU test run, 2026-11-30).
+    del model, optimizer, parameters, trainable
+    gc.collect()
     dist.destroy_process_group()
     tokens = args.batch * args.seq_len * world * timed
     return {
@@ -307,7 +314,7 @@ def train_big(args) -> dict:
         "linear layers a decoder layer, FSDP2",
         "shape": args.shape,
         "parameters": per_rank[0]["elements"],
-        "trainable_parameters": sum(p.numel() for p in trainable),
+        "trainable_parameters": trainable_count,
         "gpus" if cuda else "processes": world,
         "card": torch.cuda.get_device_name() if cuda else "cpu",
         "rows_per_gpu": args.batch,
