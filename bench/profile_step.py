@@ -28,7 +28,7 @@ def main() -> None:
     from torch.profiler import ProfilerActivity, profile
 
     from mrtune.config import load_config
-    from mrtune.model.build import attach_lora, load_base_model
+    from mrtune.model.build import attach_lora, compile_decoder_layers, load_base_model
     from mrtune.model.resolve import load_tokenizer, resolve_model_path
     from mrtune.task.data import load_split
     from mrtune.train.batching import collate, plan_batches, tokenize_examples
@@ -52,12 +52,16 @@ def main() -> None:
         packing=settings.packing,
     )
     model = attach_lora(load_base_model(config.model, device, path), config.lora, config.model)
+    if config.model.compile_layers:
+        compile_decoder_layers(model, config.model.compile_mode)
     if settings.compile:
-        model.compile()
+        model.compile(mode=config.model.compile_mode)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, fused=True)
     pad_to = settings.batch_tokens if settings.packing else None
 
     def step(index: int) -> None:
+        if config.model.compile_mode == "reduce-overhead":
+            torch.compiler.cudagraph_mark_step_begin()
         batch = collate([rows[i] for i in plan[index % len(plan)]], tokenizer.pad_token_id, settings.packing, pad_to)
         keep = target_positions(batch["labels"]).to(device)
         batch = {k: v.to(device) for k, v in batch.items()}

@@ -431,10 +431,12 @@ def bench_mistral(rec: Recorder, tokenizer_dir: str, model_dir: Path, only: set[
         )
 
 
-def bench_memory_plan(rec: Recorder, tokenizer_dir: str, model_dir: Path, seed_runs: int, compiled: bool) -> None:
+def bench_memory_plan(
+    rec: Recorder, tokenizer_dir: str, model_dir: Path, seed_runs: int, compiled: bool, only: set[str] | None
+) -> None:
     """The default 7B recipe (batch_tokens and gradient_checkpointing `auto`) under each memory cap of plans.yaml
-    `memory_plan` (with its layers compiled when `compiled`), beside the seed recipe of this run (measured here
-    unless the mistral part already did)."""
+    `memory_plan`, or the whole-GB caps in `only` (from --settings), with its layers compiled when `compiled`,
+    beside the seed recipe of this run (measured here unless the mistral part already did)."""
     plan = PLANS["memory_plan"]
     part = rec.results.setdefault("mistral7b_shape", {"label": MISTRAL_SHAPE_LABEL})
     if not (model_dir / "config.json").is_file():
@@ -442,7 +444,8 @@ def bench_memory_plan(rec: Recorder, tokenizer_dir: str, model_dir: Path, seed_r
     ensure_seed(rec, part, model_dir, seed_runs)
     caps = part.setdefault("memory_caps_compiled" if compiled else "memory_caps", {})
     extra = plan["compiled"] if compiled else []
-    for cap in plan["caps_gb"]:
+    chosen = sorted(int(name) for name in only or () if name.isdigit())
+    for cap in chosen or plan["caps_gb"]:
         args = ["project", "--config", plan["config"], "--warm", "2", "--set", f"model.name={model_dir}", *extra]
         name = f"mistral-cap-{cap}{'-compiled' if compiled else ''}"
         caps[str(cap)] = rec.child(name, [*args, *plan["set"], f"train.max_memory_gb={cap}"], 400)
@@ -564,7 +567,7 @@ def command_bench(args: argparse.Namespace) -> None:
         elif part == "mistral":
             bench_mistral(rec, tokenizer_dir, args.model_dir, names, args.seed_runs)
         elif part == "memory-plan":
-            bench_memory_plan(rec, tokenizer_dir, args.model_dir, args.seed_runs, args.compiled_caps)
+            bench_memory_plan(rec, tokenizer_dir, args.model_dir, args.seed_runs, args.compiled_caps, names)
         elif part == "levers":
             bench_levers(rec, args.model_dir, tokenizer_dir)
         else:
@@ -599,7 +602,7 @@ def parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--settings",
         help="comma-separated names: 7B settings (plans.yaml seven_b.settings, and `default` for "
-        "configs/mistral-7b-qlora.yaml), SmolLM2 fast variants or accuracy variants; all by default",
+        "configs/mistral-7b-qlora.yaml), memory caps in GB, SmolLM2 fast variants or accuracy variants; all by default",
     )
     bench.add_argument("--seed-runs", type=int, default=3, help="runs of the 7B seed recipe (the median is used)")
     bench.add_argument("--compiled-caps", action="store_true", help="memory-plan: the recipe with compiled layers")

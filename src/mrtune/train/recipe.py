@@ -682,7 +682,14 @@ class Recipe:
             next(stream)
         state.start_clock()
         self.model.train()
+        # CUDA graphs (compile_mode reduce-overhead) reuse their output buffers between replays: marking where a step
+        # begins tells torch that the previous step's outputs (loss, activations) are no longer needed.
+        graphs = self.config.model.compile_mode == "reduce-overhead" and (
+            self.config.model.compile_layers or settings.compile
+        )
         for step in range(start_step + 1, self.total_steps + 1):
+            if graphs:
+                torch.compiler.cudagraph_mark_step_begin()
             # Between two steps, the only moment the adapter, optimizer and data position agree: the periodic
             # checkpoint, and the clean stop that SIGINT/SIGTERM asked for.
             signum = self.stop.requested(self.accelerator)
