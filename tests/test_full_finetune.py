@@ -199,3 +199,45 @@ def test_an_adapter_that_does_not_match_the_runs_method_is_named_as_damage(full_
     adapter_config.write_text(json.dumps({**settings, "modules_to_save": None}))
     with pytest.raises(MrtuneError, match="run damaged: .*adapter_config.json: saves no whole modules"):
         evaluate(run.path, progress=False)
+
+
+@pytest.mark.embedded
+def test_a_full_runs_merged_gguf_is_its_merged_model(tmp_path):
+    """The embedded SmolLM2 with every weight moved (no training needed to check the export's arithmetic): the f32
+    GGUF read back by transformers (which un-permutes q/k) equals the run's merged model; a LoRA GGUF is refused."""
+    from transformers import AutoModelForCausalLM
+
+    from mrtune.export.command import export
+    from mrtune.export.portable import make_portable
+    from mrtune.model.build import load_trained_model
+    from mrtune.model.resolve import load_tokenizer, resolve_model_path
+    from mrtune.task.mr import Vocabulary
+    from mrtune.task.prompts import template
+
+    config = load_config(None, ["train.method=full", "model.dtype=float32"])
+    model_path = resolve_model_path(config.model.name)
+    model = attach_full(AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32), config.model)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.requires_grad:
+                parameter.add_(torch.randn_like(parameter), alpha=0.01)
+    run = RunDir(tmp_path / "run")
+    run.path.mkdir()
+    model.save_pretrained(run.adapter, save_embedding_layers=False)
+    load_tokenizer(config.model.name).save_pretrained(run.tokenizer)
+    run.save_config(config)
+    (run.path / "prompt.txt").write_text(template(config.data.prompt_style), encoding="utf-8")
+    run.vocabulary.write_text(json.dumps(Vocabulary.from_mrs(["inform(name[Portal 2])"]).to_dict()))
+    run.update_info(status="finished", model_path=model_path)
+    make_portable(run)
+
+    out = export(run.path, "gguf", tmp_path / "model.gguf", quant="f32")
+    exported = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=out.name, dtype=torch.float32)
+    merged = load_trained_model(config.model, run.adapter, torch.device("cpu"))
+    ours, theirs = exported.state_dict(), merged.state_dict()
+    assert set(ours) == set(theirs)
+    for name, tensor in theirs.items():
+        assert torch.allclose(ours[name], tensor, atol=1e-6), name
+    with pytest.raises(MrtuneError, match="train.method=full.*--format gguf"):
+        export(run.path, "gguf-lora", tmp_path / "lora.gguf")
