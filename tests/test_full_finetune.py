@@ -86,6 +86,7 @@ def test_every_base_weight_trains_in_fp32_and_the_loss_falls(full_run, tied_mode
     assert len(validation) == 2 and validation[1] < validation[0]
     adapter_config = json.loads((run.adapter / "adapter_config.json").read_text())
     assert adapter_config["target_modules"] == "dummy-target-modules" and adapter_config["modules_to_save"]
+    assert "full fine-tuning (every weight, fp32 master weights)" in (run.adapter / "README.md").read_text()
 
 
 @pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
@@ -158,6 +159,19 @@ def test_a_stopped_full_run_resumes_to_the_uninterrupted_result(full_run, full_o
     assert expected.keys() == actual.keys()
     assert all(torch.equal(expected[name], actual[name]) for name in expected)
     assert [r.get("train_loss") for r in run.read_history()] == [r.get("train_loss") for r in reference.read_history()]
+
+
+def test_a_full_run_takes_checkpointing_and_a_moving_average(full_overrides, tied_model_dir, tmp_path):
+    """Neither is LoRA's alone: checkpointing recomputes the decoder layers, the moving average lives beside each
+    trainable tensor in AdamW's state, whatever the tensor."""
+    from mrtune.train.recipe import train
+
+    settings = ["model.gradient_checkpointing=true", "train.ema_decay=0.9", "train.max_steps=2", "train.eval_every=2"]
+    run = train(load_config(None, [*full_overrides, *settings]), tmp_path / "run", progress=False)
+    assert run.info()["status"] == "finished"
+    before = base_weights(tied_model_dir)
+    saved = load_file(run.adapter / "adapter_model.safetensors")
+    assert all(not torch.allclose(t, before[k.removeprefix("base_model.model.")]) for k, t in saved.items())
 
 
 @pytest.mark.parametrize(
