@@ -255,3 +255,24 @@ def test_a_full_runs_merged_gguf_is_its_merged_model(tmp_path):
         assert torch.allclose(ours[name], tensor, atol=1e-6), name
     with pytest.raises(MrtuneError, match="train.method=full.*--format gguf"):
         export(run.path, "gguf-lora", tmp_path / "lora.gguf")
+
+
+@pytest.mark.slow  # a 2-process run (~30 s) and a 1-process one
+def test_ddp_trains_a_full_run_as_one_process_does(tmp_path, full_overrides):
+    """DDP on 2 CPU processes x gradient_accumulation 2 takes the same steps as 1 process x 4: the frozen originals
+    that share the trainable copies' storage neither get gradients nor break DDP's broadcast of the weights."""
+    from test_distributed import _train_in_two_processes
+
+    from mrtune.train.recipe import train
+
+    settings = [*full_overrides, "train.batch_size=2", "train.max_steps=3", "train.eval_every=3"]
+    (tmp_path / "two").mkdir()
+    two, _, _, _ = _train_in_two_processes(settings, tmp_path / "two")
+    one = train(load_config(None, [*settings, "train.gradient_accumulation=4"]), tmp_path / "one", progress=False)
+    losses = [[r["train_loss"] for r in run.read_history() if "train_loss" in r] for run in (two, one)]
+    assert len(losses[0]) == 3
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+    weights_two, weights_one = (load_file(run.adapter / "adapter_model.safetensors") for run in (two, one))
+    assert weights_two.keys() == weights_one.keys()
+    for name, tensor in weights_two.items():  # Adam's step magnifies summation-order noise where gradients are ~0
+        assert torch.allclose(tensor, weights_one[name], rtol=1e-4, atol=1e-5), name
