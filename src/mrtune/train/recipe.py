@@ -565,11 +565,9 @@ class Recipe:
         # lora.init=pissa|olora: the adapter as initialized, what saved adapters are converted against (save_adapter).
         self.initial = None if self.config.lora.init == "default" else RunDir(self.output_dir).initial_adapter
         self.trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        # A full run's frozen originals share the trainable copies' storage (attach_full): counted once.
-        frozen = (
-            0 if self.settings.method == "full" else sum(p.numel() for p in model.parameters() if not p.requires_grad)
-        )
-        self.total_parameters = self.trainable + frozen
+        frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+        # A full run's frozen parameters are peft's originals, which share the trainable copies' storage (attach_full).
+        self.total_parameters = self.trainable + (0 if self.settings.method == "full" else frozen)
         self.model = model
 
     def _plan_memory(self) -> None:
