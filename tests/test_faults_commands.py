@@ -105,7 +105,7 @@ def test_choices_are_the_literal_annotations_and_prompt_styles_the_templates():
             with pytest.raises(MrtuneError) as error:
                 load_config(None, [f"{section}.{name}=bogus"])
             assert f"{section}.{name}: 'bogus' is not one of {', '.join(choices)}" in str(error.value)
-    assert literal_fields == 10
+    assert literal_fields == 11
 
 
 def test_yaml_duplicate_key_is_an_error_that_names_it(tmp_path):

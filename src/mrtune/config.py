@@ -152,6 +152,16 @@ class DataSettings:
 
 @dataclass
 class TrainSettings:
+    method: Literal["lora", "full"] = "lora"
+    """What trains: `lora` (adapters on the frozen base: the `lora` section) or `full` (full fine-tuning: every
+    weight of the base, kept in fp32 as master weights, with bf16 compute under autocast on CUDA when model.dtype
+    is bfloat16). A full run saves its trained weights as a peft adapter of whole modules (`modules_to_save`), so
+    evaluate, predict, merge and serve take it like any run; it holds 16 bytes a parameter (fp32 weight, gradient
+    and AdamW's two moments: ~2.2 GB for SmolLM2-135M) and saves ~4 bytes a parameter at each improvement. The
+    `lora` section's r, alpha, dropout and target_modules then do not apply; the settings that would change an
+    adapter's training (lora.init, lora.rslora, lora.dora, lora.top_layers, train.loraplus_ratio) and 4-bit
+    weights are refused. It wants a far lower train.learning_rate than LoRA's 1e-3 (full fine-tuning commonly uses
+    1e-5 to 1e-4). Not under FSDP."""
     epochs: Annotated[float, Range(0, 100_000, low_open=True)] = 2.0
     max_steps: Annotated[int, COUNT] | None = None
     """Stop after this many optimizer steps (overrides epochs)."""
@@ -476,12 +486,37 @@ def validate(config: Config) -> list[str]:
             f"lora.init={config.lora.init} starts from the base weights' decomposition, which 4-bit "
             "weights do not allow: set lora.init=default or model.quantization=none"
         )
+    if config.train.method == "full":
+        problems += _full_problems(config)
     tokens, longest = config.train.batch_tokens, config.data.max_length
     if isinstance(tokens, int) and isinstance(longest, int) and tokens < longest:
         problems.append(
             f"train.batch_tokens ({tokens}) must be at least data.max_length ({longest}) so that every row fits "
             "in a micro-batch"
         )
+    return problems
+
+
+def _full_problems(config: Config) -> list[str]:
+    """The settings train.method=full cannot honour, each named with what to change."""
+    lora, problems = config.lora, []
+    if config.model.quantization == "nf4":
+        problems.append(
+            "train.method=full trains every weight, which 4-bit weights cannot be: set model.quantization=none, "
+            "or train.method=lora"
+        )
+    adapter_only = {  # they shape the adapters a full run does not have: silently ignoring them would mislead
+        f"lora.init={lora.init}": lora.init != "default",
+        "lora.rslora=true": lora.rslora,
+        "lora.dora=true": lora.dora,
+        f"lora.top_layers={lora.top_layers}": lora.top_layers is not None,
+        f"train.loraplus_ratio={config.train.loraplus_ratio}": config.train.loraplus_ratio is not None,
+    }
+    problems += [
+        f"{setting} shapes LoRA adapters, which train.method=full does not train: drop it, or set train.method=lora"
+        for setting, is_set in adapter_only.items()
+        if is_set
+    ]
     return problems
 
 

@@ -52,33 +52,37 @@ def permute_rows(weights: np.ndarray, heads: int) -> np.ndarray:
 
 class LoraWeights:
     """A run's LoRA adapter as llama.cpp names it: {gguf tensor name: (A (r, in), B (out, r))} in float32 numpy,
-    B permuted for attn_q / attn_k, and the scale (alpha / r, or alpha / sqrt(r) for rsLoRA) the deltas take."""
+    B permuted for attn_q / attn_k, and the scale (alpha / r, or alpha / sqrt(r) for rsLoRA) the deltas take. A run
+    of train.method=full saves whole modules instead (peft's `modules_to_save`): `whole` holds those trained weights,
+    {gguf tensor name: weights}, in llama.cpp's row order too."""
 
     def __init__(self, adapter_dir: Path, heads: int, kv_heads: int, blocks: int):
         import gguf
         from safetensors.numpy import load_file
 
         settings = json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8"))
-        if settings.get("use_dora") or settings.get("modules_to_save"):
-            raise MrtuneError("the adapter uses DoRA or saves whole modules: GGUF export supports plain LoRA only")
+        if settings.get("use_dora"):
+            raise MrtuneError("the adapter uses DoRA: GGUF export supports plain LoRA and full fine-tuning only")
         tensors = load_file(str(adapter_dir / "adapter_model.safetensors"))
         names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, blocks)
         self.pairs: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         self.scales: dict[str, float] = {}
-        for key, lora_a in tensors.items():
+        self.whole: dict[str, np.ndarray] = {}
+        for key, tensor in tensors.items():
+            if ".lora_" not in key:  # a module saved whole
+                name = _gguf_name(names, re.sub(r"^base_model\.model\.", "", key))
+                self.whole[name] = _llama_cpp_rows(tensor.astype(np.float32), name, heads, kv_heads)
             if ".lora_A." not in key:
                 continue
             module = re.sub(r"^base_model\.model\.", "", key.split(".lora_A.")[0])
-            name = names.get_name(module + ".weight", try_suffixes=(".weight",))
-            if name is None:
-                raise MrtuneError(f"the adapter adapts {module}, which has no llama.cpp tensor: export is not possible")
-            lora_b = tensors[key.replace(".lora_A.", ".lora_B.")].astype(np.float32)
-            if ".attn_q." in name or ".attn_k." in name:
-                lora_b = permute_rows(lora_b, heads if ".attn_q." in name else kv_heads)
-            rank = lora_a.shape[0]
+            name = _gguf_name(names, module + ".weight")
+            lora_b = _llama_cpp_rows(
+                tensors[key.replace(".lora_A.", ".lora_B.")].astype(np.float32), name, heads, kv_heads
+            )
+            rank = tensor.shape[0]
             alpha = _pattern_value(settings.get("alpha_pattern") or {}, module, settings["lora_alpha"])
             self.scales[name] = alpha / math.sqrt(rank) if settings.get("use_rslora") else alpha / rank
-            self.pairs[name] = (lora_a.astype(np.float32), lora_b)
+            self.pairs[name] = (tensor.astype(np.float32), lora_b)
 
     def delta(self, name: str) -> np.ndarray | None:
         """scale * B @ A for tensor `name` (out, in), or None when the adapter leaves it alone."""
@@ -93,6 +97,21 @@ class LoraWeights:
         if len(alphas) != 1:
             raise MrtuneError("the adapter's layers have different scales: a llama.cpp LoRA has one alpha")
         return alphas.pop()
+
+
+def _gguf_name(names, weight: str) -> str:
+    """llama.cpp's name of a transformers weight (`model.layers.0.self_attn.q_proj.weight` -> `blk.0.attn_q.weight`)."""
+    name = names.get_name(weight, try_suffixes=(".weight",))
+    if name is None:
+        raise MrtuneError(f"the adapter trains {weight}, which has no llama.cpp tensor: export is not possible")
+    return name
+
+
+def _llama_cpp_rows(weights: np.ndarray, name: str, heads: int, kv_heads: int) -> np.ndarray:
+    """`weights` (out, ...) in llama.cpp's row order: attn_q / attn_k rows permuted (see the module docstring)."""
+    if ".attn_q." in name or ".attn_k." in name:
+        return permute_rows(weights, heads if ".attn_q." in name else kv_heads)
+    return weights
 
 
 def _pattern_value(pattern: dict, module: str, default):
@@ -162,15 +181,20 @@ def write_merged_gguf(run_name: str, config: Config, adapter_dir: Path, output: 
     writer.add_string("general.base_model.0.repo_url", f"https://huggingface.co/{EMBEDDED_HUB_ID}")
     _mrtune_metadata(writer, run_name, config)
     qtype = _qtype(quant)
+    present = {t.name for t in reader.tensors}
+    head, embeddings = lora.whole.get("output.weight"), lora.whole.get("token_embd.weight")
+    if "output.weight" not in present and head is not None and np.array_equal(head, embeddings):
+        del lora.whole["output.weight"]  # a tied head (SmolLM2's): llama.cpp reuses token_embd, which is saved
     for tensor in reader.tensors:
         # (rows, columns) = (out, in) in numpy order; dequantized to float32 as transformers did for training
         weights = gguf.quants.dequantize(tensor.data, tensor.tensor_type).reshape(tuple(reversed(tensor.shape)))
+        weights = lora.whole.get(tensor.name, weights)  # train.method=full: the trained weight itself
         delta = lora.delta(tensor.name)
         if delta is not None:
             weights = weights + delta
         target = qtype if weights.ndim == 2 else gguf.GGMLQuantizationType.F32  # norms stay f32, as llama.cpp's
         writer.add_tensor(tensor.name, gguf.quants.quantize(weights.astype(np.float32), target), raw_dtype=target)
-    missing = set(lora.pairs) - {t.name for t in reader.tensors}
+    missing = (set(lora.pairs) | set(lora.whole)) - present
     if missing:
         raise MrtuneError(f"the adapter adapts tensors the base GGUF lacks ({', '.join(sorted(missing))})")
     _write(writer)
@@ -204,6 +228,11 @@ def write_lora_gguf(run_name: str, config: Config, adapter_dir: Path, output: Pa
     if quant == "q8_0":
         raise MrtuneError("--format gguf-lora writes f16 or f32 (lora_b's rank columns do not fill Q8_0 blocks)")
     lora = LoraWeights(adapter_dir, heads, kv_heads, blocks)
+    if lora.whole:
+        raise MrtuneError(
+            "the run trained whole modules (train.method=full), which a llama.cpp LoRA file cannot hold: export "
+            "--format gguf (the merged model) instead"
+        )
     writer = gguf.GGUFWriter(str(output), "llama")
     writer.add_type(gguf.GGUFType.ADAPTER)
     writer.add_string(gguf.Keys.Adapter.TYPE, "lora")

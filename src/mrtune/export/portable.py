@@ -89,6 +89,7 @@ def model_card_text(run: RunDir, config: Config) -> str:
     hub_id = hub_base_model(name)
     metrics = _test_metrics(run)
     info = run.info()
+    full = config.train.method == "full"
     data = ModelCardData(
         base_model=hub_id,
         library_name="peft",
@@ -96,16 +97,21 @@ def model_card_text(run: RunDir, config: Config) -> str:
         datasets=["GEM/viggo"],
         language=["en"],
         pipeline_tag="text-generation",
-        tags=["mrtune", "lora", "meaning-representation", "viggo"],
+        tags=["mrtune", "full-fine-tuning" if full else "lora", "meaning-representation", "viggo"],
     )
     if name == EMBEDDED_MODEL:
         base = f"`{name}` = [{EMBEDDED_HUB_ID}](https://huggingface.co/{EMBEDDED_HUB_ID}), from {EMBEDDED_PROVENANCE}"
     else:
         base = f"`{base_model_reference(name)}`" + (f" (hub: {hub_id})" if hub_id else " (a local model directory)")
     lora = config.lora
+    method = (
+        "full fine-tuning (every weight, fp32 master weights)"
+        if full
+        else f"LoRA r={lora.r}, alpha={lora.alpha}, dropout={lora.dropout}, targets {', '.join(lora.target_modules)}, "
+        f"init {lora.init}{', rsLoRA' if lora.rslora else ''}"
+    )
     recipe = (
-        f"LoRA r={lora.r}, alpha={lora.alpha}, dropout={lora.dropout}, targets {', '.join(lora.target_modules)}, "
-        f"init {lora.init}{', rsLoRA' if lora.rslora else ''}; base in {config.model.dtype}"
+        f"{method}; base in {config.model.dtype}"
         f"{' (4-bit NF4)' if config.model.quantization == 'nf4' else ''}; learning rate {config.train.learning_rate} "
         f"({config.train.schedule}), batch {config.train.batch_size}, {config.train.epochs} epoch(s); "
         f"prompt style `{config.data.prompt_style}`; best validation loss "
@@ -120,10 +126,11 @@ def model_card_text(run: RunDir, config: Config) -> str:
     else:
         results = "Not evaluated yet: `mrtune evaluate RUN` adds the test metrics here."
     prompt = template(config.data.prompt_style).replace("{sentence}", "<sentence>")
+    what = "A peft adapter holding every weight of a fully fine-tuned model" if full else "A LoRA adapter"
     body = f"""
 # {run.path.name}: sentence to ViGGO meaning representation
 
-A LoRA adapter, trained with [mrtune](https://pypi.org/project/mrtune/), that writes the meaning representation
+{what}, trained with [mrtune](https://pypi.org/project/mrtune/), that writes the meaning representation
 of a sentence about video games, e.g. `inform(name[Portal 2], release_year[2011], rating[excellent])`.
 
 - **Base model**: {base}

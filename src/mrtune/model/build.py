@@ -148,14 +148,27 @@ def set_checkpointing(model, on: bool) -> None:
     model.train()
 
 
-def attach_lora(model, lora: LoraSettings, settings: ModelSettings):
-    """Freeze the base and add trainable LoRA adapters (kept in fp32: bf16 weights swallow small updates)."""
-    from peft import LoraConfig, get_peft_model
-
+def _prepare_base(model, settings: ModelSettings) -> None:
+    """What the model's settings change in the base before peft wraps it (Liger's kernels, checkpointing)."""
     if settings.liger_kernel:
         apply_liger_kernel(model)
     if settings.gradient_checkpointing:
         set_checkpointing(model, True)
+
+
+def _ready_to_train(model, settings: ModelSettings):
+    # Gradient checkpointing acts only in train mode, and from_pretrained returns the model in eval mode.
+    model.train()
+    if settings.compile_layers:
+        compile_decoder_layers(model, settings.compile_mode)
+    return model
+
+
+def attach_lora(model, lora: LoraSettings, settings: ModelSettings):
+    """Freeze the base and add trainable LoRA adapters (kept in fp32: bf16 weights swallow small updates)."""
+    from peft import LoraConfig, get_peft_model
+
+    _prepare_base(model, settings)
     targets = "all-linear" if lora.target_modules == ["all-linear"] else lora.target_modules
     layers = None
     if lora.top_layers is not None:
@@ -197,11 +210,63 @@ def attach_lora(model, lora: LoraSettings, settings: ModelSettings):
         for module in model.modules():
             if isinstance(module, BaseTunerLayer):
                 module.cast_input_dtype_enabled = False
-    # Gradient checkpointing acts only in train mode, and from_pretrained returns the model in eval mode.
-    model.train()
-    if settings.compile_layers:
-        compile_decoder_layers(model, settings.compile_mode)
-    return model
+    return _ready_to_train(model, settings)
+
+
+def attach_full(model, settings: ModelSettings):
+    """Make every weight of the base trainable, in fp32 (train.method=full): the fp32 weights are the master
+    weights, the compute is in the dtype the base was loaded in (bf16 under autocast on CUDA: train.compute_autocast).
+
+    Through peft, so that the run's adapter/ stays a peft adapter that evaluate, predict, merge and serve load as
+    they load LoRA: `modules_to_save` wraps each module that holds weights in a ModulesToSaveWrapper, whose trainable
+    copy is saved in adapter_model.safetensors and put in the module's place by merge_and_unload. The LoraConfig
+    adapts no module (peft's `dummy-target-modules`, its marker for an adapter without targets), and
+    `ensure_weight_tying` keeps a tied output head (SmolLM2's) one tensor with the embeddings' copy, as in the base.
+    """
+    from peft import LoraConfig, get_peft_model
+    from peft.utils.constants import DUMMY_TARGET_MODULES
+
+    _prepare_base(model, settings)
+    # Leaf names (q_proj, input_layernorm, ...): peft wraps every module whose name ends with one of them.
+    owners = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules() if _owns_weights(module)})
+    head = model.get_output_embeddings()
+    tied = head is not None and head.weight is model.get_input_embeddings().weight
+    peft_config = LoraConfig(
+        target_modules=DUMMY_TARGET_MODULES, modules_to_save=owners, ensure_weight_tying=tied, task_type="CAUSAL_LM"
+    )
+    with _quiet_peft():
+        model = get_peft_model(model, peft_config)
+    _share_originals(model)
+    return _ready_to_train(model, settings)
+
+
+def _owns_weights(module: torch.nn.Module) -> bool:
+    return next(module.parameters(recurse=False), None) is not None
+
+
+def _share_originals(model) -> None:
+    """Cast the trainable copies to fp32 and point peft's untouched originals at them, checking that nothing of the
+    base is left frozen outside a wrapper.
+
+    A ModulesToSaveWrapper keeps the original module beside its copy for `disable_adapter()`, which mrtune never
+    calls (`--base` loads the base alone). Sharing storage leaves the run holding one fp32 copy of each weight (plus
+    its gradient and AdamW's two moments) instead of a bf16 original as well; the originals then follow training.
+    """
+    from peft.utils.other import ModulesToSaveWrapper
+
+    wrapped = set()
+    with torch.no_grad():
+        for module in model.modules():
+            if not isinstance(module, ModulesToSaveWrapper):
+                continue
+            copy = dict(module.modules_to_save[module.active_adapters[0]].named_parameters())
+            for name, original in module.original_module.named_parameters():
+                copy[name].data = copy[name].data.float()  # tied copies: the same parameter, cast once
+                original.data = copy[name].data
+                wrapped |= {id(original), id(copy[name])}
+    left = [name for name, parameter in model.named_parameters() if id(parameter) not in wrapped]
+    if left:
+        raise MrtuneError(f"train.method=full cannot make {left[0]} trainable: use train.method=lora for this model")
 
 
 def compile_decoder_layers(model, mode: str = "default") -> int:

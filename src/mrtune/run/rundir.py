@@ -6,7 +6,8 @@ RUN/
   prompt.txt          the prompt template, as the model saw it
   vocabulary.json     dialogue acts and attributes of the training split (for constrained decoding)
   tokenizer/          the tokenizer, with its pad token
-  adapter/            the best LoRA adapter by validation loss (PEFT format)
+  adapter/            the best LoRA adapter by validation loss (PEFT format); with train.method=full, the whole
+                      trained model as a PEFT adapter of whole modules (`modules_to_save`)
   checkpoint/         while training: what `mrtune train --resume` needs (see checkpoint.py); removed at the end
   history.jsonl       one line per logged step: train loss, lr, tokens/s, validation loss
   tensorboard/        the same curves for TensorBoard
@@ -264,7 +265,8 @@ class RunDir:
 
     def require_adapter(self, config: Config | None = None) -> Path:
         """The adapter directory, checked: its config is readable, its weights file whole, and its rank the one
-        the run's config (`config`, when given) trains (2r for lora.init=pissa|olora, saved converted)."""
+        the run's config (`config`, when given) trains (2r for lora.init=pissa|olora, saved converted), or, for
+        train.method=full, its modules saved whole (rank means nothing there)."""
         adapter_config = self.adapter / "adapter_config.json"
         if not adapter_config.is_file():
             status = self.info().get("status", "unknown")
@@ -272,8 +274,12 @@ class RunDir:
                 f"run {self.path} has no adapter yet (status: {status}): let `mrtune train` reach its first "
                 "evaluation, or use --base to score the untuned model"
             )
-        rank = self.read_json(adapter_config).get("r")
-        if config is not None:
+        saved = self.read_json(adapter_config)
+        rank = saved.get("r")
+        if config is not None and config.train.method == "full":
+            if not saved.get("modules_to_save"):
+                raise self.damaged(adapter_config, "saves no whole modules, but the run's config.yaml trains them all")
+        elif config is not None:
             expected = config.lora.r if config.lora.init == "default" else 2 * config.lora.r
             if rank != expected:
                 raise self.damaged(adapter_config, f"rank r={rank!r}, but the run's config.yaml trains rank {expected}")

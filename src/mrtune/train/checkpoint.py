@@ -1,7 +1,8 @@
 """Resumable checkpoints, and what keeps a run's files whole when training stops early.
 
     RUN/checkpoint/
-      adapter/          the LoRA adapter after step N (PEFT format; the best one by validation loss is RUN/adapter/)
+      adapter/          the LoRA adapter after step N (PEFT format; the best one by validation loss is RUN/adapter/),
+                        or with train.method=full the whole model's fp32 master weights, in the same format
       optimizer.pt      optimizer state (AdamW moments and step counts)
       scheduler.pt      learning-rate scheduler state
       rng.pt            Python, NumPy, torch CPU and CUDA random states, one set per process
@@ -142,7 +143,7 @@ def load_checkpoint(
 ) -> None:
     """Put the adapter, optimizer, scheduler and random states of RUN/checkpoint/ back in place (collective under
     FSDP, whose `adapter_keys` say where the adapter's tensors go: see save_checkpoint)."""
-    from peft import set_peft_model_state_dict
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
     from safetensors.torch import load_file
 
     from mrtune.train.distributed import load_sharded_adapter, load_sharded_optimizer, uses_fsdp
@@ -157,12 +158,14 @@ def load_checkpoint(
             fits = not load_sharded_adapter(accelerator, model, weights, adapter_keys)
     else:
         unwrapped = accelerator.unwrap_model(model)
-        expected = sum(1 for p in unwrapped.parameters() if p.requires_grad)
+        # The tensors the model saves, not its trainable ones: a full run with a tied output head (train.method=full)
+        # saves the one trained embedding matrix under both modules' names.
+        expected = len(get_peft_model_state_dict(unwrapped, save_embedding_layers=False))
         fits = len(weights) == expected and not set_peft_model_state_dict(unwrapped, weights).unexpected_keys
     if not fits:
         raise MrtuneError(
             f"the checkpoint in {directory} does not fit the model ({len(weights)} adapter tensors for "
-            f"{expected} trainable ones): was {run.config_file} edited? Start the run again instead"
+            f"the {expected} this model saves): was {run.config_file} edited? Start the run again instead"
         )
     try:
         optimizer_state = torch.load(directory / "optimizer.pt", map_location="cpu", weights_only=True)

@@ -31,6 +31,7 @@ from mrtune.errors import MrtuneError, TrainingInterrupted
 from mrtune.export.portable import make_portable
 from mrtune.infer.generation import generate
 from mrtune.model.build import (
+    attach_full,
     attach_lora,
     compile_decoder_layers,
     eager_for_evaluation,
@@ -119,18 +120,29 @@ def make_scheduler(optimizer, config: Config, total_steps: int, clock: dict | No
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def compute_autocast(model, device_type: str | None = None):
-    """bf16/fp16 compute for the fp32 adapters (see modeling.attach_lora), off for an fp32 model.
+def compute_dtype(model) -> torch.dtype:
+    """The dtype the base model was loaded in, which the training computes in. transformers records it in
+    config.dtype (a string once save_pretrained has run); the embeddings' dtype says the same except under full
+    fine-tuning (model.build.attach_full), whose weights are all fp32. `model` may be wrapped by DDP or FSDP."""
+    from accelerate.utils import extract_model_from_parallel
 
-    The compute dtype is the embeddings' (never quantized): the dtype the base model was loaded in. `model` may be
-    wrapped by DDP or FSDP. `device_type` is where the compute runs, by default the embeddings' device; under FSDP
-    with CPU offload the weights rest on the CPU while the compute runs on the GPU, so the loop passes its inputs'.
+    unwrapped = extract_model_from_parallel(model)
+    dtype = getattr(unwrapped.config, "dtype", None) or unwrapped.get_input_embeddings().weight.dtype
+    return getattr(torch, dtype) if isinstance(dtype, str) else dtype
+
+
+def compute_autocast(model, device_type: str | None = None):
+    """bf16/fp16 compute for the fp32 adapters (see model.build.attach_lora) or the fp32 master weights of a full
+    run (attach_full), off for an fp32 model.
+
+    `device_type` is where the compute runs, by default the embeddings' device; under FSDP with CPU offload the
+    weights rest on the CPU while the compute runs on the GPU, so the loop passes its inputs'.
     """
     from accelerate.utils import extract_model_from_parallel
 
-    embeddings = extract_model_from_parallel(model).get_input_embeddings().weight
-    dtype, device_type = embeddings.dtype, device_type or embeddings.device.type
-    # CUDA only: see modeling.attach_lora for why the CPU keeps peft's fp32 adapter compute.
+    dtype = compute_dtype(model)
+    device_type = device_type or extract_model_from_parallel(model).get_input_embeddings().weight.device.type
+    # CUDA only: see model.build.attach_lora for why the CPU keeps peft's fp32 adapter compute.
     return torch.autocast(
         device_type=device_type, dtype=dtype, enabled=device_type == "cuda" and dtype != torch.float32
     )
@@ -238,7 +250,7 @@ def out_of_memory_message(config: Config, error: BaseException, plan: MemoryPlan
         ]
     if not config.model.gradient_checkpointing:
         advice.append("set model.gradient_checkpointing=true (~1/3 more compute, a fraction of the activations)")
-    if config.model.quantization != "nf4":
+    if config.model.quantization != "nf4" and config.train.method == "lora":
         advice.append("set model.quantization=nf4 (4-bit base weights, CUDA)")
     return f"out of GPU memory ({first}): start the run again with lower memory settings: " + "; ".join(advice)
 
@@ -402,6 +414,12 @@ class Recipe:
 
     def _check_settings(self, resume: bool) -> None:
         lora_init = self.config.lora.init
+        if self.fsdp and self.settings.method == "full":
+            raise MrtuneError(
+                "train.method=full is not available under FSDP (its trainable copies share storage with the "
+                "modules peft keeps, which FSDP would shard apart): train on one GPU or with DDP, or set "
+                "train.method=lora"
+            )
         if self.fsdp and lora_init != "default":
             raise MrtuneError(
                 f"lora.init={lora_init} is not available under FSDP (the adapter's conversion to "
@@ -524,7 +542,8 @@ class Recipe:
         return saved
 
     def _setup_model(self) -> None:
-        """The frozen base model with fp32 LoRA adapters."""
+        """The frozen base model with fp32 LoRA adapters, or (train.method=full) with every weight trainable in
+        fp32."""
         from accelerate.utils import set_seed
 
         set_seed(self.settings.seed)
@@ -535,7 +554,10 @@ class Recipe:
         if needs_plan(self.config):  # the planner probes without checkpointing and compiles nothing: see _plan_memory
             settings = dataclasses.replace(settings, gradient_checkpointing=False, compile_layers=False)
         model = load_base_model(settings, None if self.fsdp else self.device, self.model_path)
-        model = attach_lora(model, self.config.lora, settings)
+        if self.settings.method == "full":
+            model = attach_full(model, settings)
+        else:
+            model = attach_lora(model, self.config.lora, settings)
         self.saved_keys = None  # under FSDP, where the saved adapter's tensors are in the gathered state dict
         if self.fsdp:
             wrap_adapters_separately(model, self.accelerator)
@@ -543,7 +565,9 @@ class Recipe:
         # lora.init=pissa|olora: the adapter as initialized, what saved adapters are converted against (save_adapter).
         self.initial = None if self.config.lora.init == "default" else RunDir(self.output_dir).initial_adapter
         self.trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        self.total_parameters = sum(p.numel() for p in model.parameters())
+        frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+        # A full run's frozen parameters are peft's originals, which share the trainable copies' storage (attach_full).
+        self.total_parameters = self.trainable + (0 if self.settings.method == "full" else frozen)
         self.model = model
 
     def _plan_memory(self) -> None:
