@@ -3,6 +3,7 @@ evaluates, predicts, merges and resumes like a LoRA run's. On the tiny Mistral w
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import signal
@@ -276,3 +277,33 @@ def test_ddp_trains_a_full_run_as_one_process_does(tmp_path, full_overrides):
     assert weights_two.keys() == weights_one.keys()
     for name, tensor in weights_two.items():  # Adam's step magnifies summation-order noise where gradients are ~0
         assert torch.allclose(tensor, weights_one[name], rtol=1e-4, atol=1e-5), name
+
+
+def test_a_full_run_decodes_in_the_dtype_its_base_loads_in(full_run):
+    """The adapter holds fp32 master weights; merged into a base loaded in half precision, the model must be all
+    half precision (a mix fails in the first matmul or cache write on a GPU). peft loads the saved copies into
+    modules cloned from the base, so they take its dtype."""
+    from mrtune.model.build import load_trained_model
+
+    run, config = full_run
+    settings = dataclasses.replace(config.model, dtype="float16")
+    model = load_trained_model(settings, run.adapter, torch.device("cpu"))
+    assert {p.dtype for p in model.parameters()} == {torch.float16}
+
+
+def test_a_full_runs_sample_between_steps_uses_a_cache_of_the_keys_dtype(full_overrides, tmp_path, monkeypatch):
+    """A static cache takes the weights' dtype (fp32 master weights) while autocast writes bf16 keys into it: the
+    sample shown between steps must ask for a dynamic cache (on a CPU, `auto` is dynamic anyway)."""
+    import mrtune.train.recipe as recipe
+
+    asked = []
+    real = recipe.generate
+
+    def spy(*args, **kwargs):
+        asked.append(kwargs.get("kv_cache", "auto"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(recipe, "generate", spy)
+    config = load_config(None, [*full_overrides, "train.max_steps=2", "train.eval_every=2"])
+    recipe.train(config, tmp_path / "run", progress=False)
+    assert asked and set(asked) == {"dynamic"}

@@ -867,6 +867,9 @@ class Recipe:
                     self.tokenizer,
                     [build_prompt(self.config.data.prompt_style, sample.sentence)],
                     max_new_tokens=self.config.eval.max_new_tokens,
+                    # A static cache takes the weights' dtype: fp32 for a full run's master weights, while autocast
+                    # computes keys and values in bf16 (index_copy_ refuses the mix). A dynamic cache keeps theirs.
+                    kv_cache="dynamic" if self.settings.method == "full" else "auto",
                     progress=False,
                 )[0]
             self.model.train()
