@@ -179,6 +179,24 @@ def test_compile_mode_reaches_every_compiled_layer(tiny_model_dir, monkeypatch):
         load_config(None, ["model.compile_mode=fast"])
 
 
+GRAPHS = ["model.compile_layers=true", "model.compile_mode=reduce-overhead"]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "named"),
+    [
+        (["model.compile_mode=reduce-overhead"], "nothing is compiled"),
+        ([*GRAPHS, "model.gradient_checkpointing=true"], "50x"),
+        ([*GRAPHS, "model.gradient_checkpointing=auto"], "50x"),
+    ],
+)
+def test_a_compile_mode_that_cannot_help_is_refused_in_one_line(overrides, named):
+    with pytest.raises(MrtuneError, match=named) as refused:
+        load_config(None, overrides)
+    assert "\n" not in str(refused.value)
+    load_config(None, GRAPHS)  # without checkpointing: accepted
+
+
 def config_layers(model_dir) -> int:
     import json
 

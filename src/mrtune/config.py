@@ -488,11 +488,30 @@ def validate(config: Config) -> list[str]:
         )
     if config.train.method == "full":
         problems += _full_problems(config)
+    problems += _compile_problems(config)
     tokens, longest = config.train.batch_tokens, config.data.max_length
     if isinstance(tokens, int) and isinstance(longest, int) and tokens < longest:
         problems.append(
             f"train.batch_tokens ({tokens}) must be at least data.max_length ({longest}) so that every row fits "
             "in a micro-batch"
+        )
+    return problems
+
+
+def _compile_problems(config: Config) -> list[str]:
+    """A compile mode that would do nothing, or run slower than no compilation at all."""
+    model, problems = config.model, []
+    if model.compile_mode != "default" and not (model.compile_layers or config.train.compile):
+        problems.append(
+            f"model.compile_mode={model.compile_mode} applies to compiled code, and nothing is compiled: set "
+            "model.compile_layers=true (or train.compile=true), or drop model.compile_mode"
+        )
+    if model.compile_mode == "reduce-overhead" and model.gradient_checkpointing is not False:
+        # Measured: with checkpointing on, each step re-recorded the graphs (BENCHMARKS.md, fourth GPU round).
+        problems.append(
+            "model.compile_mode=reduce-overhead (CUDA graphs) with gradient checkpointing ran 50x slower (18.8 s a "
+            "step instead of 0.39 on the 7B shape): set model.gradient_checkpointing=false, or "
+            "model.compile_mode=default"
         )
     return problems
 
