@@ -443,7 +443,7 @@ def bench_memory_plan(
         make_mistral_shape(model_dir, tokenizer_dir)
     ensure_seed(rec, part, model_dir, seed_runs)
     caps = part.setdefault("memory_caps_compiled" if compiled else "memory_caps", {})
-    extra = plan["compiled"] if compiled else []
+    extra = plan["compiled"] if compiled else plan["uncompiled"]
     chosen = sorted(int(name) for name in only or () if name.isdigit())
     for cap in chosen or plan["caps_gb"]:
         args = ["project", "--config", plan["config"], "--warm", "2", "--set", f"model.name={model_dir}", *extra]

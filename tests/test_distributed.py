@@ -16,6 +16,7 @@ tests/test_scaling.py.
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import socket
@@ -372,6 +373,16 @@ def test_fsdp_run_stopped_by_a_signal_resumes_to_the_uninterrupted_result(
 
 
 @pytest.mark.slow  # a 2-process run and a 1-process one, ~40 s
+@pytest.mark.parametrize("sharding", ["ddp", "fsdp"])
+def test_compiled_layers_train_under_ddp_and_fsdp(sharding, data_overrides, tmp_path):
+    """configs/mistral-7b-qlora.yaml compiles its layers, and the README launches it on several GPUs."""
+    environment = _fsdp_environment() if sharding == "fsdp" else None
+    run, seen, _, _ = _train_in_two_processes([*data_overrides, "model.compile_layers=true"], tmp_path, environment)
+    losses = [r["train_loss"] for r in run.read_history() if "train_loss" in r]
+    assert run.info()["status"] == "finished" and len(losses) == STEPS and all(math.isfinite(x) for x in losses)
+    assert len(seen[0]) == len(seen[1]) == 2 * STEPS
+
+
 def test_fsdp2_trains_loraplus_as_one_process_does(data_overrides, tmp_path):
     """LoRA+ (a higher rate for the B matrices, told apart by name) under FSDP2, whose optimizer is built on the
     named adapters before sharding; FSDP1 refuses it."""
