@@ -13,6 +13,7 @@ from mrtune.task.augment import SPECIFIER_WORDS, invented_name, substitute_names
 from mrtune.task.data import Example, load_split
 from mrtune.task.generalization import UNSEEN_NAMES
 from mrtune.task.mr import parse_mr
+from mrtune.train.recipe import train
 
 ROWS = [
     Example("Is Portal 2 on Mac? I loved Portal 2.", "verify_attribute(name[Portal 2], has_mac_release[yes])"),
@@ -177,6 +178,15 @@ def test_compile_mode_reaches_every_compiled_layer(tiny_model_dir, monkeypatch):
     assert modes == ["reduce-overhead"] * config_layers(tiny_model_dir)
     with pytest.raises(MrtuneError, match="model.compile_mode"):
         load_config(None, ["model.compile_mode=fast"])
+
+
+def test_a_compiled_run_says_its_first_step_compiles(tiny_overrides, tmp_path, monkeypatch, capsys):
+    compiled = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kwargs: compiled.append(kwargs.get("mode")))
+    train(load_config(None, [*tiny_overrides, "model.compile_layers=true", "train.max_steps=1"]), tmp_path / "run")
+    assert compiled and "the first step compiles" in capsys.readouterr().out
+    train(load_config(None, [*tiny_overrides, "train.max_steps=1"]), tmp_path / "plain")
+    assert "compiles" not in capsys.readouterr().out
 
 
 GRAPHS = ["model.compile_layers=true", "model.compile_mode=reduce-overhead"]

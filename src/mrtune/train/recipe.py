@@ -616,6 +616,13 @@ class Recipe:
         if self.settings.compile:
             # In place: the module keeps its type, so peft's and accelerate's APIs still apply.
             self.model.compile(mode=self.config.model.compile_mode)
+        if self.is_main and (self.config.model.compile_layers or self.settings.compile):
+            # torch.compile works at the first call: the progress bar would sit at step 0 with no word of why.
+            what = "each decoder layer" if self.config.model.compile_layers else "the model"
+            tqdm.write(
+                f"torch.compile ({what}, mode {self.config.model.compile_mode}): the first step compiles, which "
+                "takes seconds on a small model and a minute or more on a 7B one"
+            )
 
     def _setup_optimizer(self, saved: LoopState | None) -> None:
         """The optimizer and schedule; a resume puts back their state, the adapter's and the random states."""
