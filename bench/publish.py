@@ -7,7 +7,7 @@ import json
 import re
 from pathlib import Path
 
-from bench.run import H200_BF16_PEAK_TFLOPS, MISTRAL_SHAPE_LABEL, PLANS, ROOT
+from bench.run import H200_BF16_PEAK_TFLOPS, MISTRAL_SHAPE_LABEL, PLANS, ROOT, validation_means
 
 
 def ok(result: dict | None) -> bool:
@@ -440,11 +440,8 @@ def _accuracy(results: dict) -> list[str]:
     part = results.get("accuracy")
     if not part:
         return []
-    means = {}
-    for name, seeds in part.get("variants", {}).items():  # over every call's seeds (a sweep split between GPUs)
-        scores = [e["validation"]["exact_match"] for e in seeds.values() if ok(e.get("validation"))]
-        if scores and len(scores) == len(PLANS["accuracy"]["seeds"]):
-            means[name] = sum(scores) / len(scores)
+    # Over every call's seeds (a sweep split between GPUs), not one call's means.
+    means = validation_means(part.get("variants", {}), len(PLANS["accuracy"]["seeds"]))
     if means:
         part["winner"] = max(means, key=means.get)
     lines = [

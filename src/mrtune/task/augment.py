@@ -25,7 +25,7 @@ import re
 from dataclasses import replace
 
 from mrtune.task.data import Example
-from mrtune.task.generalization import UNSEEN_NAMES, with_name
+from mrtune.task.generalization import UNSEEN_NAMES, with_name, with_value
 from mrtune.task.mr import MeaningRepresentation, try_parse_mr
 
 _ONSETS = ("Br", "K", "Z", "V", "Th", "Gr", "M", "D", "S", "Pl", "R", "Tr", "F", "N", "Sk", "L")
@@ -122,10 +122,6 @@ SPECIFIER_WORDS = tuple(
     beautifully animated, richly detailed, well written, over the top, hand drawn
 """.replace("\n", " ").split(",")
 )
-
-
-def with_value(mr: MeaningRepresentation, attribute: str, value: str) -> MeaningRepresentation:
-    return MeaningRepresentation(mr.dialogue_act, tuple((a, value if a == attribute else v) for a, v in mr.slots))
 
 
 def substitute_specifiers(examples: list[Example], fraction: float, seed: int) -> list[Example]:

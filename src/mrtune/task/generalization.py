@@ -39,8 +39,12 @@ UNSEEN_NAMES = (
 )
 
 
+def with_value(mr: MeaningRepresentation, attribute: str, value: str) -> MeaningRepresentation:
+    return MeaningRepresentation(mr.dialogue_act, tuple((a, value if a == attribute else v) for a, v in mr.slots))
+
+
 def with_name(mr: MeaningRepresentation, name: str) -> MeaningRepresentation:
-    return MeaningRepresentation(mr.dialogue_act, tuple((a, name if a == "name" else v) for a, v in mr.slots))
+    return with_value(mr, "name", name)
 
 
 def unseen_name_rows(rows: list[dict], training_text: str, names: tuple[str, ...] = UNSEEN_NAMES) -> list[dict]:

@@ -611,7 +611,7 @@ class Recipe:
 
     def _compile_model(self) -> None:
         """torch.compile, once the model's settings are final (the memory planner probes an uncompiled model)."""
-        if self.config.model.compile_layers and self.memory_plan is not None:  # attach_lora compiled the rest
+        if self.config.model.compile_layers and self.memory_plan is not None:  # else attach_lora/attach_full did
             compile_decoder_layers(self.model, self.config.model.compile_mode)
         if self.settings.compile:
             # In place: the module keeps its type, so peft's and accelerate's APIs still apply.
@@ -713,11 +713,10 @@ class Recipe:
             next(stream)
         state.start_clock()
         self.model.train()
-        # CUDA graphs (compile_mode reduce-overhead) reuse their output buffers between replays: marking where a step
-        # begins tells torch that the previous step's outputs (loss, activations) are no longer needed.
-        graphs = self.config.model.compile_mode == "reduce-overhead" and (
-            self.config.model.compile_layers or settings.compile
-        )
+        # CUDA graphs (compile_mode reduce-overhead, which the config accepts only with something compiled) reuse
+        # their output buffers between replays: marking where a step begins tells torch that the previous step's
+        # outputs (loss, activations) are no longer needed.
+        graphs = self.config.model.compile_mode == "reduce-overhead"
         for step in range(start_step + 1, self.total_steps + 1):
             if graphs:
                 torch.compiler.cudagraph_mark_step_begin()
@@ -835,15 +834,15 @@ class Recipe:
     def validate(self) -> None:
         """The validation loss; the adapter saved as RUN/adapter/ when it is the best so far; a sample shown. With
         train.ema_decay, all three use the weights' moving average."""
-        with averaged_weights(self.optimizer, self.settings.ema_decay is not None):
+        # Eager: the compiled layers' graphs are for the training step's shapes (model.build.eager_for_evaluation).
+        with averaged_weights(self.optimizer, self.settings.ema_decay is not None), eager_for_evaluation():
             self._validate()
 
     def _validate(self) -> None:
         state, accelerator = self.state, self.accelerator
         eval_started = time.perf_counter()
         rows, pad_token_id, batch_size = self.validation_rows, self.tokenizer.pad_token_id, self.settings.batch_size
-        with eager_for_evaluation():
-            loss = validation_loss(self.model, rows, pad_token_id, batch_size, self.device, accelerator)
+        loss = validation_loss(self.model, rows, pad_token_id, batch_size, self.device, accelerator)
         improved = loss < state.best_validation_loss  # the same on every rank: the loss is summed over ranks
         state.best_validation_loss = min(state.best_validation_loss, loss)
         # FSDP: every rank takes part in gathering the adapter.
@@ -868,7 +867,7 @@ class Recipe:
         else:
             model = self.accelerator.unwrap_model(self.model)
             self.model.eval()
-            with compute_autocast(model), eager_for_evaluation():
+            with compute_autocast(model):
                 output = generate(
                     model,
                     self.tokenizer,
