@@ -26,6 +26,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -401,6 +402,51 @@ def bench_accuracy_final(rec: Recorder, parallel: int) -> None:
         list(pool.map(one, plan["runs"].items()))
 
 
+def majority_vote(predictions: list[list[str]]) -> list[str]:
+    """Row by row, the prediction most of the runs made; a tie goes to the earliest run among the tied (so with no
+    majority at all, the first run's prediction stands)."""
+    voted = []
+    for row in zip(*predictions, strict=True):
+        counts = Counter(p.strip() for p in row)
+        top = max(counts.values())
+        voted.append(next(p.strip() for p in row if counts[p.strip()] == top))
+    return voted
+
+
+def bench_accuracy_ensemble(rec: Recorder, parallel: int) -> None:
+    """plans.yaml ensemble: one recipe trained with each seed (`parallel` at a time), each run scored on the test
+    split, then the seeds' test predictions combined by majority vote and scored (an ensemble of N models costs N
+    decodes: what it buys is measured here before anything ships it)."""
+    from mrtune.model.resolve import EMBEDDED_MODEL, resolve_model_path
+    from mrtune.task.mr import score
+
+    plan = PLANS["ensemble"]
+    resolve_model_path(EMBEDDED_MODEL)  # convert the GGUF once, before the children race to do it
+    part = rec.results.setdefault("ensemble", {"config": plan["config"], "overrides": plan["set"], "runs": {}})
+
+    def one(seed: int) -> None:
+        args = ["project", "--config", plan["config"], "--warm", "3", "--set", *plan["set"], f"train.seed={seed}"]
+        entry = {"train": rec.child(f"ensemble-seed{seed}", args, 560)}
+        rec.store(part["runs"], f"seed{seed}", entry)
+        if ok(entry["train"]):
+            test = rec.child(f"ensemble-seed{seed}-test", ["evaluate", entry["train"]["run_dir"]], 300)
+            rec.store(entry, "test", test)
+
+    with ThreadPoolExecutor(parallel) as pool:
+        list(pool.map(one, plan["seeds"]))
+    scored = [e for e in part["runs"].values() if ok(e.get("test"))]
+    if len(scored) < 2:
+        return
+    rows = [
+        [json.loads(line) for line in (Path(e["train"]["run_dir"]) / "eval" / "test" / "predictions.jsonl").open()]
+        for e in scored
+    ]
+    voted = majority_vote([[r["prediction"] for r in run] for run in rows])
+    part["vote"] = {**score(voted, [r["reference"] for r in rows[0]]), "members": len(scored)}
+    part["members_test_exact_match"] = [e["test"]["exact_match"] for e in scored]
+    rec.save()
+
+
 def bench_mistral(rec: Recorder, tokenizer_dir: str, model_dir: Path, only: set[str] | None, seed_runs: int) -> None:
     """The seed recipe `seed_runs` times (its median is the ratios' denominator), then the 7B settings in `only`
     (all of plans.yaml seven_b.settings and `default` when None)."""
@@ -519,6 +565,7 @@ PARTS = (
     "accuracy",
     "accuracy-winner",
     "accuracy-final",
+    "accuracy-ensemble",
     "mistral",
     "memory-plan",
     "levers",
@@ -549,7 +596,8 @@ def command_bench(args: argparse.Namespace) -> None:
     names = set(args.settings.split(",")) if args.settings else None
     tokenizer_dir = args.tokenizer_dir or (
         resolve_model_path("embedded:smollm2-135m-instruct")
-        if {"smollm2", "smollm2-fast", "accuracy", "accuracy-winner", "accuracy-final"} & set(parts)
+        if {"smollm2", "smollm2-fast"} & set(parts)
+        or any(part.startswith("accuracy") for part in parts)
         or not args.model_dir.is_dir()
         else str(args.model_dir)
     )
@@ -564,6 +612,8 @@ def command_bench(args: argparse.Namespace) -> None:
             bench_accuracy_winner(rec, args.sources)
         elif part == "accuracy-final":
             bench_accuracy_final(rec, args.parallel)
+        elif part == "accuracy-ensemble":
+            bench_accuracy_ensemble(rec, args.parallel)
         elif part == "mistral":
             bench_mistral(rec, tokenizer_dir, args.model_dir, names, args.seed_runs)
         elif part == "memory-plan":
@@ -577,6 +627,10 @@ def command_bench(args: argparse.Namespace) -> None:
 
 
 def command_measure(args: argparse.Namespace) -> None:
+    if os.environ.get("BENCH_TRACEBACK_S"):  # where a measurement that seems stuck spends its time: every N s
+        import faulthandler
+
+        faulthandler.dump_traceback_later(float(os.environ["BENCH_TRACEBACK_S"]), repeat=True)
     if args.kind == "project":
         result = measure_project(args.config, args.set, args.warm)
     elif args.kind == "evaluate":

@@ -30,11 +30,19 @@ def test_every_plan_variant_is_a_valid_config():
         load_config(None, [*plans["seven_b"]["common"], *setting["set"]])
     for run in plans["accuracy_final"]["runs"].values():
         load_config(run["config"], [*run["set"], *plans["accuracy_final"]["values_off"]])
+    load_config(plans["ensemble"]["config"], plans["ensemble"]["set"])
     for cap in plans["memory_plan"]["caps_gb"]:
         load_config(plans["memory_plan"]["config"], [*plans["memory_plan"]["set"], f"train.max_memory_gb={cap}"])
     for search in plans["searches"].values():
         for overrides in search["variants"].values():
             load_config(search["config"], [*search.get("common", []), *overrides])
+
+
+def test_majority_vote_takes_the_most_common_prediction_and_the_first_run_on_a_tie():
+    runs = [["a(x[1])", "b()", "c()"], ["a(x[1]) ", "c()", "d()"], ["b()", "c()", "e()"]]
+    assert bench_run.majority_vote(runs) == ["a(x[1])", "c()", "c()"]
+    with pytest.raises(ValueError):  # runs over different rows are a bug, not a vote
+        bench_run.majority_vote([["a()"], ["a()", "b()"]])
 
 
 def test_mistral_7b_flops_per_token_is_about_29_gflop():
