@@ -26,7 +26,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -92,11 +91,19 @@ def measure_project(config_path: str | None, overrides: list[str], warm: int) ->
     return result
 
 
-def measure_evaluate(run_dir: str, limit: int | None, split: str, data: str | None, overrides: list[str]) -> dict:
+def measure_evaluate(args: argparse.Namespace) -> dict:
     from mrtune.infer.evaluate import evaluate
 
     started = time.perf_counter()
-    metrics = evaluate(run_dir, split=split, data=data, limit=limit, overrides=overrides, progress=False)
+    metrics = evaluate(
+        args.run_dir,
+        split=args.split,
+        data=args.data,
+        limit=args.limit,
+        overrides=args.set,
+        ensemble=args.ensemble,
+        progress=False,
+    )
     metrics["wall_seconds"] = time.perf_counter() - started
     return metrics
 
@@ -402,23 +409,11 @@ def bench_accuracy_final(rec: Recorder, parallel: int) -> None:
         list(pool.map(one, plan["runs"].items()))
 
 
-def majority_vote(predictions: list[list[str]]) -> list[str]:
-    """Row by row, the prediction most of the runs made; a tie goes to the earliest run among the tied (so with no
-    majority at all, the first run's prediction stands)."""
-    voted = []
-    for row in zip(*predictions, strict=True):
-        counts = Counter(p.strip() for p in row)
-        top = max(counts.values())
-        voted.append(next(p.strip() for p in row if counts[p.strip()] == top))
-    return voted
-
-
 def bench_accuracy_ensemble(rec: Recorder, parallel: int) -> None:
     """plans.yaml ensemble: one recipe trained with each seed (`parallel` at a time), each run scored on the test
-    split, then the seeds' test predictions combined by majority vote and scored (an ensemble of N models costs N
-    decodes: what it buys is measured here before anything ships it)."""
+    split, then the seeds together (`mrtune evaluate RUN --ensemble OTHERS`: each row gets the MR most of them
+    wrote) on the test split, unseen names and the novel phrasings."""
     from mrtune.model.resolve import EMBEDDED_MODEL, resolve_model_path
-    from mrtune.task.mr import score
 
     plan = PLANS["ensemble"]
     resolve_model_path(EMBEDDED_MODEL)  # convert the GGUF once, before the children race to do it
@@ -434,17 +429,18 @@ def bench_accuracy_ensemble(rec: Recorder, parallel: int) -> None:
 
     with ThreadPoolExecutor(parallel) as pool:
         list(pool.map(one, plan["seeds"]))
-    scored = [e for e in part["runs"].values() if ok(e.get("test"))]
-    if len(scored) < 2:
+    runs = [e["train"]["run_dir"] for e in part["runs"].values() if ok(e["train"])]
+    if len(runs) < 3:
         return
-    rows = [
-        [json.loads(line) for line in (Path(e["train"]["run_dir"]) / "eval" / "test" / "predictions.jsonl").open()]
-        for e in scored
-    ]
-    voted = majority_vote([[r["prediction"] for r in run] for run in rows])
-    part["vote"] = {**score(voted, [r["reference"] for r in rows[0]]), "members": len(scored)}
-    part["members_test_exact_match"] = [e["test"]["exact_match"] for e in scored]
-    rec.save()
+    ensemble = ["--ensemble", *runs[1:]]
+    jobs = {
+        "test": ["evaluate", runs[0], *ensemble],
+        "unseen_names": ["evaluate", runs[0], "--data", str(unseen_names_file()), *ensemble],
+        "novel_phrasing": ["evaluate", runs[0], "--data", str(NOVEL_PHRASING), *ensemble],
+    }
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        futures = {key: pool.submit(rec.child, f"ensemble-vote-{key}", args, 400) for key, args in jobs.items()}
+        rec.store(part, "vote", {key: future.result() for key, future in futures.items()})
 
 
 def bench_mistral(rec: Recorder, tokenizer_dir: str, model_dir: Path, only: set[str] | None, seed_runs: int) -> None:
@@ -634,7 +630,7 @@ def command_measure(args: argparse.Namespace) -> None:
     if args.kind == "project":
         result = measure_project(args.config, args.set, args.warm)
     elif args.kind == "evaluate":
-        result = measure_evaluate(args.run_dir, args.limit, args.split, args.data, args.set)
+        result = measure_evaluate(args)
     else:
         result = measure_seed(args.model_dir, args.steps)
     args.result.write_text(json.dumps(result, indent=2))
@@ -684,6 +680,7 @@ def parser() -> argparse.ArgumentParser:
             sub.add_argument("--split", default="test")
             sub.add_argument("--data")
             sub.add_argument("--set", nargs="*", default=[])
+            sub.add_argument("--ensemble", nargs="*", default=[], help="other runs that vote (last: it takes the rest)")
         else:
             sub.add_argument("model_dir")
             sub.add_argument("--steps", type=int, default=8)

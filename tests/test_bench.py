@@ -38,13 +38,6 @@ def test_every_plan_variant_is_a_valid_config():
             load_config(search["config"], [*search.get("common", []), *overrides])
 
 
-def test_majority_vote_takes_the_most_common_prediction_and_the_first_run_on_a_tie():
-    runs = [["a(x[1])", "b()", "c()"], ["a(x[1]) ", "c()", "d()"], ["b()", "c()", "e()"]]
-    assert bench_run.majority_vote(runs) == ["a(x[1])", "c()", "c()"]
-    with pytest.raises(ValueError):  # runs over different rows are a bug, not a vote
-        bench_run.majority_vote([["a()"], ["a()", "b()"]])
-
-
 def test_mistral_7b_flops_per_token_is_about_29_gflop():
     flops = bench_run.model_flops_per_token(bench_run.mistral_shape_config(49152), mean_row_tokens=237)
     assert 7.1e9 < flops["weights_in_matmuls"] < 7.3e9  # 32 layers of 218 M + the 201 M head

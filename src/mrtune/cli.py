@@ -95,14 +95,14 @@ def _train(args) -> None:
 
 def _decoding(args) -> dict:
     """The keyword arguments of the options `_add_decoding_options` gives evaluate and predict."""
-    return {"base": args.base, "constrained": args.constrained, "overrides": args.set}
+    return {"base": args.base, "constrained": args.constrained, "overrides": args.set, "ensemble": args.ensemble}
 
 
 def _evaluate(args) -> None:
     from mrtune.infer.evaluate import evaluate
 
     metrics = evaluate(args.run, split=args.split, data=args.data, limit=args.limit, **_decoding(args))
-    label = "base" if args.base else "fine-tuned"
+    label = "base" if args.base else f"ensemble of {len(args.ensemble) + 1}" if args.ensemble else "fine-tuned"
     print(format_metrics_table({label: metrics}))
     load, decode = metrics["load_seconds"], metrics["decode_seconds"]
     print(f"loaded the model in {load:.1f} s, decoded {metrics['n']} rows in {decode:.1f} s")
@@ -217,6 +217,14 @@ def _add_decoding_options(p: argparse.ArgumentParser) -> None:
         default=[],
         metavar="eval.KEY=VALUE",
         help="change a decoding setting for this command only, e.g. --set eval.batch_size=64 (repeatable)",
+    )
+    p.add_argument(
+        "--ensemble",
+        nargs="+",
+        default=[],
+        metavar="RUN",
+        help="two or more other runs whose models also decode; each sentence gets the MR most models wrote "
+        "(e.g. the same recipe trained with other train.seed values); after any sentences",
     )
 
 

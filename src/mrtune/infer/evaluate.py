@@ -4,17 +4,16 @@ from __future__ import annotations
 
 import json
 import re
-import time
 from pathlib import Path
 
 from mrtune.config import with_eval_overrides
 from mrtune.errors import MrtuneError
 from mrtune.export.portable import refresh_model_card
-from mrtune.infer.predict import check_lengths, decode, load_model
+from mrtune.infer.predict import decode_members, open_members
 from mrtune.run.outputs import building_dir
 from mrtune.run.rundir import RunDir
 from mrtune.task.data import load_split, spread_sample
-from mrtune.task.mr import Vocabulary, score
+from mrtune.task.mr import Vocabulary, majority_vote, score
 
 DATA_PREFIX = "data-"
 """eval/data-<name>/ holds the results of `--data FILE`: never a split's name, never a path out of eval/."""
@@ -30,9 +29,10 @@ def data_eval_name(data: str) -> str:
     return DATA_PREFIX + (stem or "file")
 
 
-def _results_dir(run: RunDir, split: str, data: str | None, base: bool) -> Path:
-    """eval/<split>[-base] or eval/data-<name>[-base]; a data folder of another file of the same name is refused."""
-    name = (data_eval_name(data) if data else split) + ("-base" if base else "")
+def _results_dir(run: RunDir, split: str, data: str | None, base: bool, ensemble: bool = False) -> Path:
+    """eval/<split>[-base|-ensemble] or eval/data-<name>[-base|-ensemble]; a data folder of another file of the same
+    name is refused."""
+    name = (data_eval_name(data) if data else split) + ("-base" if base else "-ensemble" if ensemble else "")
     out = run.eval_dir(name)
     if data and (out / "metrics.json").is_file():
         previous = run.read_json(out / "metrics.json").get("data_file")
@@ -63,13 +63,15 @@ def evaluate(
     base: bool = False,
     constrained: bool | None = None,
     overrides: list[str] | tuple[str, ...] = (),
+    ensemble: list[str] | tuple[str, ...] = (),
     progress: bool = True,
 ) -> dict:
     """Decode a split (or any data file), score it, and write eval/<name>/{metrics.json,predictions.jsonl}.
 
     <name> is the split, or data-<file name> for `data` (see data_eval_name), with -base for the base model.
     `constrained` (default: the run's eval.constrained) decodes only valid MRs of the run's vocabulary.
-    `overrides` (`eval.key=value`) change decoding settings for this call only.
+    `overrides` (`eval.key=value`) change decoding settings for this call only. `ensemble`: more runs whose models
+    also decode, each row scored on the MR most of the models wrote (`majority_vote`), in eval/<name>-ensemble.
     """
     run = RunDir.open(run_dir)
     config = with_eval_overrides(run.config(), overrides)
@@ -77,21 +79,20 @@ def evaluate(
     _check_run(run, config, base)
     if split not in ("test", "validation", "train"):
         raise MrtuneError(f"unknown split {split!r}: use test or validation (or --data FILE)")
-    out = _results_dir(run, split, data, base)
+    members = open_members(run, config, ensemble, overrides, base)
+    for member, member_config in members[1:]:
+        _check_run(member, member_config, base)
+    out = _results_dir(run, split, data, base, ensemble=len(members) > 1)
     spec = data or getattr(config.data, split)
     examples = spread_sample(
         load_split(spec, config.data.input_field, config.data.output_field),
         limit if limit is not None else config.eval.limit,
         "--limit" if limit is not None else "eval.limit",
     )
-    loading = time.perf_counter()
-    tokenizer, model = load_model(run, config, base)
-    load_seconds = time.perf_counter() - loading  # with the imports of torch, transformers and peft in a new process
-    check_lengths(tokenizer, model, config, examples)
+    outputs, stats = decode_members(members, examples, base, constrained, progress)
+    predictions = majority_vote(outputs) if len(outputs) > 1 else outputs[0]
     constrained = config.eval.constrained if constrained is None else constrained
-    started = time.perf_counter()
-    predictions, stats = decode(run, config, tokenizer, model, [e.sentence for e in examples], progress, constrained)
-    seconds = time.perf_counter() - started
+    seconds = stats["decode_seconds"]
     # Whether closed values bound this decoding: a run from before them has none in its vocabulary.json.
     constrained_values = (
         constrained and config.eval.constrain_values and bool(Vocabulary.from_dict(run.read_vocabulary()).closed_values)
@@ -101,7 +102,7 @@ def evaluate(
     metrics.update(
         split=split if data is None else f"data file {Path(data).name}",
         model="base" if base else "fine-tuned",
-        load_seconds=round(load_seconds, 2),
+        load_seconds=round(stats["load_seconds"], 2),
         decode_seconds=round(seconds, 2),
         rows_per_s=round(len(examples) / seconds, 2),
         constrained=constrained,
@@ -111,6 +112,11 @@ def evaluate(
     )
     if data:
         metrics["data_file"] = str(Path(data).resolve())
+    if len(members) > 1:
+        metrics["ensemble"] = {
+            "members": [str(member.path.resolve()) for member, _ in members],
+            "members_exact_match": [score(p, references)["exact_match"] for p in outputs],
+        }
     rows = [
         {
             "target": e.sentence,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import gc
 import json
 import sys
+import time
 from pathlib import Path
 
 from mrtune.config import with_eval_overrides
@@ -17,7 +18,7 @@ from mrtune.model.resolve import default_cache_dir, load_tokenizer
 from mrtune.run.outputs import check_output, write_output_text
 from mrtune.run.rundir import RunDir
 from mrtune.task.data import Example, load_rows
-from mrtune.task.mr import Vocabulary
+from mrtune.task.mr import Vocabulary, majority_vote
 from mrtune.task.prompts import build_prompt
 
 CONSTRAINT_CACHE = "constraints"
@@ -107,6 +108,65 @@ def check_lengths(tokenizer, model, config, examples: list[Example]) -> None:
         )
 
 
+def open_members(run: RunDir, config, ensemble: list[str] | tuple[str, ...], overrides, base: bool) -> list[tuple]:
+    """The (run, config) pairs whose models decode: `run` (its files already checked) and then the `--ensemble` runs
+    that vote with it, each with the eval overrides applied and its files checked before any model loads."""
+    if not ensemble:
+        return [(run, config)]
+    if base:
+        raise MrtuneError("--base decodes the untuned model, and copies of it would all vote alike: drop --ensemble")
+    runs = [run, *(RunDir.open(path) for path in ensemble)]
+    if len(runs) < 3:
+        raise MrtuneError(
+            "--ensemble needs at least two more runs (three models): with two, every disagreement is a tie, which "
+            "the first model wins"
+        )
+    seen: dict[Path, str] = {}
+    for member in runs:
+        where = member.path.resolve()
+        if where in seen:
+            raise MrtuneError(f"run {member.path} is in the ensemble twice (as {seen[where]}): each model votes once")
+        seen[where] = str(member.path)
+    members = [(run, config)]
+    for member in runs[1:]:
+        member_config = with_eval_overrides(member.config(), overrides)
+        member.check_intact(member_config)
+        members.append((member, member_config))
+    return members
+
+
+def decode_members(
+    members: list[tuple[RunDir, object]], examples: list[Example], base: bool, constrained: bool | None, progress: bool
+) -> tuple[list[list[str]], dict]:
+    """Each member's predictions for `examples`, one model in memory at a time, and the `load_seconds`,
+    `decode_seconds` and `generated_tokens` of them all."""
+    totals = {"load_seconds": 0.0, "decode_seconds": 0.0, "generated_tokens": 0}
+    outputs = []
+    for run, config in members:
+        started = time.perf_counter()
+        tokenizer, model = load_model(run, config, base)
+        totals["load_seconds"] += time.perf_counter() - started  # with the imports, in a new process
+        check_lengths(tokenizer, model, config, examples)
+        use = config.eval.constrained if constrained is None else constrained
+        started = time.perf_counter()
+        predictions, stats = decode(run, config, tokenizer, model, [e.sentence for e in examples], progress, use)
+        totals["decode_seconds"] += time.perf_counter() - started
+        totals["generated_tokens"] += stats["generated_tokens"]
+        outputs.append(predictions)
+        if len(members) > 1:  # the next member's model takes this one's place
+            del model
+            release_memory()
+    return outputs, totals
+
+
+def release_memory() -> None:
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def decode(
     run: RunDir, config, tokenizer, model, sentences: list[str], progress: bool, constrained: bool
 ) -> tuple[list[str], dict]:
@@ -162,17 +222,20 @@ def predict(
     base: bool = False,
     constrained: bool | None = None,
     overrides: list[str] | tuple[str, ...] = (),
+    ensemble: list[str] | tuple[str, ...] = (),
     progress: bool = True,
 ) -> list[str]:
     """Meaning representations for sentences given directly or as a JSONL/CSV file of rows with the input field.
 
     `constrained` (default: the run's eval.constrained) decodes only valid MRs of the run's vocabulary. The output
     file gets each input row whole with the output field added (replaced, if the row had one); an existing file is
-    replaced only with `overwrite`, and never the run's own files or the input.
+    replaced only with `overwrite`, and never the run's own files or the input. `ensemble`: more runs whose models
+    also decode; each sentence then gets the MR most of the models wrote (`majority_vote`).
     """
     run = RunDir.open(run_dir)
     config = with_eval_overrides(run.config(), overrides)
     run.check_intact(config, adapter=not base)
+    members = open_members(run, config, ensemble, overrides, base)
     if input_file is not None:
         if output_file is None:
             raise MrtuneError("--input needs --output FILE.jsonl to write the predictions to")
@@ -193,12 +256,8 @@ def predict(
     if output_file is not None:
         protected = {"the run": run.path} | ({"the --input file": Path(input_file)} if input_file else {})
         check_output(output_file, protected=protected, overwrite=overwrite, kind="file")
-    tokenizer, model = load_model(run, config, base)
-    check_lengths(tokenizer, model, config, examples)
-    constrained = config.eval.constrained if constrained is None else constrained
-    predictions, _ = decode(
-        run, config, tokenizer, model, [e.sentence for e in examples], progress and input_file is not None, constrained
-    )
+    outputs, _ = decode_members(members, examples, base, constrained, progress and input_file is not None)
+    predictions = majority_vote(outputs) if len(outputs) > 1 else outputs[0]
     if output_file is not None:
         records = [record for _, record in rows] if rows else [{config.data.input_field: e.sentence} for e in examples]
         write_output_text(

@@ -326,6 +326,26 @@ def score(predictions: list[str], references: list[str]) -> dict:
     }
 
 
+def majority_vote(predictions: Sequence[Sequence[str]]) -> list[str]:
+    """Row by row, the meaning representation most of the models wrote (an ensemble's answer); a tie goes to the
+    earliest model among the tied, so with no majority at all the first model's prediction stands.
+
+    Votes are on the whole MR, compared as written: models trained alike write the same slots in the same order,
+    and a vote over slots could assemble an MR no model wrote.
+
+    >>> majority_vote([["a(x[1])", "b()"], ["a(x[1])", "c()"], ["d()", "e()"]])
+    ['a(x[1])', 'b()']
+    """
+    if len({len(p) for p in predictions}) > 1:
+        raise ValueError(f"every model must predict the same rows: {[len(p) for p in predictions]} predictions")
+    voted = []
+    for row in zip(*predictions):
+        counts = Counter(p.strip() for p in row)
+        top = max(counts.values())
+        voted.append(next(p.strip() for p in row if counts[p.strip()] == top))
+    return voted
+
+
 def dialogue_act_confusion(predictions: list[str], references: list[str]) -> dict[str, dict[str, int]]:
     """Count reference act -> predicted act, e.g. ``{"inform": {"inform": 40, "<invalid>": 2}}``.
 

@@ -1,0 +1,80 @@
+"""Ensembles: several runs decode, and each sentence gets the MR most of them wrote (evaluate and predict's
+`--ensemble`), equal to the vote over what each run decodes alone."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import snapshot, train_tiny_run
+
+from mrtune.cli import main
+from mrtune.task.mr import majority_vote
+
+
+def test_the_vote_takes_the_most_common_mr_and_the_earliest_model_on_a_tie():
+    runs = [["a(x[1])", "b()", "c()"], ["a(x[1]) ", "c()", "d()"], ["b()", "c()", "e()"]]
+    assert majority_vote(runs) == ["a(x[1])", "c()", "c()"]  # 2 of 3; 2 of 3; no majority: the first model's
+    assert majority_vote([["b()"], ["a()"], ["a()"], ["b()"]]) == ["b()"]  # 2 against 2: the first model is in
+    with pytest.raises(ValueError, match="same rows"):  # predictions of different rows are a bug, not a vote
+        majority_vote([["a()"], ["a()", "b()"], ["a()"]])
+
+
+@pytest.fixture(scope="module")
+def three_runs(tmp_path_factory, tiny_model_dir):
+    """The same tiny recipe trained with three seeds, enough steps at a high rate that their predictions differ."""
+    rows = {"train": 32, "validation": 4, "test": 12}
+    extra = ["train.max_steps=6", "train.eval_every=6", "train.learning_rate=3e-2", "train.warmup_ratio=0.0"]
+    return [
+        train_tiny_run(tmp_path_factory.mktemp(f"seed{seed}"), tiny_model_dir, rows, [*extra, f"train.seed={seed}"])
+        for seed in range(3)
+    ]
+
+
+def _predictions(folder) -> list[str]:
+    return [json.loads(line)["prediction"] for line in (folder / "predictions.jsonl").read_text().splitlines()]
+
+
+def test_an_ensemble_evaluates_to_the_vote_of_its_runs_alone(three_runs, tmp_path, monkeypatch, capsys):
+    from mrtune.infer.evaluate import evaluate
+
+    monkeypatch.setenv("MRTUNE_CACHE", str(tmp_path))
+    alone = []
+    for run in three_runs:
+        evaluate(run.path, progress=False)
+        alone.append(_predictions(run.eval_dir("test")))
+    assert any(len(set(row)) > 1 for row in zip(*alone)), "the runs agree everywhere: the vote is not tested"
+    first = three_runs[0]
+    kept = (first.eval_dir("test") / "predictions.jsonl").read_bytes()
+    assert main(["evaluate", str(first.path), "--ensemble", *(str(r.path) for r in three_runs[1:])]) == 0
+    assert "ensemble of 3" in capsys.readouterr().out
+    together = first.eval_dir("test-ensemble")
+    assert _predictions(together) == majority_vote(alone)
+    metrics = json.loads((together / "metrics.json").read_text())
+    singles = [json.loads((r.eval_dir("test") / "metrics.json").read_text())["exact_match"] for r in three_runs]
+    assert metrics["ensemble"]["members_exact_match"] == singles
+    assert metrics["ensemble"]["members"] == [str(r.path.resolve()) for r in three_runs]
+    assert (first.eval_dir("test") / "predictions.jsonl").read_bytes() == kept  # the single run's results stay
+
+    sentences = [json.loads(line)["target"] for line in (together / "predictions.jsonl").read_text().splitlines()][:4]
+    from mrtune.infer.predict import predict
+
+    voted = predict(first.path, sentences=sentences, ensemble=[str(r.path) for r in three_runs[1:]], progress=False)
+    assert voted == majority_vote(alone)[:4]
+
+
+def test_ensemble_mistakes_are_one_line_errors_before_anything_is_loaded(three_runs, tmp_path, capsys):
+    first, second, third = (str(r.path) for r in three_runs)
+    cases = [
+        (["evaluate", first, "--ensemble", second], "at least two more runs"),
+        (["evaluate", first, "--ensemble", second, first], "in the ensemble twice"),
+        (["evaluate", first, "--ensemble", second, str(tmp_path / "none")], "does not exist"),
+        (["evaluate", first, "--base", "--ensemble", second, third], "drop --ensemble"),
+        (["predict", first, "a sentence", "--ensemble", second], "at least two more runs"),
+    ]
+    before = snapshot(*(r.path for r in three_runs))
+    for argv, expected in cases:
+        assert main(argv) == 2
+        error = capsys.readouterr().err.strip()
+        assert expected in error and len(error.splitlines()) == 1, error
+    assert snapshot(*(r.path for r in three_runs)) == before
