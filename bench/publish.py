@@ -44,6 +44,31 @@ def summarise(results: dict) -> dict:
     summary.update(_summary_memory_plan(results.get("mistral7b_shape", {})))
     summary.update(_summary_accuracy_final(results.get("accuracy_final", {})))
     summary.update(_summary_accuracy_winner(results.get("accuracy_winner", {})))
+    summary.update(_summary_ensemble(results.get("ensemble", {})))
+    return summary
+
+
+def _summary_ensemble(part: dict) -> dict:
+    """The headline accuracy when an ensemble run is there (`mrtune evaluate --ensemble` over the seeds of one
+    recipe), beside the mean of its members alone on the test split."""
+    vote = part.get("vote", {})
+    if not ok(vote.get("test")):
+        return {}
+    members = vote["test"]["ensemble"]["members_exact_match"]
+    summary = dict(
+        smollm2_best_variant=f"majority vote of {len(members)} seeds of {part['config']} (mrtune evaluate --ensemble)",
+        smollm2_best_test_exact_match=vote["test"]["exact_match"],
+        smollm2_best_test_slot_f1=vote["test"]["slot_f1"],
+        smollm2_best_valid_mr_rate=vote["test"]["valid_mr_rate"],
+        smollm2_single_model_test_exact_match_mean=sum(members) / len(members),
+    )
+    if ok(vote.get("unseen_names")):
+        summary["smollm2_best_unseen_names_exact_match"] = vote["unseen_names"]["exact_match"]
+    if ok(vote.get("novel_phrasing")):
+        summary.update(
+            smollm2_best_novel_slot_f1=vote["novel_phrasing"]["slot_f1"],
+            smollm2_best_novel_act_accuracy=vote["novel_phrasing"]["dialogue_act_accuracy"],
+        )
     return summary
 
 
@@ -271,7 +296,8 @@ def markdown(results: dict) -> str:
     ]
     if results.get("notes"):
         lines += [f"- {note}" for note in results["notes"]] + [""]
-    sections = (_seven_b, _memory_plan, _scaling, _smollm2, _accuracy, _accuracy_winner, _accuracy_final, _levers)
+    sections = (_seven_b, _memory_plan, _scaling, _smollm2, _accuracy, _accuracy_winner, _accuracy_final, _ensemble)
+    sections += (_levers,)
     for section in (*sections, _searches):
         lines += section(results)
     lines += ["### Headline figures (bench/results/latest.json)", "", "| key | value |", "| --- | --- |"]
@@ -538,6 +564,36 @@ def _accuracy_final(results: dict) -> list[str]:
                 lines.append(row(name, split, entry[f"{split}_values_on"], entry.get(f"{split}_values_off")))
         if ok(entry.get("unseen_names")):
             lines.append(row(name, f"unseen names ({entry['unseen_names']['n']} rows)", entry["unseen_names"]))
+    return [*lines, ""]
+
+
+def _ensemble(results: dict) -> list[str]:
+    part = results.get("ensemble")
+    if not part:
+        return []
+    lines = [
+        "### An ensemble of seeds (SmolLM2-135M): `mrtune evaluate RUN --ensemble OTHERS`",
+        "",
+        f"{part['config']} (`{' '.join(part['overrides'])}`) trained with each seed, at once on the one GPU (times "
+        "are not speed figures); each run scored alone on the test split, then all of them together: each row gets "
+        "the MR most of the models wrote (a tie goes to the first run).",
+        "",
+        "| model | data | exact match | slot F1 | act accuracy | valid MR |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+
+    def row(name: str, what: str, r: dict) -> str:
+        return (
+            f"| {name} | {what} | {100 * r['exact_match']:.2f}% | {100 * r['slot_f1']:.2f}% | "
+            f"{100 * r['dialogue_act_accuracy']:.2f}% | {100 * r['valid_mr_rate']:.1f}% |"
+        )
+
+    for seed, run in sorted(part.get("runs", {}).items()):
+        if ok(run.get("test")):
+            lines.append(row(seed, "test", run["test"]))
+    for what, r in part.get("vote", {}).items():
+        if ok(r):
+            lines.append(row(f"**vote of {len(r['ensemble']['members'])}**", f"{what.replace('_', ' ')} ({r['n']})", r))
     return [*lines, ""]
 
 

@@ -123,6 +123,30 @@ def test_memory_caps_and_the_final_accuracy_runs_are_published_under_their_own_l
     assert (tmp_path / "bench" / "results" / "raw-2026-11-30-b.json").is_file()
 
 
+def test_an_ensemble_headlines_its_vote_beside_its_members_mean():
+    def scores(exact: float, n: int = 10, members: list[float] | None = None) -> dict:
+        r = {"n": n, "exact_match": exact, "slot_f1": 0.99, "dialogue_act_accuracy": 1.0, "valid_mr_rate": 1.0}
+        if members:
+            r["ensemble"] = {"members": [f"/r/{i}" for i in range(len(members))], "members_exact_match": members}
+        return r
+
+    members = [0.93, 0.94, 0.92]
+    part = {
+        "config": "configs/smollm2-final.yaml",
+        "overrides": ["train.eval_rows=100"],
+        "runs": {f"seed{i}": {"train": {"train_seconds": 9.0}, "test": scores(m)} for i, m in enumerate(members)},
+        "vote": {"test": scores(0.95, members=members), "unseen_names": scores(0.945, 8, members)},
+    }
+    results = {"card": "NVIDIA H200", "date": "2026-11-30", "ensemble": part}
+    summary = pub.summarise(results)
+    assert summary["smollm2_best_test_exact_match"] == 0.95
+    assert summary["smollm2_best_unseen_names_exact_match"] == 0.945
+    assert summary["smollm2_single_model_test_exact_match_mean"] == pytest.approx(0.93)
+    assert "vote of 3 seeds" in summary["smollm2_best_variant"]
+    text = pub.markdown(results)
+    assert "| seed1 | test | 94.00% |" in text and "| **vote of 3** | unseen names (8) | 94.50% |" in text
+
+
 def test_novel_phrasings_are_valid_unseen_and_cover_every_act():
     rows = [json.loads(line) for line in bench_run.NOVEL_PHRASING.read_text().splitlines()]
     train = {json.loads(line)["target"] for line in (bench_run.ROOT / "src/mrtune/data/train.jsonl").open()}
