@@ -78,3 +78,18 @@ def test_ensemble_mistakes_are_one_line_errors_before_anything_is_loaded(three_r
         error = capsys.readouterr().err.strip()
         assert expected in error and len(error.splitlines()) == 1, error
     assert snapshot(*(r.path for r in three_runs)) == before
+
+
+def test_a_served_ensemble_answers_with_the_vote_of_its_runs(three_runs):
+    from mrtune.serve.engine import Engine
+    from mrtune.task.data import load_split
+
+    first, *others = three_runs
+    config = first.config()
+    sentences = [e.sentence for e in load_split(config.data.test, config.data.input_field, config.data.output_field)]
+    prompts = [Engine.load(first.path).prompt(s) for s in sentences]
+    alone = [Engine.load(run.path).complete(prompts) for run in three_runs]
+    assert any(len(set(row)) > 1 for row in zip(*alone)), "the runs agree everywhere: the vote is not tested"
+    served = Engine.load(first.path, ensemble=[str(r.path) for r in others])
+    assert served.name == f"{first.path.resolve().name}+2"
+    assert served.complete(prompts) == majority_vote(alone)

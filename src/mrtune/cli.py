@@ -165,6 +165,7 @@ def _serve(args) -> None:
         max_batch=args.max_batch,
         timeout_s=args.timeout,
         log_level=args.log_level,
+        ensemble=args.ensemble,
     )
 
 
@@ -277,6 +278,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch", type=int, metavar="N", help="most rows decoded together (default eval.batch_size)")
     p.add_argument("--timeout", type=float, default=60.0, metavar="S", help="per-request timeout in seconds")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.add_argument(
+        "--ensemble",
+        nargs="+",
+        default=[],
+        metavar="RUN",
+        help="two or more other runs (same prompt style) loaded beside it: each answer is the MR most models wrote",
+    )
     p.set_defaults(func=_serve, command_parser=p)
     return parser
 

@@ -64,11 +64,13 @@ def serve(
     timeout_s: float = 60.0,
     batch_window_ms: float = 10.0,
     log_level: str = "info",
+    ensemble: list[str] | tuple[str, ...] = (),
 ) -> None:
     """Serve a finished run until SIGTERM or Ctrl-C; requests in flight are answered before it returns.
 
     `max_batch` (default: the run's eval.batch_size) caps the rows decoded together. The API key defaults to the
-    MRTUNE_API_KEY environment variable; a bind to a non-loopback address needs one.
+    MRTUNE_API_KEY environment variable; a bind to a non-loopback address needs one. `ensemble`: more runs whose
+    models are loaded beside the run's and vote on every answer.
     """
     if api_key is None:
         api_key = os.environ.get(API_KEY_ENV)
@@ -77,18 +79,18 @@ def serve(
         raise MrtuneError("; ".join(problems))
     sock = listen(host, port)
     try:
-        _run(sock, run_dir, host, api_key, max_batch, timeout_s, batch_window_ms, log_level)
+        _run(sock, run_dir, host, api_key, max_batch, timeout_s, batch_window_ms, log_level, ensemble)
     finally:
         sock.close()
 
 
-def _run(sock, run_dir, host, api_key, max_batch, timeout_s, batch_window_ms, log_level) -> None:
+def _run(sock, run_dir, host, api_key, max_batch, timeout_s, batch_window_ms, log_level, ensemble) -> None:
     import uvicorn
 
     from mrtune.serve.app import ServeSettings, create_app
     from mrtune.serve.engine import Engine
 
-    engine = Engine.load(run_dir, max_batch)
+    engine = Engine.load(run_dir, max_batch, ensemble)
     settings = ServeSettings(api_key=api_key or None, timeout_s=timeout_s, batch_window_s=batch_window_ms / 1000)
     app = create_app(engine, settings)
     server = uvicorn.Server(
