@@ -178,6 +178,88 @@ def test_packed_rows_build_one_flex_attention_mask_per_forward(tiny_model_dir, m
     assert len(built) == 1
 
 
+@pytest.mark.parametrize("window", [None, 4096, 9])
+def test_the_packed_block_mask_attends_within_each_row_as_transformers_does(tiny_model_dir, window):
+    """The flex attention mask mrtune builds for packed rows (uncompiled: transformers' compiled one took minutes to
+    compile at 12,288 tokens) gives the logits of the sdpa model on the same packed rows, whose mask transformers
+    derives from the restarting position ids: causal within each row, none across rows, and within a sliding
+    window shorter than the rows (9 tokens) when the model has one. target_loss passes it for packed batches, so
+    transformers builds none."""
+    import transformers.masking_utils as masking
+    from transformers import AutoModelForCausalLM
+
+    from mrtune.model.resolve import load_tokenizer
+    from mrtune.train.batching import packed_block_mask
+    from mrtune.train.recipe import target_loss, target_positions
+
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    rows, _ = tokenize_examples(load_split("viggo:validation")[:3], tokenizer, "compact")
+    batch = collate(rows, tokenizer.pad_token_id, packing=True, pad_to=256)
+    models = {}
+    for attention in ("sdpa", "flex_attention"):
+        models[attention] = AutoModelForCausalLM.from_pretrained(
+            tiny_model_dir, attn_implementation=attention, sliding_window=window, dtype=torch.float32
+        ).eval()
+    inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}
+    mask = packed_block_mask(batch["position_ids"], models["flex_attention"].config)
+    # Static shapes: a second sequence length otherwise recompiles flex attention with dynamic shapes, whose C++ code
+    # for the CPU does not compile in torch 2.11 (`cur_qSplitSize8` undeclared); the GPU's Triton path is not at issue.
+    with torch.no_grad(), torch._dynamo.config.patch(automatic_dynamic_shapes=False):
+        reference = models["sdpa"](**inputs).logits
+        ours = models["flex_attention"](**inputs, attention_mask=mask).logits
+        assert torch.allclose(ours, reference, atol=1e-5)
+        keep = target_positions(batch["labels"])
+        built = []
+        original = masking.create_block_mask
+        masking.create_block_mask = lambda *a, **k: built.append(1) or original(*a, **k)
+        try:
+            loss = target_loss(models["flex_attention"], batch, keep)
+        finally:
+            masking.create_block_mask = original
+        assert not built and torch.allclose(loss, target_loss(models["sdpa"], batch, keep), atol=1e-4)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_the_packed_block_grid_is_the_one_create_block_mask_finds_token_by_token(seed):
+    """Which 128 x 128 blocks are partial and which full, worked out from the rows at the blocks' edges, equals what
+    torch's create_block_mask finds by evaluating the mask at every (query, key) pair: random rows from 1 to 700
+    tokens, lengths that are not a multiple of 128, with and without a sliding window."""
+    from torch.nn.attention.flex_attention import create_block_mask
+    from transformers import MistralConfig
+
+    from mrtune.train.batching import packed_block_mask
+
+    generator = torch.Generator().manual_seed(seed)
+    lengths, total = [], int(torch.randint(300, 1500, (1,), generator=generator))
+    while sum(lengths) < total:
+        lengths.append(int(torch.randint(1, 700, (1,), generator=generator)))
+    positions = torch.cat([torch.arange(n) for n in lengths])[None]
+    window = [None, 100, 200, 4096, 300, 129][seed]
+    ours = packed_block_mask(positions, MistralConfig(sliding_window=window))
+    reference = create_block_mask(ours.mask_mod, 1, None, positions.shape[1], positions.shape[1], _compile=False)
+
+    def grid(counts, indices):
+        dense = torch.zeros(indices.shape[-2], indices.shape[-1] + 1, dtype=torch.bool)
+        for i, (count, row) in enumerate(zip(counts[0, 0], indices[0, 0])):
+            dense[i, row[:count].long()] = True
+        return dense[:, : indices.shape[-1]]
+
+    for name in ("kv", "full_kv"):
+        mine = grid(getattr(ours, f"{name}_num_blocks"), getattr(ours, f"{name}_indices"))
+        theirs = grid(getattr(reference, f"{name}_num_blocks"), getattr(reference, f"{name}_indices"))
+        assert torch.equal(mine, theirs), name
+
+
+def test_no_packed_block_mask_when_layers_attend_differently(tiny_model_dir):
+    from transformers import AutoConfig
+
+    from mrtune.train.batching import packed_block_mask
+
+    config = AutoConfig.from_pretrained(tiny_model_dir)
+    config.layer_types = ["sliding_attention", "full_attention"]
+    assert packed_block_mask(torch.tensor([[0, 1, 2, 0, 1]]), config) is None
+
+
 def test_cli_reports_bad_input_in_one_line(tmp_path, capsys, tiny_overrides):
     assert main(["train", "--set", "train.nonsense=1", "--output-dir", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err.strip()

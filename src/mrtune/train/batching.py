@@ -166,6 +166,78 @@ def collate(
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
+BLOCK = 128
+"""Flex attention's block size (tokens a side): its kernels skip the blocks the mask rules out whole."""
+
+
+def packed_block_mask(position_ids: torch.Tensor, model_config):
+    """Flex attention's block mask for one packed micro-batch (position ids restart at 0 for each row): causal within
+    each row, never across rows, and within the model's sliding window if it has one; None where one mask cannot
+    serve every layer (layers of mixed attention types), which leaves the mask to transformers.
+
+    Passed to the model as its attention mask, which transformers then uses as it is. transformers builds the same
+    mask with a compiled `create_block_mask`, compiled again for each sequence length: for 12,288 tokens that
+    compilation ran for minutes (Triton, then ptxas) before the first step on an H200 (BENCHMARKS.md, fifth
+    round); uncompiled, `create_block_mask` walks the whole tokens x tokens grid. Rows are contiguous, so which
+    128 x 128 blocks are empty, full or partial follows from the rows of each block's first and last tokens: a
+    few small operations on the blocks x blocks grid (`packed_blocks`), exact for every token, as the test against
+    `create_block_mask` checks; the mask function decides within the partial blocks.
+    """
+    from torch.nn.attention.flex_attention import BlockMask
+
+    layer_types = set(getattr(model_config, "layer_types", None) or [])
+    if len(layer_types) > 1:
+        return None
+    window = getattr(model_config, "sliding_window", None) if layer_types <= {"sliding_attention"} else None
+    positions = position_ids[0]
+    row = torch.cumsum(positions == 0, 0)  # which row each token belongs to
+
+    def same_row_causal(batch, head, q, kv):
+        allowed = (row[q] == row[kv]) & (kv <= q)
+        return allowed & (kv > q - window) if window else allowed
+
+    partial, full = packed_blocks(row, window)
+    counts_and_indices = []
+    for blocks in (partial, full):  # per query block: how many key blocks, and which (those first)
+        counts_and_indices += [
+            blocks.sum(-1, dtype=torch.int32),
+            torch.argsort((~blocks).byte(), dim=-1, stable=True).int(),
+        ]
+    counts, indices, full_counts, full_indices = (t[None, None] for t in counts_and_indices)
+    length = positions.numel()
+    return BlockMask.from_kv_blocks(
+        counts, indices, full_counts, full_indices, BLOCK, same_row_causal, seq_lengths=(length, length)
+    )
+
+
+def packed_blocks(row: torch.Tensor, window: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(partial, full): which (query block, key block) pairs of a packed sequence hold some allowed (query, key)
+    pairs but not only, and which hold only allowed pairs, for a causal mask within rows (`row`: each token's row,
+    non-decreasing) and an optional sliding window.
+
+    A key block j before query block i shares a row with it exactly when the row of j's last token is the row of
+    i's first (rows are contiguous), and that pair of tokens is the closest one: within the window when their
+    distance is. Every pair is in one row when j's first token and i's last token are, and within the window when
+    those two are. A block on the diagonal always holds its own tokens; it is never full (causal), nor is a block
+    that the sequence's end cuts short.
+    """
+    length = row.numel()
+    starts = torch.arange(0, length, BLOCK, device=row.device)
+    ends = torch.clamp(starts + BLOCK, max=length) - 1
+    first, last = row[starts], row[ends]
+    q, kv = torch.arange(len(starts), device=row.device)[:, None], torch.arange(len(starts), device=row.device)[None]
+    before = kv < q
+    some = before & (first[:, None] == last[None, :])
+    whole = before & (last[:, None] == first[None, :]) & (ends[:, None] - starts[:, None] == BLOCK - 1)
+    whole &= ends[None, :] - starts[None, :] == BLOCK - 1
+    if window:
+        some &= starts[:, None] - ends[None, :] < window
+        whole &= ends[:, None] - starts[None, :] < window
+    full = whole
+    partial = (some | (q == kv)) & ~full
+    return partial, full
+
+
 def count_targets(batch: dict[str, torch.Tensor]) -> int:
     """Tokens the loss is computed on (labels are shifted by one inside the model, so the first never counts)."""
     return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())

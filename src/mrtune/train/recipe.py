@@ -46,7 +46,14 @@ from mrtune.task.augment import substitute_names, substitute_specifiers
 from mrtune.task.data import find_duplicates, load_splits, spread_sample
 from mrtune.task.mr import Vocabulary
 from mrtune.task.prompts import build_prompt, template
-from mrtune.train.batching import IGNORE_INDEX, collate, count_targets, plan_batches, tokenize_examples
+from mrtune.train.batching import (
+    IGNORE_INDEX,
+    collate,
+    count_targets,
+    packed_block_mask,
+    plan_batches,
+    tokenize_examples,
+)
 from mrtune.train.checkpoint import (
     STATE_FILE,
     StopSignals,
@@ -168,6 +175,14 @@ def target_loss(
     ~0.8 GB per 4,096 tokens with a 49k vocabulary) and its matmul.
     """
     inputs = {k: v for k, v in batch.items() if k != "labels"}
+    if "position_ids" in inputs and "attention_mask" not in inputs:  # packed rows: their flex attention mask
+        from accelerate.utils import extract_model_from_parallel
+
+        config = extract_model_from_parallel(model).config  # DDP's or FSDP1's wrapper hides it
+        if getattr(config, "_attn_implementation", None) == "flex_attention":
+            mask = packed_block_mask(inputs["position_ids"], config)
+            if mask is not None:
+                inputs["attention_mask"] = mask
     with compute_autocast(model, batch["input_ids"].device.type):
         logits = model(**inputs, use_cache=False, logits_to_keep=keep).logits  # (B, K, vocab)
     targets = batch["labels"][:, 1:][:, keep]  # (B, K)
