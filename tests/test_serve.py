@@ -223,6 +223,20 @@ def test_health_and_models(client):
 # ---- the batcher alone (no model) -----------------------------------------------------------------------------
 
 
+def test_the_masks_computed_while_serving_are_saved_when_the_server_stops(serve_run, tmp_path, monkeypatch):
+    from mrtune.infer.predict import CONSTRAINT_CACHE
+    from mrtune.serve.engine import Engine
+
+    monkeypatch.setenv("MRTUNE_CACHE", str(tmp_path))
+    engine = Engine.load(serve_run.path, max_batch=8)
+    with make_client(engine) as client:
+        assert client.post("/v1/parse", json={"sentences": SENTENCES}).status_code == 200
+        assert not (tmp_path / CONSTRAINT_CACHE).exists()  # written once, at the end, not at every request
+    (saved,) = (tmp_path / CONSTRAINT_CACHE).iterdir()
+    reloaded = Engine.load(serve_run.path, max_batch=8).constraint
+    assert reloaded.saved == engine.constraint.learned and reloaded.learned == reloaded.saved
+
+
 def test_batcher_decodes_rows_arriving_together_in_one_batch_and_survives_a_failure():
     from mrtune.serve.batcher import DynamicBatcher, Overloaded
 

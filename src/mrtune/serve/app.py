@@ -380,6 +380,7 @@ def create_app(engine: Engine, settings: ServeSettings | None = None) -> FastAPI
         service.batcher.start()
         yield
         await service.batcher.stop()
+        service.engine.save_masks()  # after the decoding thread stopped: nothing changes the masks any more
 
     app = _App(
         title="mrtune",

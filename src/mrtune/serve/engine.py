@@ -110,6 +110,16 @@ class Engine:
         ]
         return majority_vote(outputs) if len(outputs) > 1 else outputs[0]
 
+    def save_masks(self) -> None:
+        """Write the constraint masks computed while serving to `$MRTUNE_CACHE/constraints`, so that the next
+        `mrtune serve`, evaluate or predict of the run starts with them (what `mrtune.infer.predict.decode` does
+        after each command)."""
+        from mrtune.infer.constrained import save_cached_constraint
+
+        for constraint in [self.constraint, *(member[4] for member in self.others)]:
+            if constraint is not None:
+                save_cached_constraint(constraint)
+
     def example_sentences(self, count: int = 5) -> list[str]:
         """A few sentences of the run's validation split, of different dialogue acts, for the web page."""
         try:
