@@ -56,19 +56,27 @@ def _summary_ensemble(part: dict) -> dict:
     if not ok(vote.get("test")):
         return {}
     members = vote["test"]["ensemble"]["members_exact_match"]
+    variant = f"majority vote of {len(members)} seeds of {part['config']} (mrtune evaluate --ensemble)"
+    return {**_best_scores(variant, vote), "smollm2_single_model_test_exact_match_mean": sum(members) / len(members)}
+
+
+def _best_scores(variant: str, scored: dict) -> dict:
+    """The smollm2_best_* headline keys of one model's (or ensemble's) scores on the test split, unseen names and
+    the novel phrasings (those it has)."""
+    if not ok(scored.get("test")):
+        return {}
     summary = dict(
-        smollm2_best_variant=f"majority vote of {len(members)} seeds of {part['config']} (mrtune evaluate --ensemble)",
-        smollm2_best_test_exact_match=vote["test"]["exact_match"],
-        smollm2_best_test_slot_f1=vote["test"]["slot_f1"],
-        smollm2_best_valid_mr_rate=vote["test"]["valid_mr_rate"],
-        smollm2_single_model_test_exact_match_mean=sum(members) / len(members),
+        smollm2_best_variant=variant,
+        smollm2_best_test_exact_match=scored["test"]["exact_match"],
+        smollm2_best_test_slot_f1=scored["test"]["slot_f1"],
+        smollm2_best_valid_mr_rate=scored["test"]["valid_mr_rate"],
     )
-    if ok(vote.get("unseen_names")):
-        summary["smollm2_best_unseen_names_exact_match"] = vote["unseen_names"]["exact_match"]
-    if ok(vote.get("novel_phrasing")):
+    if ok(scored.get("unseen_names")):
+        summary["smollm2_best_unseen_names_exact_match"] = scored["unseen_names"]["exact_match"]
+    if ok(scored.get("novel_phrasing")):
         summary.update(
-            smollm2_best_novel_slot_f1=vote["novel_phrasing"]["slot_f1"],
-            smollm2_best_novel_act_accuracy=vote["novel_phrasing"]["dialogue_act_accuracy"],
+            smollm2_best_novel_slot_f1=scored["novel_phrasing"]["slot_f1"],
+            smollm2_best_novel_act_accuracy=scored["novel_phrasing"]["dialogue_act_accuracy"],
         )
     return summary
 
@@ -246,23 +254,7 @@ def _summary_smollm2(small: dict) -> dict:
 
 def _summary_accuracy(part: dict) -> dict:
     winner = part.get("winner")
-    scored = part.get("scored", {}).get(winner, {})
-    summary = {}
-    if ok(scored.get("test")):
-        summary.update(
-            smollm2_best_variant=winner,
-            smollm2_best_test_exact_match=scored["test"]["exact_match"],
-            smollm2_best_test_slot_f1=scored["test"]["slot_f1"],
-            smollm2_best_valid_mr_rate=scored["test"]["valid_mr_rate"],
-        )
-    if ok(scored.get("unseen_names")):
-        summary["smollm2_best_unseen_names_exact_match"] = scored["unseen_names"]["exact_match"]
-    if ok(scored.get("novel_phrasing")):
-        summary.update(
-            smollm2_best_novel_slot_f1=scored["novel_phrasing"]["slot_f1"],
-            smollm2_best_novel_act_accuracy=scored["novel_phrasing"]["dialogue_act_accuracy"],
-        )
-    return summary
+    return _best_scores(winner, part.get("scored", {}).get(winner, {}))
 
 
 PREDICTED = {name: v.get("predicted", "") for name, v in PLANS["levers"]["variants"].items()}
