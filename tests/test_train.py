@@ -250,6 +250,30 @@ def test_the_packed_block_grid_is_the_one_create_block_mask_finds_token_by_token
         assert torch.equal(mine, theirs), name
 
 
+def test_compiled_layers_take_a_new_packed_mask_each_step_without_recompiling(tiny_model_dir):
+    """Each micro-batch brings a mask of its own rows (a new mask function over a new row tensor): the compiled
+    decoder layers must reuse their graph, not compile again at every step."""
+    import torch._dynamo.utils as dynamo_utils
+    from transformers import AutoModelForCausalLM
+
+    from mrtune.model.build import compile_decoder_layers
+    from mrtune.train.batching import packed_block_mask
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="flex_attention").eval()
+    compile_decoder_layers(model)
+    graphs = []
+    with torch.no_grad(), torch._dynamo.config.patch(automatic_dynamic_shapes=False):  # see the test above
+        for step in range(3):
+            lengths = [[40, 60, 28, 128], [100, 100, 56], [256]][step]
+            positions = torch.cat([torch.arange(n) for n in lengths])[None]
+            mask = packed_block_mask(positions, model.config)
+            model(
+                input_ids=torch.randint(0, 500, (1, 256)), position_ids=positions, attention_mask=mask, use_cache=False
+            )
+            graphs.append(dynamo_utils.counters["stats"]["unique_graphs"])
+    assert graphs[0] == graphs[1] == graphs[2]
+
+
 def test_no_packed_block_mask_when_layers_attend_differently(tiny_model_dir):
     from transformers import AutoConfig
 
