@@ -203,7 +203,7 @@ def test_the_packed_block_mask_attends_within_each_row_as_transformers_does(tiny
     inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}
     mask = packed_block_mask(batch["position_ids"], models["flex_attention"].config)
     # Static shapes: a second sequence length otherwise recompiles flex attention with dynamic shapes, whose C++ code
-    # for the CPU does not compile in torch 2.11 (`cur_qSplitSize8` undeclared); the GPU's Triton path is not at issue.
+    # for the CPU does not compile in torch 2.13 (`cur_qSplitSize8` undeclared); the GPU's Triton path is not at issue.
     with torch.no_grad(), torch._dynamo.config.patch(automatic_dynamic_shapes=False):
         reference = models["sdpa"](**inputs).logits
         ours = models["flex_attention"](**inputs, attention_mask=mask).logits
