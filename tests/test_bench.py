@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from bench import publish as pub
 from bench import run as bench_run
@@ -36,6 +37,15 @@ def test_every_plan_variant_is_a_valid_config():
     for search in plans["searches"].values():
         for overrides in search["variants"].values():
             load_config(search["config"], [*search.get("common", []), *overrides])
+
+
+def test_the_block_mask_benchmark_times_every_way_and_finds_the_same_blocks():
+    from bench.block_mask import measure
+
+    result = measure(1000, torch.device("cpu"), compiled=False, repeat=1)
+    assert (
+        result["same_blocks"] and result["packed_block_mask_ms"] > 0 and result["create_block_mask_uncompiled_ms"] > 0
+    )
 
 
 def test_mistral_7b_flops_per_token_is_about_29_gflop():

@@ -160,6 +160,8 @@ def decode_members(
 
 
 def release_memory() -> None:
+    """Give back what a model no longer referenced held: its cycles collected, its GPU blocks returned to the card
+    (the caching allocator would otherwise keep them from the next member's model)."""
     import torch
 
     gc.collect()
