@@ -55,6 +55,8 @@ def test_an_ensemble_evaluates_to_the_vote_of_its_runs_alone(three_runs, tmp_pat
     assert metrics["ensemble"]["members_exact_match"] == singles
     assert metrics["ensemble"]["members"] == [str(r.path.resolve()) for r in three_runs]
     assert (first.eval_dir("test") / "predictions.jsonl").read_bytes() == kept  # the single run's results stay
+    assert main(["compare", str(first.path), "test", "test-ensemble"]) == 0
+    assert "test-ensemble" in capsys.readouterr().out
 
     sentences = [json.loads(line)["target"] for line in (together / "predictions.jsonl").read_text().splitlines()][:4]
     from mrtune.infer.predict import predict
