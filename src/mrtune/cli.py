@@ -219,13 +219,17 @@ def _add_decoding_options(p: argparse.ArgumentParser) -> None:
         metavar="eval.KEY=VALUE",
         help="change a decoding setting for this command only, e.g. --set eval.batch_size=64 (repeatable)",
     )
+    _add_ensemble_option(p, "after any sentences")
+
+
+def _add_ensemble_option(p: argparse.ArgumentParser, note: str) -> None:
     p.add_argument(
         "--ensemble",
         nargs="+",
         default=[],
         metavar="RUN",
         help="two or more other runs whose models also decode; each sentence gets the MR most models wrote "
-        "(e.g. the same recipe trained with other train.seed values); after any sentences",
+        f"(e.g. the same recipe trained with other train.seed values); {note}",
     )
 
 
@@ -278,13 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch", type=int, metavar="N", help="most rows decoded together (default eval.batch_size)")
     p.add_argument("--timeout", type=float, default=60.0, metavar="S", help="per-request timeout in seconds")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
-    p.add_argument(
-        "--ensemble",
-        nargs="+",
-        default=[],
-        metavar="RUN",
-        help="two or more other runs (same prompt style) loaded beside it: each answer is the MR most models wrote",
-    )
+    _add_ensemble_option(p, "trained with the same data.prompt_style, all loaded at once")
     p.set_defaults(func=_serve, command_parser=p)
     return parser
 

@@ -196,14 +196,13 @@ def packed_block_mask(position_ids: torch.Tensor, model_config):
         allowed = (row[q] == row[kv]) & (kv <= q)
         return allowed & (kv > q - window) if window else allowed
 
+    def kv_blocks(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per query block: how many key blocks, and which (those first), as BlockMask takes them."""
+        counts = blocks.sum(-1, dtype=torch.int32)
+        return counts[None, None], torch.argsort((~blocks).byte(), dim=-1, stable=True).int()[None, None]
+
     partial, full = packed_blocks(row, window)
-    counts_and_indices = []
-    for blocks in (partial, full):  # per query block: how many key blocks, and which (those first)
-        counts_and_indices += [
-            blocks.sum(-1, dtype=torch.int32),
-            torch.argsort((~blocks).byte(), dim=-1, stable=True).int(),
-        ]
-    counts, indices, full_counts, full_indices = (t[None, None] for t in counts_and_indices)
+    (counts, indices), (full_counts, full_indices) = kv_blocks(partial), kv_blocks(full)
     length = positions.numel()
     return BlockMask.from_kv_blocks(
         counts, indices, full_counts, full_indices, BLOCK, same_row_causal, seq_lengths=(length, length)
@@ -225,17 +224,15 @@ def packed_blocks(row: torch.Tensor, window: int | None) -> tuple[torch.Tensor, 
     starts = torch.arange(0, length, BLOCK, device=row.device)
     ends = torch.clamp(starts + BLOCK, max=length) - 1
     first, last = row[starts], row[ends]
-    q, kv = torch.arange(len(starts), device=row.device)[:, None], torch.arange(len(starts), device=row.device)[None]
-    before = kv < q
-    some = before & (first[:, None] == last[None, :])
-    whole = before & (last[:, None] == first[None, :]) & (ends[:, None] - starts[:, None] == BLOCK - 1)
-    whole &= ends[None, :] - starts[None, :] == BLOCK - 1
+    index = torch.arange(len(starts), device=row.device)
+    q, kv = index[:, None], index[None, :]
+    complete = ends - starts == BLOCK - 1
+    some = (kv < q) & (first[:, None] == last[None, :])
+    full = (kv < q) & (last[:, None] == first[None, :]) & complete[:, None] & complete[None, :]
     if window:
         some &= starts[:, None] - ends[None, :] < window
-        whole &= ends[:, None] - starts[None, :] < window
-    full = whole
-    partial = (some | (q == kv)) & ~full
-    return partial, full
+        full &= ends[:, None] - starts[None, :] < window
+    return (some | (q == kv)) & ~full, full
 
 
 def count_targets(batch: dict[str, torch.Tensor]) -> int:
