@@ -73,6 +73,7 @@ def test_ensemble_mistakes_are_one_line_errors_before_anything_is_loaded(three_r
         (["evaluate", first, "--ensemble", second, str(tmp_path / "none")], "does not exist"),
         (["evaluate", first, "--base", "--ensemble", second, third], "drop --ensemble"),
         (["predict", first, "a sentence", "--ensemble", second], "at least two more runs"),
+        (["predict", first, "a", "--output", f"{third}/o.jsonl", "--ensemble", second, third], "inside the ensemble"),
     ]
     before = snapshot(*(r.path for r in three_runs))
     for argv, expected in cases:

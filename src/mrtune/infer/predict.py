@@ -256,7 +256,8 @@ def predict(
     else:
         raise MrtuneError('give a sentence (mrtune predict RUN "some sentence") or --input FILE.jsonl')
     if output_file is not None:
-        protected = {"the run": run.path} | ({"the --input file": Path(input_file)} if input_file else {})
+        protected = {"the run": run.path} | {f"the ensemble's run {m.path}": m.path for m, _ in members[1:]}
+        protected |= {"the --input file": Path(input_file)} if input_file else {}
         check_output(output_file, protected=protected, overwrite=overwrite, kind="file")
     outputs, _ = decode_members(members, examples, base, constrained, progress and input_file is not None)
     predictions = majority_vote(outputs) if len(outputs) > 1 else outputs[0]
