@@ -57,7 +57,16 @@ def _summary_ensemble(part: dict) -> dict:
         return {}
     members = vote["test"]["ensemble"]["members_exact_match"]
     variant = f"majority vote of {len(members)} seeds of {part['config']} (mrtune evaluate --ensemble)"
-    return {**_best_scores(variant, vote), "smollm2_single_model_test_exact_match_mean": sum(members) / len(members)}
+    summary = {**_best_scores(variant, vote), "smollm2_single_model_test_exact_match_mean": sum(members) / len(members)}
+    averaged = part.get("average", {})  # the same seeds' weights averaged (`mrtune average`): one model
+    for key, where in (
+        ("test_exact_match", "test"),
+        ("test_slot_f1", "test"),
+        ("unseen_names_exact_match", "unseen_names"),
+    ):
+        if ok(averaged.get(where)):
+            summary[f"smollm2_averaged_{key}"] = averaged[where][key.removeprefix(f"{where}_")]
+    return summary
 
 
 def _best_scores(variant: str, scored: dict) -> dict:
@@ -568,11 +577,13 @@ def _ensemble(results: dict) -> list[str]:
     if not part:
         return []
     lines = [
-        "### An ensemble of seeds (SmolLM2-135M): `mrtune evaluate RUN --ensemble OTHERS`",
+        "### Seeds together (SmolLM2-135M): voting (`mrtune evaluate RUN --ensemble OTHERS`) and averaged weights "
+        "(`mrtune average`)",
         "",
         f"{part['config']} (`{' '.join(part['overrides'])}`) trained with each seed, at once on the one GPU (times "
-        "are not speed figures); each run scored alone on the test split, then all of them together: each row gets "
-        "the MR most of the models wrote (a tie goes to the first run).",
+        "are not speed figures); each run scored alone on the test split, then all of them together: by vote, each "
+        "row gets the MR most of the models wrote (a tie goes to the first run; one decode per model); averaged, "
+        "one model whose weights are the mean of theirs (one decode).",
         "",
         "| model | data | exact match | slot F1 | act accuracy | valid MR |",
         "| --- | --- | --- | --- | --- | --- |",
@@ -590,6 +601,10 @@ def _ensemble(results: dict) -> list[str]:
     for what, r in part.get("vote", {}).items():
         if ok(r):
             lines.append(row(f"**vote of {len(r['ensemble']['members'])}**", f"{what.replace('_', ' ')} ({r['n']})", r))
+    runs = len(part.get("runs", {}))
+    for what, r in part.get("average", {}).items():
+        if ok(r):
+            lines.append(row(f"**average of {runs}** (one model)", f"{what.replace('_', ' ')} ({r['n']})", r))
     return [*lines, ""]
 
 

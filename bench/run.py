@@ -409,10 +409,11 @@ def bench_accuracy_final(rec: Recorder, parallel: int) -> None:
         list(pool.map(one, plan["runs"].items()))
 
 
-def bench_accuracy_ensemble(rec: Recorder, parallel: int) -> None:
-    """plans.yaml ensemble: one recipe trained with each seed (`parallel` at a time), each run scored on the test
-    split, then the seeds together (`mrtune evaluate RUN --ensemble OTHERS`: each row gets the MR most of them
-    wrote) on the test split, unseen names and the novel phrasings."""
+def bench_accuracy_ensemble(rec: Recorder, parallel: int, seeds: set[str] | None) -> None:
+    """plans.yaml ensemble: one recipe trained with each seed (`parallel` at a time; `seeds`, from --settings,
+    replaces the plan's), each run scored on the test split, then the seeds together two ways, each scored on the
+    test split, unseen names and the novel phrasings: voting (`mrtune evaluate RUN --ensemble OTHERS`: each row gets
+    the MR most of them wrote) and averaged (`mrtune average`: one model, the mean of their weights)."""
     from mrtune.model.resolve import EMBEDDED_MODEL, resolve_model_path
 
     plan = PLANS["ensemble"]
@@ -428,19 +429,34 @@ def bench_accuracy_ensemble(rec: Recorder, parallel: int) -> None:
             rec.store(entry, "test", test)
 
     with ThreadPoolExecutor(parallel) as pool:
-        list(pool.map(one, plan["seeds"]))
+        list(pool.map(one, sorted(int(s) for s in seeds) if seeds else plan["seeds"]))
     runs = [e["train"]["run_dir"] for e in part["runs"].values() if ok(e["train"])]
     if len(runs) < 3:
         return
-    ensemble = ["--ensemble", *runs[1:]]
-    jobs = {
-        "test": ["evaluate", runs[0], *ensemble],
-        "unseen_names": ["evaluate", runs[0], "--data", str(unseen_names_file()), *ensemble],
-        "novel_phrasing": ["evaluate", runs[0], "--data", str(NOVEL_PHRASING), *ensemble],
+    soup = str(scratch_dir() / "ensemble-average")
+    part["average_run"] = rec.child("ensemble-average", ["average", *runs, "--output", soup], 300)
+    data = {
+        "test": [],
+        "unseen_names": ["--data", str(unseen_names_file())],
+        "novel_phrasing": ["--data", str(NOVEL_PHRASING)],
     }
+    jobs = {("vote", key): ["evaluate", runs[0], *extra, "--ensemble", *runs[1:]] for key, extra in data.items()}
+    if ok(part["average_run"]):
+        jobs.update({("average", key): ["evaluate", soup, *extra] for key, extra in data.items()})
+    for way in {way for way, _ in jobs}:
+        rec.store(part, way, {})
     with ThreadPoolExecutor(len(jobs)) as pool:
-        futures = {key: pool.submit(rec.child, f"ensemble-vote-{key}", args, 400) for key, args in jobs.items()}
-        rec.store(part, "vote", {key: future.result() for key, future in futures.items()})
+        futures = {job: pool.submit(rec.child, f"ensemble-{job[0]}-{job[1]}", args, 400) for job, args in jobs.items()}
+        for (way, key), future in futures.items():
+            rec.store(part[way], key, future.result())
+
+
+def measure_average(runs: list[str], output: str) -> dict:
+    from mrtune.infer.average import average
+
+    started = time.perf_counter()
+    run = average(runs, output, overwrite=True)
+    return {"run_dir": str(run.path), "rank": run.config().lora.r, "seconds": time.perf_counter() - started}
 
 
 def bench_mistral(rec: Recorder, tokenizer_dir: str, model_dir: Path, only: set[str] | None, seed_runs: int) -> None:
@@ -609,7 +625,7 @@ def command_bench(args: argparse.Namespace) -> None:
         elif part == "accuracy-final":
             bench_accuracy_final(rec, args.parallel)
         elif part == "accuracy-ensemble":
-            bench_accuracy_ensemble(rec, args.parallel)
+            bench_accuracy_ensemble(rec, args.parallel, names)
         elif part == "mistral":
             bench_mistral(rec, tokenizer_dir, args.model_dir, names, args.seed_runs)
         elif part == "memory-plan":
@@ -631,6 +647,8 @@ def command_measure(args: argparse.Namespace) -> None:
         result = measure_project(args.config, args.set, args.warm)
     elif args.kind == "evaluate":
         result = measure_evaluate(args)
+    elif args.kind == "average":
+        result = measure_average(args.runs, args.output)
     else:
         result = measure_seed(args.model_dir, args.steps)
     args.result.write_text(json.dumps(result, indent=2))
@@ -667,7 +685,7 @@ def parser() -> argparse.ArgumentParser:
     )
     measure = commands.add_parser("measure", help="one measurement, in this process (the bench's children)")
     kinds = measure.add_subparsers(dest="kind", required=True)
-    for kind in ("project", "evaluate", "seed"):
+    for kind in ("project", "evaluate", "average", "seed"):
         sub = kinds.add_parser(kind)
         sub.add_argument("--result", type=Path, required=True, help="the measurement's JSON file")
         if kind == "project":
@@ -681,6 +699,9 @@ def parser() -> argparse.ArgumentParser:
             sub.add_argument("--data")
             sub.add_argument("--set", nargs="*", default=[])
             sub.add_argument("--ensemble", nargs="*", default=[], help="other runs that vote (last: it takes the rest)")
+        elif kind == "average":
+            sub.add_argument("runs", nargs="+")
+            sub.add_argument("--output", required=True)
         else:
             sub.add_argument("model_dir")
             sub.add_argument("--steps", type=int, default=8)

@@ -146,6 +146,7 @@ def test_an_ensemble_headlines_its_vote_beside_its_members_mean():
         "overrides": ["train.eval_rows=100"],
         "runs": {f"seed{i}": {"train": {"train_seconds": 9.0}, "test": scores(m)} for i, m in enumerate(members)},
         "vote": {"test": scores(0.95, members=members), "unseen_names": scores(0.945, 8, members)},
+        "average": {"test": scores(0.941), "unseen_names": scores(0.925, 8)},
     }
     results = {"card": "NVIDIA H200", "date": "2026-11-30", "ensemble": part}
     summary = pub.summarise(results)
@@ -155,6 +156,9 @@ def test_an_ensemble_headlines_its_vote_beside_its_members_mean():
     assert "vote of 3 seeds" in summary["smollm2_best_variant"]
     text = pub.markdown(results)
     assert "| seed1 | test | 94.00% |" in text and "| **vote of 3** | unseen names (8) | 94.50% |" in text
+    assert summary["smollm2_averaged_test_exact_match"] == 0.941 and summary["smollm2_averaged_test_slot_f1"] == 0.99
+    assert summary["smollm2_averaged_unseen_names_exact_match"] == 0.925
+    assert "| **average of 3** (one model) | test (10) | 94.10% |" in text
 
 
 def test_a_fast_recipe_is_judged_on_the_mean_of_its_seeds_not_its_luckiest_seed():

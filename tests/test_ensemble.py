@@ -96,3 +96,82 @@ def test_a_served_ensemble_answers_with_the_vote_of_its_runs(three_runs):
     served = Engine.load(first.path, ensemble=[str(r.path) for r in others])
     assert served.name == f"{first.path.resolve().name}+2"
     assert served.complete(prompts) == majority_vote(alone)
+
+
+def test_averaged_runs_are_one_run_whose_weights_are_the_members_mean(three_runs, tmp_path, monkeypatch, capsys):
+    """`mrtune average`: the new run's merged weights equal the mean of the members' merged weights (the stacked
+    LoRA update is exact), and every command reads it as a run."""
+    import torch
+
+    from mrtune.infer.predict import load_run_model
+    from mrtune.run.rundir import RunDir
+
+    monkeypatch.setenv("MRTUNE_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "soup"
+    before = snapshot(*(r.path for r in three_runs))
+    assert main(["average", *(str(r.path) for r in three_runs), "--output-dir", str(out)]) == 0
+    assert "LoRA adapter of rank" in capsys.readouterr().out
+    assert snapshot(*(r.path for r in three_runs)) == before  # the members are only read
+    soup = RunDir.open(out)
+    config = soup.config()
+    ranks = [r.config().lora.r for r in three_runs]
+    assert config.lora.r == config.lora.alpha == sum(ranks)
+    assert soup.info()["averaged_from"] == [str(r.path.resolve()) for r in three_runs]
+
+    def merged(run):
+        return load_run_model(run, run.config().model, run.require_adapter(run.config())).state_dict()
+
+    members = [merged(r) for r in three_runs]
+    mean = {name: sum(m[name].float() for m in members) / 3 for name in members[0]}
+    averaged = merged(soup)
+    assert any(not torch.equal(members[0][n], members[1][n]) for n in mean), "the members are equal: nothing tested"
+    for name, tensor in averaged.items():
+        torch.testing.assert_close(tensor.float(), mean[name], rtol=1e-5, atol=1e-6, msg=name)
+
+    assert main(["evaluate", str(out), "--limit", "4"]) == 0
+    assert (out / "eval" / "test" / "metrics.json").is_file()
+    assert "weight average of 3" in (out / "adapter" / "README.md").read_text()
+    assert main(["predict", str(out), "Is Portal 2 on Mac?"]) == 0
+
+
+def test_average_mistakes_are_one_line_errors_before_anything_is_written(three_runs, tmp_path, capsys):
+    first, second, third = (str(r.path) for r in three_runs)
+    occupied = tmp_path / "occupied"
+    occupied.mkdir()
+    (occupied / "notes.txt").write_text("mine")
+    cases = [
+        (["average", first, "--output-dir", str(tmp_path / "a")], "at least two runs"),
+        (["average", first, second, first, "--output-dir", str(tmp_path / "b")], "listed twice"),
+        (["average", first, str(tmp_path / "none"), "--output-dir", str(tmp_path / "c")], "does not exist"),
+        (["average", first, second, "--output-dir", f"{second}/soup"], "inside the run"),
+        (["average", first, second, "--output-dir", str(occupied)], "already exists"),
+        (["average", first, second, "--output-dir", str(occupied), "--overwrite"], "did not write"),
+        (["average", first, second, "--output-dir", first, "--overwrite"], "is the run"),
+        (["average", first, second, "--output-dir", third, "--overwrite"], "did not write"),  # a trained run
+    ]
+    before = snapshot(*(r.path for r in three_runs), occupied)
+    for argv, expected in cases:
+        assert main(argv) == 2
+        error = capsys.readouterr().err.strip()
+        assert expected in error and len(error.splitlines()) == 1, error
+    assert snapshot(*(r.path for r in three_runs), occupied) == before
+    assert not any((tmp_path / name).exists() for name in "abc")
+
+
+def test_the_average_of_lora_updates_with_different_scalings_and_whole_modules_is_exact():
+    import torch
+
+    from mrtune.infer.average import average_tensors, lora_scaling
+
+    torch.manual_seed(0)
+    names = ("m.lora_A.weight", "m.lora_B.weight", "head.modules_to_save.weight")
+    members = []
+    for rank, config in ((2, {"r": 2, "lora_alpha": 4}), (3, {"r": 3, "lora_alpha": 6, "use_rslora": True})):
+        tensors = dict(zip(names, (torch.randn(rank, 5), torch.randn(4, rank), torch.randn(4, 5))))
+        members.append((tensors, lora_scaling(config)))
+    assert members[1][1] == 6 / 3**0.5
+    out = average_tensors(members)
+    update = out["m.lora_B.weight"] @ out["m.lora_A.weight"]  # scaling 1, rank 5
+    expected = sum(s * t["m.lora_B.weight"] @ t["m.lora_A.weight"] for t, s in members) / 2
+    torch.testing.assert_close(update, expected)
+    torch.testing.assert_close(out[names[2]], (members[0][0][names[2]] + members[1][0][names[2]]) / 2)

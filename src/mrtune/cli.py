@@ -127,6 +127,15 @@ def _merge(args) -> None:
     print(f"merged model saved to {path}")
 
 
+def _average(args) -> None:
+    from mrtune.infer.average import average
+
+    run = average(args.runs, args.output_dir, overwrite=args.overwrite)
+    config = run.config()
+    what = f"a LoRA adapter of rank {config.lora.r}" if config.train.method == "lora" else "whole modules"
+    print(f"averaged {len(args.runs)} runs into {run.path} ({what}): evaluate, predict or serve it like any run")
+
+
 def _export(args) -> None:
     from mrtune.export.command import export
 
@@ -260,6 +269,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="directory for the merged model (outside the run)")
     p.add_argument("--overwrite", action="store_true", help="replace a merged model already in --output")
     p.set_defaults(func=_merge, command_parser=p)
+
+    p = commands.add_parser("average", help="average several runs' weights into one new run (a model soup)")
+    p.add_argument("runs", nargs="+", metavar="RUN", help="finished runs of one base model, prompt and data")
+    p.add_argument("--output-dir", required=True, help="the new run directory (outside the runs)")
+    p.add_argument("--overwrite", action="store_true", help="replace a run `mrtune average` wrote in --output-dir")
+    p.set_defaults(func=_average, command_parser=p)
 
     p = commands.add_parser("export", help="write a run's model as GGUF (llama.cpp) or its MR grammar (GBNF, Lark)")
     p.add_argument("run")

@@ -110,13 +110,16 @@ def model_card_text(run: RunDir, config: Config) -> str:
         else f"LoRA r={lora.r}, alpha={lora.alpha}, dropout={lora.dropout}, targets {', '.join(lora.target_modules)}, "
         f"init {lora.init}{', rsLoRA' if lora.rslora else ''}"
     )
+    best = f"best validation loss {info.get('best_validation_loss', float('nan')):.4f} at step {info.get('best_step')}"
+    if info.get("averaged_from"):
+        best = f"the weight average of {len(info['averaged_from'])} such runs (`mrtune average`)"
     recipe = (
         f"{method}; base in {config.model.dtype}"
         f"{' (4-bit NF4)' if config.model.quantization == 'nf4' else ''}; learning rate {config.train.learning_rate} "
         f"({config.train.schedule}), batch {config.train.batch_size}, {config.train.epochs} epoch(s); "
-        f"prompt style `{config.data.prompt_style}`; best validation loss "
-        f"{info.get('best_validation_loss', float('nan')):.4f} at step {info.get('best_step')}"
+        f"prompt style `{config.data.prompt_style}`; {best}"
     )
+
     if metrics:
         rows = "\n".join(f"| {key} | {100 * metrics[key]:.1f}% |" for key in TEST_METRICS if key in metrics)
         decoding = "constrained" if metrics.get("constrained") else "free"
