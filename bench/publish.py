@@ -46,6 +46,7 @@ def summarise(results: dict) -> dict:
     summary.update(_summary_accuracy_final(results.get("accuracy_final", {})))
     summary.update(_summary_accuracy_winner(results.get("accuracy_winner", {})))
     summary.update(_summary_ensemble(results.get("ensemble", {})))
+    summary.update(_summary_averages(results))
     return summary
 
 
@@ -57,15 +58,46 @@ def _summary_ensemble(part: dict) -> dict:
         return {}
     members = vote["test"]["ensemble"]["members_exact_match"]
     variant = f"majority vote of {len(members)} seeds of {part['config']} (mrtune evaluate --ensemble)"
-    summary = {**_best_scores(variant, vote), "smollm2_single_model_test_exact_match_mean": sum(members) / len(members)}
-    averaged = part.get("average", {})  # the same seeds' weights averaged (`mrtune average`): one model
-    for key, where in (
-        ("test_exact_match", "test"),
-        ("test_slot_f1", "test"),
-        ("unseen_names_exact_match", "unseen_names"),
-    ):
-        if ok(averaged.get(where)):
-            summary[f"smollm2_averaged_{key}"] = averaged[where][key.removeprefix(f"{where}_")]
+    return {**_best_scores(variant, vote), "smollm2_single_model_test_exact_match_mean": sum(members) / len(members)}
+
+
+def _averages(results: dict) -> list[tuple[list[str], dict]]:
+    """Every averaged model of the run (`mrtune average`): (its members, its scores by data), from the ensemble
+    part (its seeds averaged) and from bench/soup.sh."""
+    found = []
+    ensemble = results.get("ensemble", {})
+    if ensemble.get("average"):
+        found.append((sorted(ensemble.get("runs", {})), ensemble["average"]))
+    soup = results.get("soup", {})
+    for name, members in soup.get("members", {}).items():
+        scores = {key.split("/", 1)[1]: v for key, v in soup["scores"].items() if key.startswith(f"{name}/")}
+        found.append((members, {"unseen_names" if "unseen" in k else k: v for k, v in scores.items()}))
+    return found
+
+
+def _summary_averages(results: dict) -> dict:
+    """Averaged models of the fewest runs (five seeds, say): each one's test exact match and their mean (one model
+    each, one decode); the largest average's scores beside them when it holds more runs."""
+    summary: dict = {}
+    averages = [(members, scores) for members, scores in _averages(results) if ok(scores.get("test"))]
+    fewest = min((len(members) for members, _ in averages), default=0)
+    fives = [scores for members, scores in averages if len(members) == fewest]
+    if fives:
+        tests = [scores["test"]["exact_match"] for scores in fives]
+        summary.update(
+            smollm2_averaged_test_exact_match=sum(tests) / len(tests),
+            smollm2_averaged_test_exact_match_runs=tests,
+            smollm2_averaged_test_slot_f1=sum(s["test"]["slot_f1"] for s in fives) / len(fives),
+        )
+        unseen = [s["unseen_names"]["exact_match"] for s in fives if ok(s.get("unseen_names"))]
+        if unseen:
+            summary["smollm2_averaged_unseen_names_exact_match"] = sum(unseen) / len(unseen)
+    larger = [(m, s) for m, s in averages if len(m) > fewest]
+    if larger:
+        members, scores = max(larger, key=lambda item: len(item[0]))
+        summary[f"smollm2_averaged_{len(members)}_test_exact_match"] = scores["test"]["exact_match"]
+        if ok(scores.get("unseen_names")):
+            summary[f"smollm2_averaged_{len(members)}_unseen_names_exact_match"] = scores["unseen_names"]["exact_match"]
     return summary
 
 
@@ -302,7 +334,7 @@ def markdown(results: dict) -> str:
     if results.get("notes"):
         lines += [f"- {note}" for note in results["notes"]] + [""]
     sections = (_seven_b, _memory_plan, _scaling, _smollm2, _accuracy, _accuracy_winner, _accuracy_final, _ensemble)
-    sections += (_levers,)
+    sections += (_soup, _levers)
     for section in (*sections, _searches):
         lines += section(results)
     lines += ["### Headline figures (bench/results/latest.json)", "", "| key | value |", "| --- | --- |"]
@@ -608,6 +640,44 @@ def _ensemble(results: dict) -> list[str]:
     return [*lines, ""]
 
 
+def _soup(results: dict) -> list[str]:
+    soup = results.get("soup")
+    if not soup:
+        return []
+    scores = soup["scores"]
+    lines = [
+        "### Averaged weights, more seeds (`bench/soup.sh`: `mrtune train`, `mrtune average`, `mrtune evaluate`)",
+        "",
+        "configs/smollm2-final.yaml trained with each seed, five at once on each GPU; then each GPU's five runs and "
+        "all ten averaged into one model each; every run and average scored on the test split.",
+        "",
+        "| model | its runs alone on test (mean) | data | exact match | slot F1 | act accuracy | valid MR |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for name, members in soup["members"].items():
+        alone = [scores[f"{m}/test"]["exact_match"] for m in members if ok(scores.get(f"{m}/test"))]
+        mean = f"{100 * sum(alone) / len(alone):.2f}%" if alone else ""
+        for key, r in sorted(scores.items(), key=lambda item: not item[0].endswith("/test")):  # test first
+            if key.startswith(f"{name}/") and ok(r):
+                what = f"{key.split('/', 1)[1].replace('data-', '').replace('-', ' ')} ({r['n']})"
+                lines.append(
+                    f"| **average of {len(members)}** ({', '.join(members)}) | {mean} | {what} | "
+                    f"{100 * r['exact_match']:.2f}% | {100 * r['slot_f1']:.2f}% | "
+                    f"{100 * r['dialogue_act_accuracy']:.2f}% | {100 * r['valid_mr_rate']:.1f}% |"
+                )
+    alone = {k.split("/")[0]: v for k, v in scores.items() if k.endswith("/test") and not k.startswith("avg")}
+    if alone:
+        lines += [
+            "",
+            "Each run alone, test exact match: "
+            + ", ".join(f"{name} {100 * r['exact_match']:.2f}%" for name, r in sorted(alone.items()) if ok(r))
+            + ".",
+        ]
+    if soup.get("times"):
+        lines += ["", f"Times (from the start of the call): {'; '.join(soup['times'])}."]
+    return [*lines, ""]
+
+
 def _levers(results: dict) -> list[str]:
     levers = results.get("mistral7b_shape", {}).get("levers")
     if not levers:
@@ -687,6 +757,10 @@ def merge(results_paths: list[Path]) -> dict:
         if "scaling_2gpu_7b" in data:
             results["scaling"] = data
             results["calls"].append(f"{path.name}: bench/scaling.sh on {data.get('card')} x{data.get('gpus', 2)}")
+            continue
+        if "members" in data and "scores" in data:  # bench/soup.sh: seeds averaged with `mrtune average`
+            results["soup"] = data
+            results["calls"].append(f"{path.name}: bench/soup.sh")
             continue
         seven = data.get("mistral7b_shape", {})
         seed = seven.get("seed", {})

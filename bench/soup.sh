@@ -52,8 +52,12 @@ for metrics in sorted(work.glob("*/eval/*/metrics.json")):
     scores[f"{metrics.parts[-4]}/{metrics.parts[-2]}"] = {k: m.get(k) for k in keys}
 for run in sorted(work.glob("s*/run.json")):
     scores[f"{run.parent.name}/train_seconds"] = json.loads(run.read_text()).get("train_seconds")
+members = {
+    run.parent.name: [Path(p).name for p in json.loads(run.read_text())["averaged_from"]]
+    for run in sorted(work.glob("avg-*/run.json"))
+}
 times = (work / "times.txt").read_text().splitlines()
-print(json.dumps({"scores": scores, "times": times}, indent=1))
+print(json.dumps({"scores": scores, "members": members, "times": times}, indent=1))
 PY
 tar czf "$OUT/logs.tgz" -C "$work" --exclude='*.safetensors' --exclude='tokenizer*' --exclude='checkpoint*' \
     $(cd "$work" && ls -d ./*.log ./*/eval ./*/run.json ./times.txt 2>/dev/null)

@@ -160,6 +160,26 @@ def test_an_ensemble_headlines_its_vote_beside_its_members_mean():
     assert summary["smollm2_averaged_unseen_names_exact_match"] == 0.925
     assert "| **average of 3** (one model) | test (10) | 94.10% |" in text
 
+    # bench/soup.sh's averages join the ensemble's: the mean of those of the fewest runs, the largest beside them
+    soup = {
+        "scores": {
+            **{f"s{i}/test": scores(0.93) for i in range(6)},
+            "avg-a/test": scores(0.95),
+            "avg-b/test": scores(0.96),
+            "avg-all/test": scores(0.955),
+            "avg-all/data-unseen-names": scores(0.94, 8),
+        },
+        "members": {"avg-a": ["s0", "s1", "s2"], "avg-b": ["s3", "s4", "s5"], "avg-all": [f"s{i}" for i in range(6)]},
+        "times": ["trained in 9 s"],
+    }
+    summary = pub.summarise({**results, "soup": soup})
+    assert summary["smollm2_averaged_test_exact_match_runs"] == [0.941, 0.95, 0.96]
+    assert summary["smollm2_averaged_test_exact_match"] == pytest.approx(0.950333, abs=1e-6)
+    assert summary["smollm2_averaged_6_test_exact_match"] == 0.955
+    assert summary["smollm2_averaged_6_unseen_names_exact_match"] == 0.94
+    text = pub.markdown({**results, "soup": soup})
+    assert "| **average of 3** (s3, s4, s5) | 93.00% | test (10) | 96.00% |" in text
+
 
 def test_a_fast_recipe_is_judged_on_the_mean_of_its_seeds_not_its_luckiest_seed():
     def entry(seconds: float, exact: float) -> dict:
