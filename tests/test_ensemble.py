@@ -149,13 +149,37 @@ def test_average_mistakes_are_one_line_errors_before_anything_is_written(three_r
         (["average", first, second, "--output-dir", first, "--overwrite"], "is the run"),
         (["average", first, second, "--output-dir", third, "--overwrite"], "did not write"),  # a trained run
     ]
+    # Copies of the second run made unfit one way each: another prompt, an adapter of other modules, unfinished.
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    def unfit(name: str) -> str:
+        copy = tmp_path / name
+        shutil.copytree(second, copy)
+        return str(copy)
+
+    prompt = unfit("other-prompt")
+    (tmp_path / "other-prompt" / "prompt.txt").write_text("Sentence: {sentence}\nMR:")
+    modules = unfit("other-modules")
+    weights = tmp_path / "other-modules" / "adapter" / "adapter_model.safetensors"
+    tensors = load_file(str(weights))
+    save_file({k: v for k, v in tensors.items() if "q_proj" not in k}, str(weights))
+    running = unfit("running")
+    info = json.loads((tmp_path / "running" / "run.json").read_text())
+    (tmp_path / "running" / "run.json").write_text(json.dumps({**info, "status": "running"}))
+    cases += [
+        (["average", first, prompt, "--output-dir", str(tmp_path / "d")], "differ in prompt.txt"),
+        (["average", first, modules, "--output-dir", str(tmp_path / "e")], "adapts other modules"),
+        (["average", first, running, "--output-dir", str(tmp_path / "f")], "has not finished"),
+    ]
     before = snapshot(*(r.path for r in three_runs), occupied)
     for argv, expected in cases:
         assert main(argv) == 2
         error = capsys.readouterr().err.strip()
         assert expected in error and len(error.splitlines()) == 1, error
     assert snapshot(*(r.path for r in three_runs), occupied) == before
-    assert not any((tmp_path / name).exists() for name in "abc")
+    assert not any((tmp_path / name).exists() for name in "abcdef")
 
 
 def test_the_average_of_lora_updates_with_different_scalings_and_whole_modules_is_exact():
