@@ -199,3 +199,24 @@ def test_the_average_of_lora_updates_with_different_scalings_and_whole_modules_i
     expected = sum(s * t["m.lora_B.weight"] @ t["m.lora_A.weight"] for t, s in members) / 2
     torch.testing.assert_close(update, expected)
     torch.testing.assert_close(out[names[2]], (members[0][0][names[2]] + members[1][0][names[2]]) / 2)
+
+
+def test_a_served_ensemble_takes_only_prompts_every_member_can():
+    """Each member decodes every prompt, so the server's prompt limit is the smallest of the members'."""
+    import dataclasses
+    from types import SimpleNamespace
+
+    from mrtune.config import Config
+    from mrtune.serve.engine import Engine
+
+    def model(positions: int):
+        return SimpleNamespace(config=SimpleNamespace(max_position_embeddings=positions))
+
+    config = Config()
+    short = dataclasses.replace(config, data=dataclasses.replace(config.data, max_length=300))
+    run = SimpleNamespace(path="runs/a")
+    alone = Engine(run, config, None, model(8192), None, None)
+    assert alone.max_prompt_tokens == config.data.max_length - config.eval.max_new_tokens
+    others = [(run, short, None, model(8192), None), (run, config, None, model(256), None)]
+    together = Engine(run, config, None, model(8192), None, None, others)
+    assert together.max_prompt_tokens == 256 - config.eval.max_new_tokens

@@ -54,10 +54,18 @@ class Engine:
         # share between threads ("Already borrowed"), and the decoding thread uses the first one.
         self.counting_tokenizer = counting_tokenizer
         self.name = Path(run.path).resolve().name + (f"+{len(self.others)}" if self.others else "")
+        # The longest prompt every model takes (each member of an ensemble decodes every prompt).
+        self.max_prompt_tokens = min(
+            self._prompt_limit(member_config, member_model)
+            for member_config, member_model in [(config, model), *((o[1], o[3]) for o in self.others)]
+        )
+
+    @staticmethod
+    def _prompt_limit(config, model) -> int:
+        """The longest prompt a model takes: what training accepted (data.max_length, also within the model's
+        positions) less the room every completion is given."""
         positions = getattr(getattr(model, "config", None), "max_position_embeddings", None) or config.data.max_length
-        # The longest prompt the model takes: what training accepted (data.max_length, also within the model's
-        # positions) less the room every completion is given.
-        self.max_prompt_tokens = min(config.data.max_length, positions) - config.eval.max_new_tokens
+        return min(config.data.max_length, positions) - config.eval.max_new_tokens
 
     @classmethod
     def load(cls, run_dir: str | Path, max_batch: int | None = None, ensemble: list[str] | tuple[str, ...] = ()):
