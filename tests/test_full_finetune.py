@@ -307,3 +307,23 @@ def test_a_full_runs_sample_between_steps_uses_a_cache_of_the_keys_dtype(full_ov
     config = load_config(None, [*full_overrides, "train.max_steps=2", "train.eval_every=2"])
     recipe.train(config, tmp_path / "run", progress=False)
     assert asked and set(asked) == {"dynamic"}
+
+
+def test_full_runs_average_into_the_mean_of_their_weights(full_run, full_overrides, tmp_path):
+    """`mrtune average` of full fine-tuning runs: the new run's whole modules are the members' mean, and it loads."""
+    from mrtune.infer.average import average
+    from mrtune.infer.predict import load_run_model
+    from mrtune.train.recipe import train
+
+    first, config = full_run
+    second = train(load_config(None, [*full_overrides, "train.seed=1"]), tmp_path / "seed1", progress=False)
+    soup = average([first.path, second.path], tmp_path / "soup")
+    assert soup.config() == config and soup.info()["averaged_from"] == [str(first.path), str(second.path)]
+
+    def weights(run):
+        return load_run_model(run, run.config().model, run.require_adapter(run.config())).state_dict()
+
+    a, b, mean = weights(first), weights(second), weights(soup)
+    assert any(not torch.equal(a[name], b[name]) for name in a), "the two runs are equal: nothing is tested"
+    for name, tensor in mean.items():
+        torch.testing.assert_close(tensor, (a[name] + b[name]) / 2, msg=name)
