@@ -36,6 +36,16 @@ def looks_averaged(directory: Path) -> bool:
         return False
 
 
+def is_lora_a(name: str) -> bool:
+    """A LoRA down-projection (rank x in): the tensors stacked along the rank."""
+    return ".lora_A." in name or ".lora_embedding_A." in name
+
+
+def is_lora_b(name: str) -> bool:
+    """A LoRA up-projection (out x rank): the tensors put side by side."""
+    return ".lora_B." in name or ".lora_embedding_B." in name
+
+
 def lora_scaling(adapter_config: dict) -> float:
     """The factor peft multiplies B A by: alpha / r, or alpha / sqrt(r) for rank-stabilized LoRA."""
     rank, alpha = adapter_config["r"], adapter_config["lora_alpha"]
@@ -52,9 +62,9 @@ def average_tensors(members: list[tuple[dict, float]]) -> dict:
     out = {}
     for name in members[0][0]:
         tensors = [tensors[name] for tensors, _ in members]
-        if ".lora_A." in name or ".lora_embedding_A." in name:
+        if is_lora_a(name):
             out[name] = torch.cat(tensors, dim=0)
-        elif ".lora_B." in name or ".lora_embedding_B." in name:
+        elif is_lora_b(name):
             out[name] = torch.cat([t * (scaling / n) for t, (_, scaling) in zip(tensors, members)], dim=1)
         else:
             out[name] = (torch.stack([t.float() for t in tensors]).mean(dim=0)).to(tensors[0].dtype)
@@ -134,9 +144,9 @@ def _load_weights(members: list[tuple[RunDir, Config, dict]]) -> list[tuple[dict
 
 
 def _shape_without_rank(name: str, shape) -> tuple:
-    if ".lora_A." in name or ".lora_embedding_A." in name:
+    if is_lora_a(name):
         return tuple(shape[1:])
-    if ".lora_B." in name or ".lora_embedding_B." in name:
+    if is_lora_b(name):
         return tuple(shape[:1]) + tuple(shape[2:])
     return tuple(shape)
 
@@ -195,6 +205,6 @@ def _averaged_config(config: Config, weights: dict) -> Config:
     (alpha = r), a plain update (no rsLoRA; PiSSA/OLoRA adapters are saved converted to plain LoRA already)."""
     if config.train.method != "lora":
         return config
-    rank = next(t.shape[0] for name, t in weights.items() if ".lora_A." in name or ".lora_embedding_A." in name)
+    rank = next(t.shape[0] for name, t in weights.items() if is_lora_a(name))
     lora = dataclasses.replace(config.lora, r=rank, alpha=rank, rslora=False, init="default")
     return dataclasses.replace(config, lora=lora)
