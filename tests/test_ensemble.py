@@ -128,6 +128,11 @@ def test_averaged_runs_are_one_run_whose_weights_are_the_members_mean(three_runs
     for name, tensor in averaged.items():
         torch.testing.assert_close(tensor.float(), mean[name], rtol=1e-5, atol=1e-6, msg=name)
 
+    again = ["average", *(str(r.path) for r in three_runs[:2]), "--output-dir", str(out)]
+    assert main(again) == 2 and "--overwrite" in capsys.readouterr().err  # an average is replaced only when asked
+    assert main([*again, "--overwrite"]) == 0 and len(RunDir.open(out).info()["averaged_from"]) == 2
+    assert main(["average", *(str(r.path) for r in three_runs), "--output-dir", str(out), "--overwrite"]) == 0
+
     assert main(["evaluate", str(out), "--limit", "4"]) == 0
     assert (out / "eval" / "test" / "metrics.json").is_file()
     assert "weight average of 3" in (out / "adapter" / "README.md").read_text()
