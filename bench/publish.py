@@ -325,10 +325,10 @@ def markdown(results: dict) -> str:
         start,
         f"## GPU benchmark ({results['card']}, {results['date']})",
         "",
-        f"`python -m bench.run bench` on one {results['card']}, {len(calls)} call(s) of the device tool, merged "
-        "with `python -m bench.run publish`. Every ratio compares figures measured in the same call, beside that "
-        "call's own runs of the seed recipe (their median). Useful tokens exclude padding; peak memory is "
-        "`torch.cuda.max_memory_allocated`.",
+        f"`python -m bench.run bench` on {results['card']} GPUs, {len(calls)} results file(s) (one per call of the "
+        "device tool, or per GPU of a call), merged with `python -m bench.run publish`. Every ratio compares "
+        "figures measured in the same call, beside that call's own runs of the seed recipe (their median). Useful "
+        "tokens exclude padding; peak memory is `torch.cuda.max_memory_allocated`.",
         "",
     ]
     if results.get("notes"):
