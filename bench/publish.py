@@ -81,15 +81,15 @@ def _summary_averages(results: dict) -> dict:
     summary: dict = {}
     averages = [(members, scores) for members, scores in _averages(results) if ok(scores.get("test"))]
     fewest = min((len(members) for members, _ in averages), default=0)
-    fives = [scores for members, scores in averages if len(members) == fewest]
-    if fives:
-        tests = [scores["test"]["exact_match"] for scores in fives]
+    smallest = [scores for members, scores in averages if len(members) == fewest]
+    if smallest:
+        tests = [scores["test"]["exact_match"] for scores in smallest]
         summary.update(
             smollm2_averaged_test_exact_match=sum(tests) / len(tests),
             smollm2_averaged_test_exact_match_runs=tests,
-            smollm2_averaged_test_slot_f1=sum(s["test"]["slot_f1"] for s in fives) / len(fives),
+            smollm2_averaged_test_slot_f1=sum(s["test"]["slot_f1"] for s in smallest) / len(smallest),
         )
-        unseen = [s["unseen_names"]["exact_match"] for s in fives if ok(s.get("unseen_names"))]
+        unseen = [s["unseen_names"]["exact_match"] for s in smallest if ok(s.get("unseen_names"))]
         if unseen:
             summary["smollm2_averaged_unseen_names_exact_match"] = sum(unseen) / len(unseen)
     larger = [(m, s) for m, s in averages if len(m) > fewest]

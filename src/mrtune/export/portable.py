@@ -119,7 +119,6 @@ def model_card_text(run: RunDir, config: Config) -> str:
         f"({config.train.schedule}), batch {config.train.batch_size}, {config.train.epochs} epoch(s); "
         f"prompt style `{config.data.prompt_style}`; {best}"
     )
-
     if metrics:
         rows = "\n".join(f"| {key} | {100 * metrics[key]:.1f}% |" for key in TEST_METRICS if key in metrics)
         decoding = "constrained" if metrics.get("constrained") else "free"

@@ -23,7 +23,7 @@ from mrtune import __version__
 from mrtune.config import Config, to_yaml
 from mrtune.errors import MrtuneError
 from mrtune.run.outputs import building_dir, check_output
-from mrtune.run.rundir import RunDir
+from mrtune.run.rundir import RunDir, refuse_repeats
 
 WEIGHTS = "adapter_model.safetensors"
 
@@ -74,13 +74,9 @@ def average_tensors(members: list[tuple[dict, float]]) -> dict:
 def _check_members(runs: list[RunDir]) -> list[tuple[RunDir, Config, dict]]:
     """Each run checked whole, then checked against the first: one base model, one prompt, one vocabulary, one
     set of adapted modules. Returns (run, config, adapter_config) for each."""
-    seen: dict[Path, str] = {}
+    refuse_repeats(runs, "listed", "each run counts once in the average")
     members = []
     for run in runs:
-        where = run.path.resolve()
-        if where in seen:
-            raise MrtuneError(f"run {run.path} is listed twice (as {seen[where]}): each run counts once in the average")
-        seen[where] = str(run.path)
         config = run.config()
         run.check_intact(config)
         if run.status() != "finished":

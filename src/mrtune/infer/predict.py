@@ -16,7 +16,7 @@ from mrtune.config import with_eval_overrides
 from mrtune.errors import MrtuneError
 from mrtune.model.resolve import default_cache_dir, load_tokenizer
 from mrtune.run.outputs import check_output, write_output_text
-from mrtune.run.rundir import RunDir
+from mrtune.run.rundir import RunDir, refuse_repeats
 from mrtune.task.data import Example, load_rows
 from mrtune.task.mr import Vocabulary, majority_vote
 from mrtune.task.prompts import build_prompt
@@ -121,12 +121,7 @@ def open_members(run: RunDir, config, ensemble: list[str] | tuple[str, ...], ove
             "--ensemble needs at least two more runs (three models): with two, every disagreement is a tie, which "
             "the first model wins"
         )
-    seen: dict[Path, str] = {}
-    for member in runs:
-        where = member.path.resolve()
-        if where in seen:
-            raise MrtuneError(f"run {member.path} is in the ensemble twice (as {seen[where]}): each model votes once")
-        seen[where] = str(member.path)
+    refuse_repeats(runs, "in the ensemble", "each model votes once")
     members = [(run, config)]
     for member in runs[1:]:
         member_config = with_eval_overrides(member.config(), overrides)

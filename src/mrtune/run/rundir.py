@@ -38,6 +38,17 @@ from mrtune.run.durable import (
 )
 
 
+def refuse_repeats(runs: list[RunDir], where: str, why: str) -> None:
+    """Refuse a run given twice in one list of runs (two paths to one directory count as the same run): the
+    error says where (`is {where} twice`) and why that is wrong."""
+    seen: dict[Path, str] = {}
+    for run in runs:
+        resolved = run.path.resolve()
+        if resolved in seen:
+            raise MrtuneError(f"run {run.path} is {where} twice (as {seen[resolved]}): {why}")
+        seen[resolved] = str(run.path)
+
+
 class RunDir:
     def __init__(self, path: Path):
         self.path = Path(path)
