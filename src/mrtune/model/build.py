@@ -11,6 +11,7 @@ import torch
 
 from mrtune.config import LoraSettings, ModelSettings
 from mrtune.errors import MrtuneError
+from mrtune.model.fp8 import use_fp8_for_frozen_linears
 from mrtune.model.resolve import resolve_model_path
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -210,6 +211,8 @@ def attach_lora(model, lora: LoraSettings, settings: ModelSettings):
         for module in model.modules():
             if isinstance(module, BaseTunerLayer):
                 module.cast_input_dtype_enabled = False
+    if settings.fp8_base:
+        use_fp8_for_frozen_linears(model)
     return _ready_to_train(model, settings)
 
 

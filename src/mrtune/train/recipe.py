@@ -34,11 +34,13 @@ from mrtune.model.build import (
     attach_full,
     attach_lora,
     compile_decoder_layers,
+    default_device,
     eager_for_evaluation,
     load_base_model,
     quantization_config,
     set_checkpointing,
 )
+from mrtune.model.fp8 import fp8_problem
 from mrtune.model.resolve import load_tokenizer, resolve_model_path
 from mrtune.run.durable import is_disk_full, write_dir_atomic, write_json, write_text_atomic
 from mrtune.run.rundir import RunDir
@@ -242,6 +244,8 @@ def check_hardware(config: Config) -> None:
         problems.append(
             "model.liger_kernel=true needs a CUDA GPU (Liger's kernels are Triton): set --set model.liger_kernel=false"
         )
+    if config.model.fp8_base and (problem := fp8_problem(default_device())):
+        problems.append(problem)
     if problems:
         raise MrtuneError("; ".join(problems))
 
@@ -444,6 +448,11 @@ class Recipe:
             raise MrtuneError(
                 "train.loraplus_ratio is not available under FSDP1 (its flat parameters hide which adapter "
                 "tensor is A and which B): unset it, or train with FSDP2 (fsdp_version: 2) or DDP"
+            )
+        if self.fsdp and self.config.model.fp8_base:
+            raise MrtuneError(
+                "model.fp8_base=true is not available under FSDP (its 4-bit weights are gathered outside the fp8 "
+                "matmul's reach): set model.fp8_base=false, or train on one GPU or with DDP"
             )
         if self.settings.ema_decay is not None and (self.fsdp or self.settings.optimizer != "adamw"):
             raise MrtuneError(
