@@ -584,6 +584,12 @@ PARTS = (
 )
 
 
+def known_setting_names() -> set[str]:
+    """What --settings may name besides numbers (memory caps in GB, ensemble seeds): 7B settings, `default`, and
+    SmolLM2 fast and accuracy variants."""
+    return {*PLANS["seven_b"]["settings"], "default", *PLANS["smollm2"]["fast"], *PLANS["accuracy"]["variants"]}
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Commands
 # --------------------------------------------------------------------------------------------------------------
@@ -596,6 +602,11 @@ def command_bench(args: argparse.Namespace) -> None:
     from bench.publish import markdown
     from mrtune.model.resolve import resolve_model_path
 
+    parts = args.only or ["smollm2", "mistral", "levers"]
+    names = set(args.settings.split(",")) if args.settings else None
+    unknown = sorted(name for name in names or () if not name.isdigit() and name not in known_setting_names())
+    if unknown:  # a misspelt or missing name would otherwise be skipped in silence, after minutes of other parts
+        raise SystemExit(f"bench: unknown --settings name(s) {', '.join(unknown)}: add them to bench/plans.yaml")
     args.out.mkdir(parents=True, exist_ok=True)
     results = {
         "card": torch.cuda.get_device_name(),
@@ -604,8 +615,6 @@ def command_bench(args: argparse.Namespace) -> None:
         "transformers": transformers.__version__,
     }
     rec = Recorder(args.out, results)
-    parts = args.only or ["smollm2", "mistral", "levers"]
-    names = set(args.settings.split(",")) if args.settings else None
     tokenizer_dir = args.tokenizer_dir or (
         resolve_model_path("embedded:smollm2-135m-instruct")
         if {"smollm2", "smollm2-fast"} & set(parts)

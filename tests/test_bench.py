@@ -246,3 +246,13 @@ def test_a_sweep_split_over_two_gpus_merges_and_its_winner_headlines_unless_kept
     latest = json.loads((tmp_path / "bench" / "results" / "latest.json").read_text())
     assert latest["smollm2_best_test_exact_match"] == 0.944
     assert "keep their earlier values): smollm2_best_test_exact_match" in (tmp_path / "BENCHMARKS.md").read_text()
+
+
+def test_bench_refuses_a_settings_name_no_plan_has_before_it_writes(tmp_path):
+    from bench.run import command_bench, parser
+
+    out = tmp_path / "out"
+    args = parser().parse_args(["bench", "--out", str(out), "--settings", "packed-8192-compiled-dropout0,nonesuch,24"])
+    with pytest.raises(SystemExit, match="unknown --settings name.s. nonesuch: add them to bench/plans.yaml"):
+        command_bench(args)
+    assert not out.exists()
