@@ -36,6 +36,13 @@ PLANS = yaml.safe_load((ROOT / "bench" / "plans.yaml").read_text(encoding="utf-8
 NOVEL_PHRASING = ROOT / "tests" / "data" / "novel_phrasing.jsonl"
 H200_BF16_PEAK_TFLOPS = 989.0
 """The H200's dense bf16 tensor-core peak (NVIDIA's datasheet), the denominator of MFU."""
+H200_FP8_PEAK_TFLOPS = 1979.0
+"""Its dense fp8 peak: MFU's denominator for settings whose base matmuls run in fp8 (model.fp8_base)."""
+
+
+def peak_tflops(setting: str) -> float:
+    """The peak a 7B setting's MFU is measured against: fp8 settings (named `-fp8`) run their GEMMs on fp8 cores."""
+    return H200_FP8_PEAK_TFLOPS if "fp8" in setting.split("-") else H200_BF16_PEAK_TFLOPS
 
 
 def scratch_dir() -> Path:

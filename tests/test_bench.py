@@ -102,6 +102,35 @@ def test_section_reports_mfu_and_the_chosen_variant(monkeypatch, tmp_path):
     assert latest["measured_on"]["mfu_max_7b"] == "2026-11-30"
 
 
+def test_fp8_settings_count_their_mfu_against_the_fp8_peak():
+    seed = {"step_s": 2.5, "useful_tokens_per_s": 700.0, "padded_tokens_per_s": 1500.0, "peak_memory_gb": 7.0}
+    flops = bench_run.model_flops_per_token(bench_run.mistral_shape_config(49152), 237)
+    settings = {
+        "packed-8192": {
+            "step_s": 0.5,
+            "useful_tokens_per_s": 16000.0,
+            "padded_tokens_per_s": 16100.0,
+            "peak_memory_gb": 42.5,
+        },
+        "packed-8192-fp8": {
+            "step_s": 0.4,
+            "useful_tokens_per_s": 21000.0,
+            "padded_tokens_per_s": 21100.0,
+            "peak_memory_gb": 49.5,
+        },
+    }
+    results = {"card": "NVIDIA H200", "date": "2026-11-30"}
+    results["mistral7b_shape"] = {"seed": seed, "seed_runs": [seed], "flops": flops, "settings": settings}
+    summary = pub.summarise(results)
+    assert summary["fastest_setting_7b"] == "packed-8192-fp8" and summary["speedup_max_useful_tokens_per_s_7b"] == 30.0
+    tflops = {k: v["useful_tokens_per_s"] * flops["flops_per_token"] / 1e12 for k, v in settings.items()}
+    assert summary["mfu_max_7b"] == pytest.approx(tflops["packed-8192"] / 989)
+    assert summary["mfu_max_7b_fp8"] == pytest.approx(tflops["packed-8192-fp8"] / 1979)
+    assert f"| {tflops['packed-8192-fp8']:.0f} | {100 * tflops['packed-8192-fp8'] / 1979:.1f}% |" in pub.markdown(
+        results
+    )
+
+
 def test_memory_caps_and_the_final_accuracy_runs_are_published_under_their_own_label(monkeypatch, tmp_path):
     seed = {"step_s": 2.5, "useful_tokens_per_s": 800.0, "padded_tokens_per_s": 1500.0, "peak_memory_gb": 7.0}
     plan = {"batch_tokens": 4096, "gradient_checkpointing": True, "predicted_peak_gb": 7.1}
