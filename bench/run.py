@@ -489,11 +489,13 @@ def bench_mistral(rec: Recorder, tokenizer_dir: str, model_dir: Path, only: set[
         if only is None or name in only:
             args = ["project", "--warm", "2", "--set", *common, *setting["set"], f"train.max_steps={setting['steps']}"]
             settings[name] = rec.child(f"mistral-{name}", args, 400)
+    default = ["project", "--config", "configs/mistral-7b-qlora.yaml", "--warm", "2", "--set"]
+    default += [f"model.name={model_dir}", *plan["default_recipe"]]
     if only is None or "default" in only:
-        default = ["project", "--config", "configs/mistral-7b-qlora.yaml", "--warm", "2", "--set"]
-        part["default_recipe"] = rec.child(
-            "mistral-default", [*default, f"model.name={model_dir}", *plan["default_recipe"]], 400
-        )
+        part["default_recipe"] = rec.child("mistral-default", default, 400)
+    for name, overrides in plan["default_variants"].items():
+        if only is not None and name in only:
+            settings[name] = rec.child(f"mistral-{name}", [*default, *overrides], 400)
 
 
 def bench_memory_plan(
@@ -594,7 +596,10 @@ PARTS = (
 def known_setting_names() -> set[str]:
     """What --settings may name besides numbers (memory caps in GB, ensemble seeds): 7B settings, `default`, and
     SmolLM2 fast and accuracy variants."""
-    return {*PLANS["seven_b"]["settings"], "default", *PLANS["smollm2"]["fast"], *PLANS["accuracy"]["variants"]}
+    seven_b = PLANS["seven_b"]
+    return {*seven_b["settings"], "default", *seven_b["default_variants"], *PLANS["smollm2"]["fast"]} | set(
+        PLANS["accuracy"]["variants"]
+    )
 
 
 # --------------------------------------------------------------------------------------------------------------
