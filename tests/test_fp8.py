@@ -127,3 +127,38 @@ def test_fp8_of_4bit_weights_matches_bitsandbytes_matmul():
     (grad,) = torch.autograd.grad(out, x, torch.ones_like(out))
     assert out.dtype == torch.bfloat16 and relative_error(out, reference.float()) < 0.06
     assert relative_error(grad, grad_reference.float()) < 0.06
+
+
+def test_auto_turns_fp8_on_only_where_it_can_run(monkeypatch):
+    from mrtune.model import fp8
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert fp8.resolve_fp8_base("auto", cpu, lora=True, fsdp=False, dora=False) == (False, "off (no CUDA GPU)")
+    assert fp8.resolve_fp8_base(True, cpu, lora=True, fsdp=False, dora=False) == (True, "as set")
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
+    monkeypatch.setattr(fp8, "fp8_problem", lambda device: None)
+    assert fp8.resolve_fp8_base("auto", cuda, lora=True, fsdp=False, dora=False) == (True, "on (NVIDIA H200)")
+    for blocked, why in (({"lora": False}, "train.method=full"), ({"fsdp": True}, "FSDP"), ({"dora": True}, "DoRA")):
+        on, said = fp8.resolve_fp8_base("auto", cuda, **{"lora": True, "fsdp": False, "dora": False, **blocked})
+        assert not on and why in said
+    monkeypatch.setattr(fp8, "fp8_problem", lambda device: "no fp8 tensor cores")
+    assert fp8.resolve_fp8_base("auto", cuda, lora=True, fsdp=False, dora=False) == (
+        False,
+        "off (NVIDIA H200 cannot run fp8 matmuls)",
+    )
+
+
+def test_a_run_records_what_auto_chose(tmp_path, tiny_overrides, capsys):
+    from mrtune.train.recipe import train
+
+    config = load_config(None, [*tiny_overrides, "model.fp8_base=auto", "train.max_steps=1"])
+    run = train(config, tmp_path / "run", progress=False)
+    assert "fp8_base: false" in run.config_file.read_text()  # this CPU: off, and config.yaml says what ran
+    assert "model.fp8_base=auto: fp8 base matmuls off (no CUDA GPU)" in capsys.readouterr().out
+    assert config.model.fp8_base == "auto"  # the caller's config is left as given
+
+
+def test_attaching_adapters_refuses_an_unresolved_auto(tiny_model_dir):
+    config = load_config(None, [f"model.name={tiny_model_dir}", "model.dtype=float32", "model.fp8_base=auto"])
+    with pytest.raises(ValueError, match="resolved"):
+        attach_lora(load_base_model(config.model, torch.device("cpu")), config.lora, config.model)

@@ -90,12 +90,13 @@ class ModelSettings:
     graph as a CUDA graph (one launch instead of hundreds, for steps bound by the host; needs static shapes, which
     packed steps have, and keeps its own memory pool); `max-autotune-no-cudagraphs` benchmarks GEMM kernels at
     compile time (minutes)."""
-    fp8_base: bool = False
+    fp8_base: bool | Literal["auto"] = False
     """LoRA training on fp8 GPUs (compute capability 8.9+: H100, H200, L4, RTX 40): the frozen base weights'
     matmuls, forward and backward, run in fp8 (e4m3, one scale per row of each operand, bf16 out), about twice
     bf16's GEMM rate; 4-bit weights are dequantized as before. Adapters, output head, attention and loss stay
     bf16/fp32, and evaluation and generation run in bf16. Pays where GEMMs dominate (7B-sized layers, thousands of
-    tokens a step); on a 135M model it changes little but precision (model/fp8.py)."""
+    tokens a step); on a 135M model it changes little but precision (model/fp8.py). `auto` (the 7B recipe's): on
+    where it can run (LoRA on such a GPU, not under FSDP, not DoRA), said at start and recorded in config.yaml."""
 
 
 @dataclass
@@ -494,7 +495,7 @@ def validate(config: Config) -> list[str]:
         )
     if config.train.method == "full":
         problems += _full_problems(config)
-    if config.model.fp8_base and config.lora.dora:
+    if config.model.fp8_base is True and config.lora.dora:
         problems.append(
             "model.fp8_base=true with lora.dora=true: DoRA reads the base weights outside the fp8 matmul each step; "
             "set one of them false"
@@ -542,7 +543,7 @@ def _full_problems(config: Config) -> list[str]:
         f"lora.top_layers={lora.top_layers}": lora.top_layers is not None,
         f"train.loraplus_ratio={config.train.loraplus_ratio}": config.train.loraplus_ratio is not None,
     }
-    if config.model.fp8_base:
+    if config.model.fp8_base is True:
         problems.append(
             "model.fp8_base=true runs the frozen base weights' matmuls in fp8, and train.method=full freezes none: "
             "set model.fp8_base=false, or train.method=lora"

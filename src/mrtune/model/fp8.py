@@ -140,3 +140,24 @@ def fp8_problem(device: torch.device) -> str | None:
         first = (str(error).strip().splitlines() or [type(error).__name__])[0][:160]
         return f"model.fp8_base=true: this PyTorch cannot run fp8 matmuls on {device.type} ({first}): set it false"
     return None
+
+
+def resolve_fp8_base(
+    setting: bool | str, device: torch.device, *, lora: bool, fsdp: bool, dora: bool
+) -> tuple[bool, str]:
+    """model.fp8_base as a bool, with the reason: `auto` is on where fp8 can run and help (LoRA on a CUDA GPU with
+    fp8 tensor cores, not under FSDP, not DoRA); true and false stay as they are (true was checked already)."""
+    if setting != "auto":
+        return bool(setting), "as set"
+    if device.type != "cuda":
+        return False, "off (no CUDA GPU)"
+    blockers = {
+        "train.method=full trains the base weights": not lora,
+        "not under FSDP": fsdp,
+        "not with DoRA": dora,
+        f"{torch.cuda.get_device_name(device)} cannot run fp8 matmuls": not fsdp and fp8_problem(device) is not None,
+    }
+    for why, blocks in blockers.items():
+        if blocks:
+            return False, f"off ({why})"
+    return True, f"on ({torch.cuda.get_device_name(device)})"

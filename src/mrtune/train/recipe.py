@@ -40,7 +40,7 @@ from mrtune.model.build import (
     quantization_config,
     set_checkpointing,
 )
-from mrtune.model.fp8 import fp8_problem
+from mrtune.model.fp8 import fp8_problem, resolve_fp8_base
 from mrtune.model.resolve import load_tokenizer, resolve_model_path
 from mrtune.run.durable import is_disk_full, write_dir_atomic, write_json, write_text_atomic
 from mrtune.run.rundir import RunDir
@@ -244,7 +244,7 @@ def check_hardware(config: Config) -> None:
         problems.append(
             "model.liger_kernel=true needs a CUDA GPU (Liger's kernels are Triton): set --set model.liger_kernel=false"
         )
-    if config.model.fp8_base and (problem := fp8_problem(default_device())):
+    if config.model.fp8_base is True and (problem := fp8_problem(default_device())):
         problems.append(problem)
     if problems:
         raise MrtuneError("; ".join(problems))
@@ -449,7 +449,7 @@ class Recipe:
                 "train.loraplus_ratio is not available under FSDP1 (its flat parameters hide which adapter "
                 "tensor is A and which B): unset it, or train with FSDP2 (fsdp_version: 2) or DDP"
             )
-        if self.fsdp and self.config.model.fp8_base:
+        if self.fsdp and self.config.model.fp8_base is True:
             raise MrtuneError(
                 "model.fp8_base=true is not available under FSDP (its 4-bit weights are gathered outside the fp8 "
                 "matmul's reach): set model.fp8_base=false, or train on one GPU or with DDP"
@@ -460,6 +460,19 @@ class Recipe:
                 "state, which FSDP shards and the 8-bit optimizer stores its own way): unset it, or use DDP and adamw"
             )
         check_plannable(self.config, self.device, self.fsdp)
+        if self.config.model.fp8_base == "auto":  # resolved now, so that config.yaml records what ran
+            on, why = resolve_fp8_base(
+                "auto",
+                self.device,
+                lora=self.settings.method == "lora",
+                fsdp=self.fsdp,
+                dora=self.config.lora.dora,
+            )
+            config = from_dict(self.config.to_dict())
+            config.model.fp8_base = on
+            self.config, self.settings, self.failure.config = config, config.train, config
+            if self.is_main:
+                tqdm.write(f"model.fp8_base=auto: fp8 base matmuls {why}")
         if resume and needs_plan(self.config):  # a run's config.yaml holds the planner's choices, not `auto`
             raise MrtuneError(
                 f"the config.yaml of {self.output_dir} says `auto` for memory settings: set the values its run "
