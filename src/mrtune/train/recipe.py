@@ -34,7 +34,6 @@ from mrtune.model.build import (
     attach_full,
     attach_lora,
     compile_decoder_layers,
-    default_device,
     eager_for_evaluation,
     load_base_model,
     quantization_config,
@@ -222,8 +221,9 @@ def validation_loss(model, rows, pad_token_id, batch_size, device, accelerator) 
     return (total[0] / total[1]).item()
 
 
-def check_hardware(config: Config) -> None:
-    """Settings this machine cannot run, all reported before anything is loaded or written."""
+def check_hardware(config: Config, device: torch.device) -> None:
+    """Settings this machine (`device`: this process's) cannot run, all reported before anything is loaded or
+    written."""
     problems = []
     if config.model.quantization == "nf4":
         try:
@@ -244,7 +244,7 @@ def check_hardware(config: Config) -> None:
         problems.append(
             "model.liger_kernel=true needs a CUDA GPU (Liger's kernels are Triton): set --set model.liger_kernel=false"
         )
-    if config.model.fp8_base is True and (problem := fp8_problem(default_device())):
+    if config.model.fp8_base is True and (problem := fp8_problem(device)):  # this rank's GPU, not GPU 0
         problems.append(problem)
     if problems:
         raise MrtuneError("; ".join(problems))
@@ -502,7 +502,7 @@ class Recipe:
         for warning in self.data_warnings:
             self._warn(warning)
         template(data.prompt_style)  # unknown style: fail now
-        check_hardware(self.config)
+        check_hardware(self.config, self.device)
 
     def _setup_tokenizer(self) -> None:
         """The tokenizer and the tokenized rows (the output directory is still untouched if the model cannot be had)."""
