@@ -97,6 +97,7 @@ def test_an_fp8_run_trains_and_its_loss_falls(tmp_path, tiny_overrides):
     losses = [r["train_loss"] for r in run.read_history() if "train_loss" in r]
     assert len(losses) == 6 and losses[-1] < losses[0]
     assert "fp8_base: true" in run.config_file.read_text()
+    assert "its matmuls in fp8 while training" in (run.adapter / "README.md").read_text()  # the model card says so
 
 
 @pytest.mark.parametrize(

@@ -115,7 +115,9 @@ def model_card_text(run: RunDir, config: Config) -> str:
         best = f"the weight average of {len(info['averaged_from'])} such runs (`mrtune average`)"
     recipe = (
         f"{method}; base in {config.model.dtype}"
-        f"{' (4-bit NF4)' if config.model.quantization == 'nf4' else ''}; learning rate {config.train.learning_rate} "
+        f"{' (4-bit NF4)' if config.model.quantization == 'nf4' else ''}"
+        f"{', its matmuls in fp8 while training' if config.model.fp8_base is True else ''}; "
+        f"learning rate {config.train.learning_rate} "
         f"({config.train.schedule}), batch {config.train.batch_size}, {config.train.epochs} epoch(s); "
         f"prompt style `{config.data.prompt_style}`; {best}"
     )
