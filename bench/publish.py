@@ -238,7 +238,7 @@ def _summary_7b(seven: dict) -> dict:
         peak_memory_ratio_7b=good[saving]["peak_memory_gb"] / seed["peak_memory_gb"],
         fastest_setting_7b=fastest,
         speedup_max_useful_tokens_per_s_7b=ratio[fastest],
-        seed_runs_7b=seed.get("median_of_runs", 1),
+        seed_runs_7b=good[fastest].get("seed_median_of_runs", seed.get("median_of_runs", 1)),  # its own call's
     )
     flops = seven.get("flops")
     if flops:
@@ -790,7 +790,10 @@ def merge(results_paths: list[Path]) -> dict:
             ]:
                 if entry:
                     entry.update(
-                        seed_useful_tokens_per_s=seed["useful_tokens_per_s"], seed_step_s=seed["step_s"], call=index
+                        seed_useful_tokens_per_s=seed["useful_tokens_per_s"],
+                        seed_step_s=seed["step_s"],
+                        seed_median_of_runs=seed.get("median_of_runs", 1),
+                        call=index,
                     )
         if any(isinstance(v, dict) for v in data.values()):
             results["calls"].append(f"{path.name}: " + ", ".join(k for k in data if isinstance(data[k], dict)))

@@ -285,3 +285,17 @@ def test_bench_refuses_a_settings_name_no_plan_has_before_it_writes(tmp_path):
     with pytest.raises(SystemExit, match="unknown --settings name.s. nonesuch: add them to bench/plans.yaml"):
         command_bench(args)
     assert not out.exists()
+
+
+def test_the_headline_counts_the_seed_runs_of_its_own_call(tmp_path):
+    def call(name, runs, rate):
+        seed = {"step_s": 2.7, "useful_tokens_per_s": 700.0, "padded_tokens_per_s": 1500.0, "peak_memory_gb": 7.0}
+        setting = {"step_s": 0.4, "useful_tokens_per_s": rate, "padded_tokens_per_s": rate, "peak_memory_gb": 49.5}
+        seven = {"seed": {**seed, "median_of_runs": runs}, "settings": {name: setting}}
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps({"card": "NVIDIA H200", "date": "2026-11-30", "mistral7b_shape": seven}))
+        return path
+
+    merged = pub.merge([call("fast", 2, 21000.0), call("slow", 1, 19000.0)])  # the last call ran one seed run
+    summary = pub.summarise(merged)
+    assert summary["fastest_setting_7b"] == "fast" and summary["seed_runs_7b"] == 2
