@@ -412,6 +412,7 @@ class Recipe:
         checkpoint), so that a refused run touches nothing; then the model and optimizer; the run directory last,
         so that --overwrite replaces an old run only once everything else has been checked."""
         self._check_settings(resume)
+        self._resolve_fp8()
         self._setup_data()
         self._setup_tokenizer()
         planned = needs_plan(self.config)  # then the step count waits for the planner's batch_tokens
@@ -460,19 +461,6 @@ class Recipe:
                 "state, which FSDP shards and the 8-bit optimizer stores its own way): unset it, or use DDP and adamw"
             )
         check_plannable(self.config, self.device, self.fsdp)
-        if self.config.model.fp8_base == "auto":  # resolved now, so that config.yaml records what ran
-            on, why = resolve_fp8_base(
-                "auto",
-                self.device,
-                lora=self.settings.method == "lora",
-                fsdp=self.fsdp,
-                dora=self.config.lora.dora,
-            )
-            config = from_dict(self.config.to_dict())
-            config.model.fp8_base = on
-            self.config, self.settings, self.failure.config = config, config.train, config
-            if self.is_main:
-                tqdm.write(f"model.fp8_base=auto: fp8 base matmuls {why}")
         if resume and needs_plan(self.config):  # a run's config.yaml holds the planner's choices, not `auto`
             raise MrtuneError(
                 f"the config.yaml of {self.output_dir} says `auto` for memory settings: set the values its run "
@@ -480,6 +468,19 @@ class Recipe:
             )
         if resume:
             _refuse_unresumable(RunDir.open(self.output_dir))
+
+    def _resolve_fp8(self) -> None:
+        """model.fp8_base=auto becomes true or false now, said and recorded (config.yaml) as what the run did."""
+        if self.config.model.fp8_base != "auto":
+            return
+        on, why = resolve_fp8_base(
+            "auto", self.device, lora=self.settings.method == "lora", fsdp=self.fsdp, dora=self.config.lora.dora
+        )
+        config = from_dict(self.config.to_dict())  # a copy: the caller's config stays as given
+        config.model.fp8_base = on
+        self.config, self.settings, self.failure.config = config, config.train, config
+        if self.is_main:
+            tqdm.write(f"model.fp8_base=auto: fp8 base matmuls {why}")
 
     def _warn(self, message: str) -> None:
         if self.is_main:
