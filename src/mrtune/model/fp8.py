@@ -6,8 +6,10 @@ Hopper's fp8 tensor cores run those at about twice bf16's rate. Here both run as
 operands with one scale per row of each operand (per token of the activations and gradients, per output channel of
 the weight in the forward pass and per input channel in the backward pass), accumulating in fp32 and writing bf16:
 torchao's "rowwise" float8 training recipe, applied to frozen weights that may be stored in 4-bit. The weight is
-dequantized (bitsandbytes NF4) or read (bf16) in each pass, as bitsandbytes' own 4-bit matmul does, so nothing of
-the size of the weights is kept between the two passes.
+dequantized (bitsandbytes NF4) or read (bf16) in each pass, as bitsandbytes' own 4-bit matmul does, so eagerly
+nothing of the size of the weights is kept between the two passes. Compiled, torch's partitioner keeps each weight's
+fp8 transpose for the backward pass instead (one byte a weight: ~7 GB on a 7B model), because it may not recompute
+bitsandbytes' dequantize op (BENCHMARKS.md, seventh GPU round).
 
 Why not torchao's `Float8Linear`: it converts plain `nn.Linear` layers and trains their weights; the layers here are
 bitsandbytes 4-bit (or frozen bf16) layers under peft's adapters, which it does not take. The adapters, the output
