@@ -29,6 +29,7 @@ def main() -> None:
 
     from mrtune.config import load_config
     from mrtune.model.build import attach_lora, compile_decoder_layers, load_base_model
+    from mrtune.model.fp8 import resolve_fp8_base
     from mrtune.model.resolve import load_tokenizer, resolve_model_path
     from mrtune.task.data import load_split
     from mrtune.train.batching import collate, plan_batches, tokenize_examples
@@ -36,6 +37,12 @@ def main() -> None:
 
     config = load_config(args.config, args.set)
     device = torch.device("cuda")
+    if config.model.fp8_base == "auto":  # as `mrtune train` resolves it (Recipe._resolve_fp8), said
+        on, why = resolve_fp8_base(
+            "auto", device, lora=config.train.method == "lora", fsdp=False, dora=config.lora.dora
+        )
+        config.model.fp8_base = on
+        print(f"model.fp8_base=auto: fp8 base matmuls {why}", flush=True)
     path = resolve_model_path(config.model.name)
     tokenizer = load_tokenizer(path)
     rows, _ = tokenize_examples(
