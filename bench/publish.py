@@ -228,7 +228,22 @@ def _summary_7b(seven: dict) -> dict:
     good = {k: v for k, v in seven.get("settings", {}).items() if ok(v) and _seed_rate(v, seed)}
     if not ok(seed) or not good:
         return {}
-    ratio = {k: v["useful_tokens_per_s"] / _seed_rate(v, seed) for k, v in good.items()}
+    # A setting run again (NAME-rerun) is judged on its runs' mean, never on its luckiest run: each run's ratio
+    # divides by its own call's seed, and the host-bound settings move by a third between calls.
+    runs: dict[str, list[dict]] = {}
+    for name, entry in good.items():
+        runs.setdefault(re.sub(r"-rerun\d*$", "", name), []).append(entry)
+    good = {
+        name: {
+            "useful_tokens_per_s": statistics.mean(e["useful_tokens_per_s"] for e in entries),
+            "vs_seed": statistics.mean(e["useful_tokens_per_s"] / _seed_rate(e, seed) for e in entries),
+            "peak_memory_gb": max(e["peak_memory_gb"] for e in entries),
+            "runs": len(entries),
+            "seed_median_of_runs": min(e.get("seed_median_of_runs", seed.get("median_of_runs", 1)) for e in entries),
+        }
+        for name, entries in runs.items()
+    }
+    ratio = {k: v["vs_seed"] for k, v in good.items()}
     within_seed = {k: v for k, v in good.items() if v["peak_memory_gb"] <= seed["peak_memory_gb"]}
     saving = max(within_seed, key=ratio.get) if within_seed else min(good, key=lambda k: good[k]["peak_memory_gb"])
     fastest = max((k for k, v in good.items() if v["peak_memory_gb"] <= 80), key=ratio.get)
@@ -238,7 +253,8 @@ def _summary_7b(seven: dict) -> dict:
         peak_memory_ratio_7b=good[saving]["peak_memory_gb"] / seed["peak_memory_gb"],
         fastest_setting_7b=fastest,
         speedup_max_useful_tokens_per_s_7b=ratio[fastest],
-        seed_runs_7b=good[fastest].get("seed_median_of_runs", seed.get("median_of_runs", 1)),  # its own call's
+        fastest_setting_7b_runs=good[fastest]["runs"],
+        seed_runs_7b=good[fastest]["seed_median_of_runs"],  # the seed runs behind each of its calls' medians
     )
     flops = seven.get("flops")
     if flops:
