@@ -211,7 +211,7 @@ def attach_lora(model, lora: LoraSettings, settings: ModelSettings):
         for module in model.modules():
             if isinstance(module, BaseTunerLayer):
                 module.cast_input_dtype_enabled = False
-    if settings.fp8_base == "auto":  # the recipe resolves it before building (Recipe._check_settings)
+    if settings.fp8_base == "auto":  # the recipe resolves it before building (Recipe._resolve_fp8)
         raise ValueError("model.fp8_base=auto must be resolved (model.fp8.resolve_fp8_base) before attach_lora")
     if settings.fp8_base:
         use_fp8_for_frozen_linears(model)

@@ -62,7 +62,8 @@ class FrozenFp8Matmul(torch.autograd.Function):
     def forward(ctx, x, weight, quant_state):  # x (M, K), weight (N, K) or packed 4-bit
         ctx.quant_state = quant_state
         ctx.save_for_backward(weight)
-        # fp32 accumulation in fast mode (Hopper's, as torchao's forward uses): partial sums are promoted less often.
+        # Hopper's fast accumulation for the output, as torchao's recipe: faster, its partial sums promoted to fp32
+        # less often; the gradient (backward) accumulates in full.
         return fp8_matmul_nt(x, dense_weight(weight, quant_state), fast_accum=True)
 
     @staticmethod
@@ -112,8 +113,8 @@ def fp8_shapes_ok(linear: torch.nn.Linear) -> bool:
 
 def use_fp8_for_frozen_linears(model) -> int:
     """Put every frozen linear layer inside the decoder layers (the base layers under peft's adapters, and layers
-    not adapted at all) behind Fp8FrozenLinear; the output head stays bf16 (the logits' precision is the loss's).
-    Returns the count."""
+    not adapted at all) behind Fp8FrozenLinear, when _scaled_mm takes its sizes; the output head stays bf16 (the
+    logits' precision is the loss's). Returns the count."""
     from transformers.modeling_layers import GradientCheckpointingLayer
 
     count = 0
@@ -153,13 +154,13 @@ def resolve_fp8_base(
         return bool(setting), "as set"
     if device.type != "cuda":
         return False, "off (no CUDA GPU)"
-    blockers = {
-        "train.method=full trains the base weights": not lora,
-        "not under FSDP": fsdp,
-        "not with DoRA": dora,
-        f"{torch.cuda.get_device_name(device)} cannot run fp8 matmuls": not fsdp and fp8_problem(device) is not None,
-    }
-    for why, blocks in blockers.items():
-        if blocks:
-            return False, f"off ({why})"
-    return True, f"on ({torch.cuda.get_device_name(device)})"
+    name = torch.cuda.get_device_name(device)
+    if not lora:
+        return False, "off (train.method=full trains the base weights)"
+    if fsdp:
+        return False, "off (not under FSDP)"
+    if dora:
+        return False, "off (not with DoRA)"
+    if fp8_problem(device) is not None:
+        return False, f"off ({name} cannot run fp8 matmuls)"
+    return True, f"on ({name})"
