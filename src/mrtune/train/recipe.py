@@ -452,8 +452,8 @@ class Recipe:
             )
         if self.fsdp and self.config.model.fp8_base is True:
             raise MrtuneError(
-                "model.fp8_base=true is not available under FSDP (its 4-bit weights are gathered outside the fp8 "
-                "matmul's reach): set model.fp8_base=false, or train on one GPU or with DDP"
+                "model.fp8_base=true is not available under FSDP (FSDP shards and gathers the weights the fp8 "
+                "layers read, and that is untested): set model.fp8_base=false, or train on one GPU or with DDP"
             )
         if self.settings.ema_decay is not None and (self.fsdp or self.settings.optimizer != "adamw"):
             raise MrtuneError(
