@@ -20,7 +20,7 @@ from typing import Annotated, Any, Literal
 
 import yaml
 
-from mrtune.errors import MrtuneError
+from mrtune.errors import MrtuneError, first_line
 from mrtune.task.prompts import PromptStyle
 
 EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
@@ -439,7 +439,7 @@ def _read_yaml_file(path: Path) -> Any:
     try:
         return parse_yaml(path.read_text(encoding="utf-8")) or {}
     except (yaml.YAMLError, ValueError, RecursionError) as error:  # ValueError: bad UTF-8, a 5,000-digit int
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        first = first_line(error)
         if isinstance(error, yaml.MarkedYAMLError) and error.problem and "duplicate key" in error.problem:
             first = error.problem
         raise MrtuneError(f"config file {path} is not valid YAML ({first[:200]}): fix the file") from None

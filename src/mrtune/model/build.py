@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from mrtune.config import LoraSettings, ModelSettings
-from mrtune.errors import MrtuneError
+from mrtune.errors import MrtuneError, first_line
 from mrtune.model.fp8 import use_fp8_for_frozen_linears
 from mrtune.model.resolve import resolve_model_path
 
@@ -88,7 +88,7 @@ def load_base_model(settings: ModelSettings, device: torch.device | None, model_
     try:
         model = AutoModelForCausalLM.from_pretrained(model_path, **kwargs)
     except OSError as error:
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        first = first_line(error)
         raise MrtuneError(
             f"cannot load model {settings.name!r} ({first[:200]}): pass a local directory with "
             f"--set model.name=/path/to/model, or the embedded model {ModelSettings.name}"

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import torch
 
+from mrtune.errors import first_line
+
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = torch.finfo(E4M3).max  # 448
 
@@ -140,7 +142,7 @@ def fp8_problem(device: torch.device) -> str | None:
         probe = torch.ones(16, 16, device=device)
         fp8_matmul_nt(probe, probe, fast_accum=False)
     except (RuntimeError, NotImplementedError) as error:
-        first = (str(error).strip().splitlines() or [type(error).__name__])[0][:160]
+        first = first_line(error)[:160]
         return f"model.fp8_base=true: this PyTorch cannot run fp8 matmuls on {device.type} ({first}): set it false"
     return None
 

@@ -26,7 +26,7 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-from mrtune.errors import MrtuneError
+from mrtune.errors import MrtuneError, first_line
 
 BUNDLED_DIR = Path(__file__).parents[1] / "data"
 BUNDLED_SPLITS = ("train", "validation", "test")
@@ -216,7 +216,7 @@ def _read_hub(spec: str) -> tuple[list[tuple[str, dict]], list[str]]:
 
         dataset = datasets.load_dataset(name, split=split)
     except Exception as error:  # noqa: BLE001 - any hub failure is reported as one line
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        reason = first_line(error)
         raise MrtuneError(
             f"cannot load dataset {name!r} split {split!r} from the hub ({reason[:160]}): "
             f"use the bundled copy (viggo:{split}) or a local file"

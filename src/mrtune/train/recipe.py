@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from mrtune import __version__
 from mrtune.config import Config, from_dict
-from mrtune.errors import MrtuneError, TrainingInterrupted
+from mrtune.errors import MrtuneError, TrainingInterrupted, first_line
 from mrtune.export.portable import make_portable
 from mrtune.infer.generation import generate
 from mrtune.model.build import (
@@ -253,7 +253,7 @@ def check_hardware(config: Config, device: torch.device) -> None:
 def out_of_memory_message(config: Config, error: BaseException, plan: MemoryPlan | None = None) -> str:
     """What to change when a step does not fit in GPU memory, leaving out what is already set (`config`: the one
     that ran, with the memory planner's choices in it when `plan` made them)."""
-    first = (str(error).strip().splitlines() or [type(error).__name__])[0][:160]
+    first = first_line(error)[:160]
     if plan is not None:
         return (
             f"out of GPU memory ({first}) within the memory planner's {plan.cap_gb:g} GB cap, although it predicted "
