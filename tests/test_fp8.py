@@ -183,3 +183,22 @@ def test_attaching_adapters_refuses_an_unresolved_auto(tiny_model_dir):
     config = load_config(None, [f"model.name={tiny_model_dir}", "model.dtype=float32", "model.fp8_base=auto"])
     with pytest.raises(ValueError, match="resolved"):
         attach_lora(load_base_model(config.model, torch.device("cpu")), config.lora, config.model)
+
+
+def test_fp8_on_a_torch_that_cannot_is_refused_in_one_line_before_anything_is_written(
+    tmp_path, tiny_overrides, monkeypatch
+):
+    from mrtune.model.fp8 import fp8_problem
+    from mrtune.train.recipe import train
+
+    def no_fp8(*args, **kwargs):
+        raise RuntimeError("Now _scaled_mm only supports per-tensor scaling for CPU backend.\n(a second line)")
+
+    monkeypatch.setattr(torch, "_scaled_mm", no_fp8)  # the GPU image's torch 2.11 on CPU
+    assert fp8_problem(torch.device("cpu")) == (
+        "model.fp8_base=true: this PyTorch cannot run fp8 matmuls on cpu (Now _scaled_mm only supports per-tensor "
+        "scaling for CPU backend.): set it false"
+    )
+    with pytest.raises(MrtuneError, match="cannot run fp8 matmuls") as refused:
+        train(load_config(None, [*tiny_overrides, "model.fp8_base=true"]), tmp_path / "run", progress=False)
+    assert "\n" not in str(refused.value) and not (tmp_path / "run").exists()
